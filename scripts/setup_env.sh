@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set-up shared by scripts/test.sh and scripts/bench.sh: a virtual environment with torch, triton, the
+# test tools and this package (with its C++ extension built when a compiler is present).
+# Idempotent and offline-safe: anything already importable is not installed again, so it also runs on a
+# GPU image that ships torch and triton but has no network.
+# Source it; it leaves PY pointing at the environment's python.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GK_VENV:-$ROOT/.venv}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if python3 -c "import torch" 2>/dev/null; then
+    # A machine that already has torch (e.g. a CUDA image): reuse it rather than download another.
+    python3 -m venv --system-site-packages "$VENV"
+  else
+    python3 -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+missing() { ! "$PY" -c "import $1" 2>/dev/null; }
+pip_install() { echo "[setup] pip install $*"; "$PY" -m pip install -q "$@"; }
+
+if missing torch; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install "torch>=2.4"
+  else
+    pip_install "torch==2.13.0"  # the CPU build; an unpinned torch would pull a multi-GB CUDA build
+  fi
+fi
+need=()
+missing numpy && need+=(numpy)
+missing pytest && need+=("pytest>=7")
+missing ninja && need+=(ninja)
+missing triton && need+=("triton==3.6.0")  # runs the Triton kernels on CPU under TRITON_INTERPRET=1
+missing matplotlib && need+=(matplotlib)
+if [ ${#need[@]} -gt 0 ]; then pip_install "${need[@]}"; fi
+
+# Build the package (and its C++ extension) against the torch installed above.
+if ! "$PY" -c "import gemini_kernels" 2>/dev/null || [ "${GK_REBUILD:-1}" = 1 ]; then
+  echo "[setup] building gemini_kernels"
+  (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE '^\s*$|Warning|warn' || true)
+  "$PY" -c "import gemini_kernels" || { echo "[setup] gemini_kernels failed to build or import" >&2; exit 1; }
+fi
+"$PY" -c "import torch, gemini_kernels as gk; print(f'[setup] torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, backends on cpu: {gk.available_backends(\"cpu\")}')"

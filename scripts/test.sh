@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite after setting everything up (scripts/setup_env.sh). Extra arguments go to pytest.
+# GPU tests are marked `gpu` and skip, with the reason, on machines without a CUDA device.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+cd "$ROOT"
+exec "$PY" -m pytest tests -ra "$@"

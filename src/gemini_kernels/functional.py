@@ -1,0 +1,41 @@
+"""The functional API: ``gemini_fusion(x0, x1, params, num_heads=8, backend="auto")``."""
+from __future__ import annotations
+
+import torch
+
+from .backends import get_fusion, resolve_backend
+from .params import ParamsLike, as_fusion_params
+from .validation import check_inputs, check_params, check_width
+
+
+def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_heads: int = 8,
+                  backend: str = "auto"):
+    """GeminiFusion of two aligned token maps.
+
+    Args:
+        x0, x1: ``(..., C)`` tensors of the same shape, dtype and device (any leading dimensions,
+            e.g. ``(B, N, C)``; non-contiguous is fine).
+        params: a :class:`FusionParams`, or a mapping with the published parameter names
+            (``GeminiFusion.state_dict()`` or the fusion entries of a published checkpoint).
+        num_heads: attention heads; ``C`` must be divisible by it (8 in the published models).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``(y0, y1)``, each of the shape and dtype of ``x0``.
+    """
+    params = as_fusion_params(params)
+    width = params.fc2_weight
+    if not isinstance(width, torch.Tensor) or width.dim() != 2 or width.shape[0] != width.shape[1]:
+        raise ValueError(
+            f"params['relation_judger.0.fc2.weight'] must be a (dim, dim) tensor, which sets the width; "
+            f"got {getattr(width, 'shape', type(width).__name__)}"
+        )
+    dim = width.shape[0]
+    check_width(dim, num_heads)
+    check_inputs(x0, x1, dim)
+    check_params(params, x0)
+    name = resolve_backend(backend, x0.device)
+    if x0.numel() == 0:
+        # Kernels may assume at least one pixel; the oracle returns empty outputs (and zero gradients).
+        name = "torch"
+    return get_fusion(name)(x0, x1, params, num_heads)

@@ -1,0 +1,68 @@
+"""Argument checks shared by every public entry point.
+
+Kernels trust their inputs, so everything a kernel could crash, hang or read out of bounds on is
+rejected here with a message that names the argument, what it got and what was expected.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .params import PARAM_NAMES, FusionParams, param_shapes
+
+
+def check_width(dim, num_heads) -> None:
+    for name, value in (("dim", dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be positive; got {value}")
+    if dim % num_heads != 0:
+        raise ValueError(
+            f"dim={dim} is not divisible by num_heads={num_heads}; expected dim to be a multiple of "
+            f"num_heads (the head width is dim // num_heads)"
+        )
+
+
+def check_inputs(x0, x1, dim: int) -> None:
+    for name, x in (("x0", x0), ("x1", x1)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (..., {dim}); got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have at least one dimension, shape (..., {dim}); got a 0-d tensor")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+        if x.shape[-1] != dim:
+            raise ValueError(
+                f"{name} has last dimension {x.shape[-1]} (shape {tuple(x.shape)}); expected dim={dim}"
+            )
+    if x1.dtype != x0.dtype:
+        raise TypeError(f"x1 has dtype {x1.dtype} but x0 has {x0.dtype}; expected the same dtype")
+    if x1.device != x0.device:
+        raise ValueError(f"x1 is on device {x1.device} but x0 is on {x0.device}; expected the same device")
+    if x1.shape != x0.shape:
+        raise ValueError(
+            f"x1 has shape {tuple(x1.shape)} but x0 has {tuple(x0.shape)}; expected the same shape "
+            f"(the two modalities are aligned pixel by pixel)"
+        )
+
+
+def check_params(params: FusionParams, x: Tensor) -> None:
+    dim = x.shape[-1]
+    expected = param_shapes(dim)
+    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+    for name, tensor in zip(PARAM_NAMES, params):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"params[{name!r}] must be a torch.Tensor; got {type(tensor).__name__}")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"params[{name!r}] has shape {tuple(tensor.shape)}; expected {expected[name]} for dim={dim}"
+            )
+        if tensor.device != x.device:
+            raise ValueError(f"params[{name!r}] is on device {tensor.device} but x0 is on {x.device}; "
+                             f"expected the same device")
+        if tensor.dtype != x.dtype and not autocast:
+            raise TypeError(
+                f"params[{name!r}] has dtype {tensor.dtype} but x0 has {x.dtype}; expected the same dtype "
+                f"(convert the module with .to({x.dtype}) or run under torch.autocast)"
+            )

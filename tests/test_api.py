@@ -1,0 +1,161 @@
+"""The public API: module, functional form, dispatch, initialisation, dtypes and bad input."""
+import math
+
+import pytest
+import torch
+
+import gemini_kernels as gk
+from gemini_kernels import GeminiFusion, gemini_fusion, gemini_fusion_reference
+from gemini_kernels.params import PARAM_NAMES, param_shapes
+from helpers import make_case, rel_err
+
+
+def test_state_dict_keys_are_the_published_names():
+    m = GeminiFusion(64)
+    assert list(m.state_dict()) == list(PARAM_NAMES)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == param_shapes(64)
+
+
+def test_published_checkpoint_entries_load_strictly():
+    """A published checkpoint's fusion entries (prefix stripped) load with strict=True."""
+    prefix = "module.encoder.block1.0.attn."
+    source = GeminiFusion(32)
+    checkpoint = {"segmenter": {prefix + k: v for k, v in source.state_dict().items()}}
+    checkpoint["segmenter"][prefix + "q.module.weight"] = torch.zeros(32, 32)  # not a fusion entry
+    fusion_entries = {
+        k[len(prefix):]: v for k, v in checkpoint["segmenter"].items()
+        if k.startswith(prefix) and k[len(prefix):] in PARAM_NAMES
+    }
+    target = GeminiFusion(32)
+    target.load_state_dict(fusion_entries, strict=True)
+    for a, b in zip(target.parameters(), source.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_published_initialisation():
+    torch.manual_seed(0)
+    m = GeminiFusion(256)
+    judger = m.relation_judger[0]
+    for w in (judger.fc1.weight, judger.fc2.weight, m.cross_attn_0_to_1.out_proj.weight):
+        assert abs(w.std().item() - 0.02) < 0.002 and w.abs().max() <= 2.0
+    bound = math.sqrt(6.0 / (256 + 3 * 256))  # xavier_uniform on (3C, C)
+    w = m.cross_attn_1_to_0.in_proj_weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+    for b in (judger.fc1.bias, judger.fc2.bias, m.cross_attn_0_to_1.in_proj_bias, m.cross_attn_1_to_0.out_proj.bias):
+        assert torch.count_nonzero(b) == 0
+    assert abs(m.k_noise.weight.std().item() - 1.0) < 0.1 and abs(m.v_noise.weight.mean().item()) < 0.1
+
+
+def test_module_functional_and_oracle_agree():
+    x0, x1, params = make_case((2, 9), 48)
+    m = GeminiFusion(48, backend="torch").double()
+    m.load_state_dict(params.state_dict())
+    ref = gemini_fusion_reference(x0, x1, params)
+    for out in (m(x0, x1), gemini_fusion(x0, x1, params.state_dict()), gemini_fusion(x0, x1, params, backend="auto")):
+        assert rel_err(out[0], ref[0]) == 0 and rel_err(out[1], ref[1]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_output_shape_and_dtype(dtype):
+    m = GeminiFusion(32).to(dtype)
+    x0, x1 = torch.randn(2, 3, 4, 32, dtype=dtype), torch.randn(2, 3, 4, 32, dtype=dtype)
+    y0, y1 = m(x0, x1)
+    assert y0.shape == y1.shape == x0.shape and y0.dtype == y1.dtype == dtype
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_input_dtype_and_is_close(autocast_dtype):
+    x0, x1, params = make_case((2, 33), 64, dtype=torch.float32)
+    ref = gemini_fusion_reference(x0.double(), x1.double(), type(params)(*(p.double() for p in params)))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y0, y1 = gemini_fusion(x0, x1, params)
+    assert y0.dtype == y1.dtype == torch.float32
+    assert rel_err(y0, ref[0]) < 2e-2 and rel_err(y1, ref[1]) < 2e-2
+    assert rel_err(y0, ref[0]) > 1e-7  # the products really ran in low precision
+
+
+def test_non_contiguous_inputs_match_contiguous():
+    x0, x1, params = make_case((6, 10), 40)
+    t0, t1 = x0.transpose(0, 1).contiguous().transpose(0, 1), torch.cat([x1, x1], dim=-1)[..., :40]
+    assert not t0.is_contiguous() and not t1.is_contiguous()
+    ref = gemini_fusion(x0, x1, params)
+    out = gemini_fusion(t0, t1, params)
+    assert rel_err(out[0], ref[0]) < 1e-15 and rel_err(out[1], ref[1]) < 1e-15
+
+
+@pytest.mark.parametrize("shape", [(0, 32), (2, 0, 32), (0, 5, 32)])
+def test_empty_inputs_give_empty_outputs(shape):
+    m = GeminiFusion(32)
+    x0, x1 = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    y0, y1 = m(x0, x1)
+    assert y0.shape == y1.shape == torch.Size(shape)
+    (y0.sum() + y1.sum()).backward()
+    assert x0.grad.shape == x0.shape and m.k_noise.weight.grad.abs().sum() == 0
+
+
+def test_available_backends_and_errors():
+    assert "torch" in gk.available_backends("cpu")
+    assert "torch" in gk.available_backends(torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GeminiFusion(16, backend="nope")(torch.randn(2, 16), torch.randn(2, 16))
+    for name in ("triton", "cuda"):
+        if name not in gk.available_backends("cpu"):
+            with pytest.raises(RuntimeError, match=f"backend='{name}' is not available"):
+                gemini_fusion(torch.randn(2, 16), torch.randn(2, 16), gk.random_params(16), backend=name)
+
+
+# (callable producing the error, exception type, message fragment)
+BAD_INPUTS = {
+    "x0 not a tensor": (lambda m: m([[1.0] * 16], torch.randn(2, 16)), TypeError, "x0 must be a torch.Tensor"),
+    "x1 not a tensor": (lambda m: m(torch.randn(2, 16), None), TypeError, "x1 must be a torch.Tensor"),
+    "0-d input": (lambda m: m(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "at least one dimension"),
+    "integer dtype": (lambda m: m(torch.ones(2, 16, dtype=torch.int64), torch.ones(2, 16, dtype=torch.int64)),
+                      TypeError, "must be a floating-point tensor; got dtype torch.int64"),
+    "wrong width": (lambda m: m(torch.randn(2, 8), torch.randn(2, 8)), ValueError,
+                    r"x0 has last dimension 8 \(shape \(2, 8\)\); expected dim=16"),
+    "wrong width x1": (lambda m: m(torch.randn(2, 16), torch.randn(2, 8)), ValueError, "x1 has last dimension 8"),
+    "shape mismatch": (lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 6, 16)), ValueError,
+                       r"x1 has shape \(2, 6, 16\) but x0 has \(2, 5, 16\)"),
+    "batch mismatch": (lambda m: m(torch.randn(3, 5, 16), torch.randn(2, 5, 16)), ValueError,
+                       "expected the same shape"),
+    "dtype mismatch": (lambda m: m(torch.randn(2, 16), torch.randn(2, 16, dtype=torch.float64)), TypeError,
+                       "x1 has dtype torch.float64 but x0 has torch.float32"),
+    "params dtype": (lambda m: m(torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)),
+                     TypeError, r"params\['relation_judger.0.fc1.weight'\] has dtype torch.float32"),
+    "device mismatch": (lambda m: m(torch.randn(2, 16), torch.randn(2, 16, device="meta")), ValueError,
+                        "x1 is on device meta but x0 is on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_a_clear_error(case):
+    call, exc, fragment = BAD_INPUTS[case]
+    with pytest.raises(exc, match=fragment):
+        call(GeminiFusion(16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, fragment",
+    [
+        ({"dim": 30, "num_heads": 8}, ValueError, "dim=30 is not divisible by num_heads=8"),
+        ({"dim": 0}, ValueError, "dim must be positive; got 0"),
+        ({"dim": 16, "num_heads": 0}, ValueError, "num_heads must be positive"),
+        ({"dim": 16.0}, TypeError, "dim must be an int; got float"),
+    ],
+)
+def test_bad_construction(kwargs, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        GeminiFusion(**kwargs)
+
+
+def test_functional_bad_params():
+    x = torch.randn(2, 16)
+    p = gk.random_params(16)
+    with pytest.raises(KeyError, match="params is missing"):
+        gemini_fusion(x, x, {"k_noise.weight": p.k_noise})
+    with pytest.raises(ValueError, match=r"params\['k_noise.weight'\] has shape \(3, 16\); expected \(2, 16\)"):
+        gemini_fusion(x, x, p._replace(k_noise=torch.randn(3, 16)))
+    with pytest.raises(TypeError, match="params must be a FusionParams or a mapping"):
+        gemini_fusion(x, x, [1, 2])
+    with pytest.raises(ValueError, match="dim=16 is not divisible by num_heads=3"):
+        gemini_fusion(x, x, p, num_heads=3)
