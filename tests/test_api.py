@@ -159,3 +159,14 @@ def test_functional_bad_params():
         gemini_fusion(x, x, [1, 2])
     with pytest.raises(ValueError, match="dim=16 is not divisible by num_heads=3"):
         gemini_fusion(x, x, p, num_heads=3)
+
+
+def test_torch_compile_traces_the_module_without_graph_breaks():
+    """Dispatch (imports, availability probes) stays out of the graph: fullgraph=True compiles."""
+    x0, x1, params = make_case((2, 5), 16, dtype=torch.float32)
+    m = GeminiFusion(16, backend="auto")
+    m.load_state_dict(params.state_dict())
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y0, y1 = compiled(x0, x1)
+    r0, r1 = m(x0, x1)
+    assert rel_err(y0, r0) < 1e-6 and rel_err(y1, r1) < 1e-6

@@ -58,20 +58,34 @@ def available_backends(device="cpu") -> list:
     return [name for name, b in BACKENDS.items() if b.unavailable_reason(device) is None]
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend name for ``name`` on ``device``; raises if it cannot run there."""
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, device_index: int) -> str:
+    # Runs eagerly even while torch.compile traces a caller (its result is a constant of the graph), so
+    # the imports and availability probes below never enter a graph. It also loads the chosen backend
+    # into _LOADED, from which the traced code reads the function.
+    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
-            if BACKENDS[candidate].unavailable_reason(device) is None:
-                return candidate
-        return "torch"
-    if name not in BACKENDS:
+        order = AUTO_ORDER.get(device.type, _AUTO_DEFAULT)
+        name = next((c for c in order if BACKENDS[c].unavailable_reason(device) is None), "torch")
+    elif name not in BACKENDS:
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}; got {name!r}")
-    reason = BACKENDS[name].unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"backend={name!r} is not available for tensors on {device}: {reason}")
+    else:
+        reason = BACKENDS[name].unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend={name!r} is not available for tensors on {device}: {reason}")
+    if name not in _LOADED:
+        _LOADED[name] = BACKENDS[name].fusion()
     return name
 
 
+_LOADED: dict = {}
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend name for ``name`` on ``device``; raises if it cannot run there."""
+    return _resolve(name, device.type, -1 if device.index is None else device.index)
+
+
 def get_fusion(name: str) -> Callable:
-    return BACKENDS[name].fusion()
+    """The fusion function of a backend returned by :func:`resolve_backend`."""
+    return _LOADED[name]
