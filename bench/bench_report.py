@@ -122,7 +122,7 @@ def markdown_section(meta: dict, rows: list, plot_name: str = "") -> str:
         f"- measured rates: matmul {rates}; copy {meta['rates']['copy_gbs']:.4g} GB/s",
         f"- timing: median of {meta['config']['runs']} runs after {meta['config']['warmup']} warm-up runs; "
         + ("L2 flushed before each run (CUDA events)" if env["device"].startswith("cuda")
-           else f"time.perf_counter, inputs rotated; {env['torch_threads']} torch threads, "
+           else f"time.perf_counter, inputs rotated; torch threads: {env['torch_threads']}; "
                 f"load average {env['load_average_at_start']:.2f} at start"),
         f"- backends reported by available_backends: {', '.join(meta['backends'])}",
     ]
@@ -149,7 +149,7 @@ def plot(path: Path, rows: list, title: str) -> None:
     import matplotlib.pyplot as plt
 
     passes = [p for p in ("fwd", "fwd+bwd") if any(r["pass"] == p for r in rows)]
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r.get("ms")))  # timed at least once
     fig, axes = plt.subplots(2, len(passes), figsize=(7 * len(passes), 8), squeeze=False)
     for col, pass_name in enumerate(passes):
         chosen = [r for r in rows if r["pass"] == pass_name]
@@ -166,9 +166,9 @@ def plot(path: Path, rows: list, title: str) -> None:
             ax.set_xticklabels(groups, fontsize=7)
             ax.set_ylabel(label)
             ax.set_title(f"{pass_name}: {label}")
+            ax.axhline(1.0 if metric == "speedup" else 100.0, color="black", linewidth=0.8)
             if metric == "speedup" and any(r.get("speedup") for r in chosen):
                 ax.set_yscale("log")
-                ax.axhline(1.0, color="black", linewidth=0.8)
         axes[0][col].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -36,7 +36,13 @@ def rotation_count(device: torch.device, bytes_per_set: int) -> int:
 
 def median_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs: int,
               before_each: Optional[Callable[[int], None]] = None) -> float:
-    """Median wall time of ``run(i)`` over ``runs`` timed calls after ``warmup`` untimed ones.
+    """Median wall time of ``run(i)`` over ``runs`` timed calls after ``warmup`` untimed ones."""
+    return statistics.median(times_ms(run, device, warmup, runs, before_each))
+
+
+def times_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs: int,
+             before_each: Optional[Callable[[int], None]] = None) -> list:
+    """Wall times of ``runs`` timed calls of ``run(i)`` after ``warmup`` untimed ones.
 
     ``before_each(i)`` runs outside the timing (e.g. to clear gradients); ``i`` counts the calls so that
     ``run`` can rotate inputs.
@@ -66,15 +72,17 @@ def median_ms(run: Callable[[int], None], device: torch.device, warmup: int, run
             t = time.perf_counter()
             run(warmup + i)
             times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return times
 
+
+# The rates are the best of their runs, not the median: the floor is what the device can do at its best.
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square GEMM in ``dtype`` (8192 on a GPU, 1024 on a CPU)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    ms = median_ms(lambda i: torch.mm(a, b), device, warmup=3, runs=10 if device.type == "cuda" else 5)
+    ms = min(times_ms(lambda i: torch.mm(a, b), device, warmup=3, runs=20 if device.type == "cuda" else 10))
     return 2.0 * n ** 3 / (ms * 1e-3)
 
 
@@ -83,7 +91,7 @@ def copy_bandwidth(device: torch.device) -> float:
     size = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.ones(size, dtype=torch.int8, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda i: dst.copy_(src), device, warmup=2, runs=10 if device.type == "cuda" else 5)
+    ms = min(times_ms(lambda i: dst.copy_(src), device, warmup=2, runs=20 if device.type == "cuda" else 10))
     return 2.0 * size / (ms * 1e-3)
 
 
