@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda or "none (CPU build)",
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
         "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
-        "command": " ".join(["python"] + sys.argv) if sys.argv and sys.argv[0].endswith("run.py") else "",
+        "command": shlex.join(["python"] + sys.argv) if sys.argv and sys.argv[0].endswith("run.py") else "",
     }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +59,8 @@ class Case:
 class Variant:
     """A row of the table. ``build(case)`` returns ``(fn, trainables)``: ``fn(x0, x1) -> (y0, y1)`` and
     the tensors it trains (their gradients are cleared between fwd+bwd runs). ``function`` names what it
-    computes: "fusion" (guarded against the oracle), "exchange" or "xattn" (checked finite)."""
+    computes: "fusion" (guarded against the oracle), "exchange" or "xattn" (checked finite). A variant
+    with ``unavailable`` set is not built; its rows give that reason."""
 
     name: str
     function: str
@@ -109,7 +109,8 @@ def xattn_variant() -> Variant:
 
 
 def all_variants(device: torch.device) -> list:
-    """Every package backend that reports itself available on ``device`` at run time, then the baselines."""
+    """Every backend of the package's registry, then the baselines. A backend that does not report itself
+    available on ``device`` at run time keeps its row, which gives the reason."""
     variants = []
     for name, backend in gk.backends.BACKENDS.items():
         reason = backend.unavailable_reason(device)
@@ -261,49 +262,66 @@ def run_benchmark(args, variants: list) -> tuple:
     dtypes = [DTYPES[d] for d in args.dtypes]
     rates = {"matmul": {}, "copy_gbs": copy_bandwidth(device) / 1e9}
     for dtype in dtypes:
-        rates["matmul"][str(dtype).replace("torch.", "")] = {"tflops": matmul_rate(device, dtype) / 1e12}
+        rates["matmul"][dtype_name(dtype)] = {"tflops": matmul_rate(device, dtype) / 1e12}
 
-    cells = [(s, b, d, p, v) for s in args.shape_list for b in args.batch for d in dtypes for p in args.passes
-             for v in variants]
-    progress = Progress(len(cells))
+    progress = Progress(len(args.shape_list) * len(args.batch) * len(dtypes) * len(args.passes) * len(variants))
     rows = []
     for shape in args.shape_list:
         for batch in args.batch:
             for dtype in dtypes:
-                dname = str(dtype).replace("torch.", "")
+                params = gk.random_params(shape.dim, dtype=dtype, device=device,
+                                          generator=torch.Generator().manual_seed(args.seed))
                 case = Case(shape, batch, dtype, device, args.heads,
-                            gk.FusionParams(*(p.requires_grad_() for p in gk.random_params(
-                                shape.dim, dtype=dtype, device=device, generator=torch.Generator().manual_seed(args.seed)))),
+                            gk.FusionParams(*(p.requires_grad_() for p in params)),
                             torch.Generator().manual_seed(args.seed))
-                inputs = Inputs(case, args.passes)
-                built = {}
-                for pass_name in args.passes:
-                    group = []
-                    for variant in variants:
-                        progress.step(f"{shape} B={batch} {dname} {pass_name} {variant.name}")
-                        work_done = work(variant.function, shape, batch, torch.finfo(dtype).bits // 8, pass_name)
-                        floor_s = max(work_done.flops / (rates["matmul"][dname]["tflops"] * 1e12),
-                                      work_done.bytes / (rates["copy_gbs"] * 1e9))
-                        row = {"shape": shape.label, "tokens": shape.tokens, "dim": shape.dim, "batch": batch,
-                               "dtype": dname, "pass": pass_name, "variant": variant.name,
-                               "function": variant.function, "flops": work_done.flops, "bytes": work_done.bytes,
-                               "floor_ms": floor_s * 1e3}
-                        row.update(run_cell(variant, built, case, inputs, pass_name, floor_s, args))
-                        if row.get("ms"):
-                            row["tflops"] = work_done.flops / (row["ms"] * 1e-3) / 1e12
-                            row["gbs"] = work_done.bytes / (row["ms"] * 1e-3) / 1e9
-                            row["pct_floor"] = 100.0 * row["floor_ms"] / row["ms"]
-                        group.append(row)
-                    compiled = next((r for r in group if r["variant"] == "compile" and r.get("ms")), None)
-                    for row in group:
-                        if compiled and row.get("ms"):
-                            row["speedup"] = compiled["ms"] / row["ms"]
-                    rows += group
-                del inputs, built
+                rows += run_case(case, variants, rates, args, progress)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     progress.close()
     return rows, rates
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_case(case: Case, variants: list, rates: dict, args, progress: Progress) -> list:
+    """The rows of every pass and variant of one (shape, batch, dtype)."""
+    dname = dtype_name(case.dtype)
+    try:
+        inputs = Inputs(case, args.passes)
+    except Exception as exc:  # noqa: BLE001  (no room for this case's inputs: say so and go on)
+        if not is_oom(exc):
+            raise
+        inputs = None
+    built = {}  # each variant is built once per case, for both passes
+    rows = []
+    for pass_name in args.passes:
+        group = []
+        for variant in variants:
+            progress.step(f"{case.shape} B={case.batch} {dname} {pass_name} {variant.name}")
+            work_done = work(variant.function, case.shape, case.batch, torch.finfo(case.dtype).bits // 8, pass_name)
+            floor_s = max(work_done.flops / (rates["matmul"][dname]["tflops"] * 1e12),
+                          work_done.bytes / (rates["copy_gbs"] * 1e9))
+            row = {"shape": case.shape.label, "tokens": case.shape.tokens, "dim": case.shape.dim,
+                   "batch": case.batch, "dtype": dname, "pass": pass_name, "variant": variant.name,
+                   "function": variant.function, "flops": work_done.flops, "bytes": work_done.bytes,
+                   "floor_ms": floor_s * 1e3}
+            if inputs is None:
+                row.update(status="oom", check="out of memory for the inputs and the oracle's answers")
+            else:
+                row.update(run_cell(variant, built, case, inputs, pass_name, floor_s, args))
+            if row.get("ms"):
+                row["tflops"] = work_done.flops / (row["ms"] * 1e-3) / 1e12
+                row["gbs"] = work_done.bytes / (row["ms"] * 1e-3) / 1e9
+                row["pct_floor"] = 100.0 * row["floor_ms"] / row["ms"]
+            group.append(row)
+        compiled = next((r for r in group if r["variant"] == "compile" and r.get("ms")), None)
+        for row in group:
+            if compiled and row.get("ms"):
+                row["speedup"] = compiled["ms"] / row["ms"]
+        rows += group
+    return rows
 
 
 def run_cell(variant: Variant, built: dict, case: Case, inputs: Inputs, pass_name: str, floor_s: float,
@@ -424,7 +442,7 @@ def _main(args, extra_variants) -> dict:
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                        if k != "shape_list"},
             "shapes": [str(s) for s in args.shape_list]}
-    print(f"matmul rate: " + ", ".join(f"{d} {r['tflops']:.3g} TFLOP/s" for d, r in rates["matmul"].items())
+    print("matmul rate: " + ", ".join(f"{d} {r['tflops']:.3g} TFLOP/s" for d, r in rates["matmul"].items())
           + f"; copy bandwidth {rates['copy_gbs']:.4g} GB/s")
     print(bench_report.text_table(rows), flush=True)
 

@@ -5,9 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from gemini_kernels import gemini_fusion_reference
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -100,3 +98,12 @@ def test_stage_shapes_follow_the_spec(bench_run):
     forward = work("fusion", shapes[0], 2, 2, "fwd")
     assert forward.flops == 36 * 64 ** 2 * 2 * 19200
     assert work("fusion", shapes[0], 2, 2, "fwd+bwd").flops == 3 * forward.flops
+
+
+def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monkeypatch):
+    def no_room(case, passes):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(bench_run, "Inputs", no_room)
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published", "--no-results-md", "--no-plot"))
+    assert len(result["rows"]) == 4 and all(r["status"] == "oom" for r in result["rows"])
