@@ -12,6 +12,7 @@ import time
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 _L2_FLUSH_BYTES = 256 << 20
 
@@ -78,11 +79,13 @@ def times_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs
 # The rates are the best of their runs, not the median: the floor is what the device can do at its best.
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square GEMM in ``dtype`` (8192 on a GPU, 1024 on a CPU)."""
+    """FLOP/s of a large square GEMM in ``dtype`` (8192 on a GPU, 1024 on a CPU), as ``F.linear``: the
+    ``x @ W^T`` layout of every product of the fusion (on a CPU, ``torch.mm`` of the other layout runs
+    bfloat16 and float16 ten times slower, which would understate the floor's rate)."""
     n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    ms = min(times_ms(lambda i: torch.mm(a, b), device, warmup=3, runs=20 if device.type == "cuda" else 10))
+    x = torch.randn(n, n, device=device).to(dtype)
+    weight = torch.randn(n, n, device=device).to(dtype)
+    ms = min(times_ms(lambda i: F.linear(x, weight), device, warmup=3, runs=20 if device.type == "cuda" else 10))
     return 2.0 * n ** 3 / (ms * 1e-3)
 
 
