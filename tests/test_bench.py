@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import GPU
+
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -107,3 +109,19 @@ def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monke
     monkeypatch.setattr(bench_run, "Inputs", no_room)
     result = bench_run.main(tiny(tmp_path, "--variants", "torch,published", "--no-results-md", "--no-plot"))
     assert len(result["rows"]) == 4 and all(r["status"] == "oom" for r in result["rows"])
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench_run, tmp_path):
+    import gemini_kernels as gk
+    argv = tiny(tmp_path, "--no-results-md")
+    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--dtypes") + 1] = "bfloat16,float32"
+    argv[argv.index("--shapes") + 1] = "300:64,1200:320"
+    result = bench_run.main(argv)
+    for row in result["rows"]:
+        if row["variant"] in gk.available_backends("cuda") + ["compile", "published", "exchange", "xattn"]:
+            assert row["status"] == "ok", row
+            assert row["peak_mib"] > 0 and row["ms"] > 0
+    assert result["meta"]["env"]["driver"] and result["outputs"]["png"].exists()
