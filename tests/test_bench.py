@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import gemini_kernels as gk
 from helpers import GPU
 
 
@@ -114,7 +115,6 @@ def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monke
 @pytest.mark.gpu
 @GPU
 def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench_run, tmp_path):
-    import gemini_kernels as gk
     argv = tiny(tmp_path, "--no-results-md")
     argv[argv.index("--device") + 1] = "cuda"
     argv[argv.index("--dtypes") + 1] = "bfloat16,float32"
