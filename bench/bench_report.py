@@ -83,7 +83,9 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda or "none (CPU build)",
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+        # RESULTS.md is what this run appends to: its own changes do not make the code uncommitted.
+        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench/RESULTS.md"])),
         "command": shlex.join(["python"] + sys.argv) if sys.argv and sys.argv[0].endswith("run.py") else "",
     }
     if device.type == "cuda":
