@@ -1,63 +1,464 @@
-"""Times the available backends of GeminiFusion on one shape and prints a table.
+"""The GeminiFusion benchmark: every package backend, torch.compile of the oracle, the published loop,
+token exchange and full cross-attention, on the stage shapes of SPEC §4, against the floor.
 
-(A short demo; the full harness of the benchmark issue replaces it.)
+    python bench/run.py                      # the default for this machine's device (see --help)
+    python bench/run.py --datasets nyudv2,deliver --families mit-b0,mit-b1 --batch 8,32 --dtypes bf16,fp16
+
+Before a variant computing GeminiFusion is timed, its outputs (and, for fwd+bwd, its input gradients)
+are compared with the float64 oracle on the same inputs; one that disagrees is reported WRONG and not
+timed. Token exchange and cross-attention compute other functions: they are only checked to be finite.
+A variant that fails (out of memory, a library limit, a compile error) gets a row that says so.
+bench/README.md explains the columns.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 import gemini_kernels as gk
+from gemini_kernels.baselines import PublishedFusion, full_cross_attention, random_token_exchange
 from gemini_kernels.reference import gemini_fusion_reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402
+from bench_shapes import DATASETS, FAMILIES, PASSES, Shape, stage_shapes, work  # noqa: E402
+from bench_timing import copy_bandwidth, matmul_rate, median_ms, peak_memory_mib, rotation_count  # noqa: E402
 
-def median_ms(fn, warmup: int, runs: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+BENCH_DIR = Path(__file__).resolve().parent
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+# Largest rel_err against the float64 oracle that a correct implementation stays under, per run dtype:
+# outputs, and input gradients (one more chain of roundings).
+OUTPUT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+GRAD_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+GUARD_BATCH = 2  # batch elements the guard compares (pixels are independent; this bounds float64 memory)
+BASELINE_VARIANTS = ("compile", "published", "exchange", "xattn")
 
 
-def main(argv=None):
+@dataclass
+class Case:
+    """One (shape, batch, dtype): what a variant's ``build`` may use."""
+
+    shape: Shape
+    batch: int
+    dtype: torch.dtype
+    device: torch.device
+    num_heads: int
+    params: gk.FusionParams  # run dtype, requires_grad (used without grad for fwd)
+    generator: torch.Generator
+
+
+@dataclass
+class Variant:
+    """A row of the table. ``build(case)`` returns ``(fn, trainables)``: ``fn(x0, x1) -> (y0, y1)`` and
+    the tensors it trains (their gradients are cleared between fwd+bwd runs). ``function`` names what it
+    computes: "fusion" (guarded against the oracle), "exchange" or "xattn" (checked finite). A variant
+    with ``unavailable`` set is not built; its rows give that reason."""
+
+    name: str
+    function: str
+    build: Callable[[Case], tuple]
+    unavailable: Optional[str] = None
+
+
+def backend_variant(name: str) -> Variant:
+    def build(case):
+        return (lambda x0, x1: gk.gemini_fusion(x0, x1, case.params, case.num_heads, backend=name)), list(case.params)
+    return Variant(name, "fusion", build)
+
+
+def compile_variant() -> Variant:
+    def build(case):
+        # A fresh compile for every case; fullgraph so that a graph break is an error, not a silent
+        # fallback to eager, and enough recompiles for the fwd and fwd+bwd graphs of any run.
+        torch._dynamo.reset()
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.cache_size_limit = 64
+        compiled = torch.compile(gemini_fusion_reference, dynamic=False, fullgraph=True)
+        return (lambda x0, x1: compiled(x0, x1, case.params, case.num_heads)), list(case.params)
+    return Variant("compile", "fusion", build)
+
+
+def published_variant() -> Variant:
+    def build(case):
+        module = PublishedFusion.from_params(case.params, case.num_heads)
+        return module, list(module.parameters())
+    return Variant("published", "fusion", build)
+
+
+def exchange_variant() -> Variant:
+    def build(case):
+        module = random_token_exchange(case.shape.dim, dtype=case.dtype, device=case.device,
+                                       generator=case.generator)
+        return module, list(module.parameters())
+    return Variant("exchange", "exchange", build)
+
+
+def xattn_variant() -> Variant:
+    def build(case):
+        return (lambda x0, x1: full_cross_attention(x0, x1, case.params, case.num_heads)), list(case.params)
+    return Variant("xattn", "xattn", build)
+
+
+def all_variants(device: torch.device) -> list:
+    """Every backend of the package's registry, then the baselines. A backend that does not report itself
+    available on ``device`` at run time keeps its row, which gives the reason."""
+    variants = []
+    for name, backend in gk.backends.BACKENDS.items():
+        reason = backend.unavailable_reason(device)
+        variants.append(backend_variant(name) if reason is None
+                        else Variant(name, "fusion", build=None, unavailable=reason))
+    return variants + [compile_variant(), published_variant(), exchange_variant(), xattn_variant()]
+
+
+class Progress:
+    """tqdm on stderr when it is installed, else a plain bar."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, file=sys.stderr, unit="cell", dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+
+    def step(self, label: str):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(label[:60])
+            self.bar.update(1)
+            return
+        filled = int(30 * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:60]:60s}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            sys.stderr.write("\n")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+class Inputs:
+    """The rotated input sets of one case, the output gradients, and the float64 oracle's answers on
+    the first GUARD_BATCH batch elements of set 0."""
+
+    def __init__(self, case: Case, passes: list):
+        shape, g = case.shape, case.generator
+        elem = torch.finfo(case.dtype).bits // 8
+        count = rotation_count(case.device, 2 * case.batch * shape.tokens * shape.dim * elem)
+
+        def randn():
+            return torch.randn(case.batch, shape.tokens, shape.dim, generator=g).to(case.device, case.dtype)
+
+        self.sets = [(randn(), randn()) for _ in range(count)]
+        self.grads = (randn(), randn())
+        self.grad_sets = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in self.sets] \
+            if "fwd+bwd" in passes else []
+        k = min(GUARD_BATCH, case.batch)
+        x0, x1 = (t[:k].double().requires_grad_() for t in self.sets[0])
+        params64 = gk.FusionParams(*(p.detach().double() for p in case.params))
+        self.ref = gemini_fusion_reference(x0, x1, params64, case.num_heads)
+        self.ref_grads = None
+        if "fwd+bwd" in passes:
+            self.ref_grads = torch.autograd.grad(self.ref, (x0, x1), tuple(t[:k].double() for t in self.grads))
+        self.ref = tuple(t.detach() for t in self.ref)
+        self.guard_batch = k
+
+
+def check(variant: Variant, outputs, grads, inputs: Inputs, dtype: torch.dtype) -> tuple:
+    """(ok, detail): the guard against the oracle for "fusion", finiteness for the other functions."""
+    tensors = list(outputs) + list(grads or [])
+    if not all(torch.isfinite(t).all() for t in tensors):
+        return False, "WRONG: non-finite output"
+    if variant.function != "fusion":
+        return True, "finite"
+    k = inputs.guard_batch
+    errors = [rel_err(y[:k], r) for y, r in zip(outputs, inputs.ref)]
+    worst, bound = max(errors), OUTPUT_TOLERANCE[dtype]
+    if worst > bound:
+        return False, f"WRONG: rel_err {worst:.1e} > {bound:.0e}"
+    if grads is not None:
+        grad_worst = max(rel_err(g[:k], r) for g, r in zip(grads, inputs.ref_grads))
+        if grad_worst > GRAD_TOLERANCE[dtype]:
+            return False, f"WRONG: grad rel_err {grad_worst:.1e} > {GRAD_TOLERANCE[dtype]:.0e}"
+        worst = max(worst, grad_worst)
+    return True, f"ok {worst:.0e}"
+
+
+def measure(variant: Variant, fn, trainables, case: Case, inputs: Inputs, pass_name: str, args) -> dict:
+    """Guard, then time one variant on one case and pass; returns the row's measured fields."""
+    device = case.device
+    row = {}
+    if pass_name == "fwd":
+        def call(i=0):
+            with torch.no_grad():
+                return fn(*inputs.sets[i % len(inputs.sets)])
+
+        def before(i):
+            pass
+    else:
+        def call(i=0):
+            x0, x1 = inputs.grad_sets[i % len(inputs.grad_sets)]
+            outputs = fn(x0, x1)
+            torch.autograd.backward(outputs, inputs.grads)
+            return outputs
+
+        def before(i):
+            for t in list(inputs.grad_sets[i % len(inputs.grad_sets)]) + trainables:
+                t.grad = None
+
+    # First call: compiles, autotunes, warms caches; its time is kept apart as a compile/first-call time.
+    before(0)
+    t = time.perf_counter()
+    call(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    row["first_call_s"] = time.perf_counter() - t
+
+    before(0)
+    t = time.perf_counter()
+    outputs = call(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    call_s = time.perf_counter() - t
+    grads = [x.grad for x in inputs.grad_sets[0]] if pass_name == "fwd+bwd" else None
+    ok, row["check"] = check(variant, [o.detach() for o in outputs], grads, inputs, case.dtype)
+    if not ok:
+        row["status"] = "wrong"
+        return row
+    if call_s > args.max_call_s:
+        row["status"] = "skipped"
+        row["check"] += f"; not timed: one call took {call_s:.1f} s > --max-call-s {args.max_call_s:g}"
+        return row
+    del outputs, grads
+    row["ms"] = median_ms(lambda i: call(i), device, args.warmup, args.runs, before)
+    before(0)
+    row["peak_mib"] = peak_memory_mib(lambda: call(0), device)
+    row["status"] = "ok"
+    return row
+
+
+def run_benchmark(args, variants: list) -> tuple:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    rates = {"matmul": {}, "copy_gbs": copy_bandwidth(device) / 1e9}
+    for dtype in dtypes:
+        rates["matmul"][dtype_name(dtype)] = {"tflops": matmul_rate(device, dtype) / 1e12}
+
+    progress = Progress(len(args.shape_list) * len(args.batch) * len(dtypes) * len(args.passes) * len(variants))
+    rows = []
+    for shape in args.shape_list:
+        for batch in args.batch:
+            for dtype in dtypes:
+                params = gk.random_params(shape.dim, dtype=dtype, device=device,
+                                          generator=torch.Generator().manual_seed(args.seed))
+                case = Case(shape, batch, dtype, device, args.heads,
+                            gk.FusionParams(*(p.requires_grad_() for p in params)),
+                            torch.Generator().manual_seed(args.seed))
+                rows += run_case(case, variants, rates, args, progress)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    progress.close()
+    return rows, rates
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_case(case: Case, variants: list, rates: dict, args, progress: Progress) -> list:
+    """The rows of every pass and variant of one (shape, batch, dtype)."""
+    dname = dtype_name(case.dtype)
+    try:
+        inputs = Inputs(case, args.passes)
+    except Exception as exc:  # noqa: BLE001  (no room for this case's inputs: say so and go on)
+        if not is_oom(exc):
+            raise
+        inputs = None
+    built = {}  # each variant is built once per case, for both passes
+    rows = []
+    for pass_name in args.passes:
+        group = []
+        for variant in variants:
+            progress.step(f"{case.shape} B={case.batch} {dname} {pass_name} {variant.name}")
+            work_done = work(variant.function, case.shape, case.batch, torch.finfo(case.dtype).bits // 8, pass_name)
+            floor_s = max(work_done.flops / (rates["matmul"][dname]["tflops"] * 1e12),
+                          work_done.bytes / (rates["copy_gbs"] * 1e9))
+            row = {"shape": case.shape.label, "tokens": case.shape.tokens, "dim": case.shape.dim,
+                   "batch": case.batch, "dtype": dname, "pass": pass_name, "variant": variant.name,
+                   "function": variant.function, "flops": work_done.flops, "bytes": work_done.bytes,
+                   "floor_ms": floor_s * 1e3}
+            if inputs is None:
+                row.update(status="oom", check="out of memory for the inputs and the oracle's answers")
+            else:
+                row.update(run_cell(variant, built, case, inputs, pass_name, floor_s, args))
+            if row.get("ms"):
+                row["tflops"] = work_done.flops / (row["ms"] * 1e-3) / 1e12
+                row["gbs"] = work_done.bytes / (row["ms"] * 1e-3) / 1e9
+                row["pct_floor"] = 100.0 * row["floor_ms"] / row["ms"]
+            group.append(row)
+        compiled = next((r for r in group if r["variant"] == "compile" and r.get("ms")), None)
+        for row in group:
+            if compiled and row.get("ms"):
+                row["speedup"] = compiled["ms"] / row["ms"]
+        rows += group
+    return rows
+
+
+def run_cell(variant: Variant, built: dict, case: Case, inputs: Inputs, pass_name: str, floor_s: float,
+             args) -> dict:
+    """One variant on one case and pass; never raises for a failure of the variant itself."""
+    if variant.unavailable:
+        return {"status": "unavailable", "check": f"unavailable: {variant.unavailable}"}
+    if variant.function == "xattn" and floor_s > args.max_call_s:
+        return {"status": "skipped", "check": f"not run: its floor alone is {floor_s:.1f} s > --max-call-s"}
+    try:
+        if variant.name not in built:
+            built[variant.name] = variant.build(case)
+        fn, trainables = built[variant.name]
+        return measure(variant, fn, trainables, case, inputs, pass_name, args)
+    except Exception as exc:  # noqa: BLE001  (a failing variant is a result, not the end of the run)
+        if is_oom(exc):
+            if case.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return {"status": "oom", "check": "out of memory"}
+        message = " ".join(str(exc).split())[:160]
+        return {"status": "error", "check": f"failed: {type(exc).__name__}: {message}"}
+
+
+def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batch", type=int, default=32 if cuda else 2)
-    ap.add_argument("--pixels", type=int, default=19200 if cuda else 4800)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    ap.add_argument("--runs", type=int, default=20 if cuda else 5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def csv(kind=str):
+        return lambda text: [kind(x) for x in text.split(",") if x]
+
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--datasets", type=csv(), default=["nyudv2"], help=f"of {list(DATASETS)} (default nyudv2)")
+    ap.add_argument("--families", type=csv(), default=None,
+                    help=f"backbone widths, of {list(FAMILIES)} (default: mit-b0,mit-b1 on GPU, mit-b1 on CPU)")
+    ap.add_argument("--stages", type=csv(int), default=None, help="of 1,2,3,4 (default: all on GPU, 3,4 on CPU)")
+    ap.add_argument("--shapes", type=csv(), default=None,
+                    help="explicit N:C pairs, e.g. 300:512,64:16 (replaces --datasets/--families/--stages)")
+    ap.add_argument("--batch", type=csv(int), default=None, help="batch sizes (default: 8,32 on GPU, 2 on CPU)")
+    ap.add_argument("--dtypes", type=csv(), default=None, help=f"of {list(DTYPES)} (default: bf16 GPU, fp32 CPU)")
+    ap.add_argument("--passes", type=csv(), default=list(PASSES), help="fwd, fwd+bwd (default both)")
+    ap.add_argument("--variants", type=csv(), default=None,
+                    help="package backends (torch, triton, cuda) and compile, published, exchange, xattn "
+                         "(default: all)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per cell (default: 100 GPU, 10 CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 10 GPU, 2 CPU)")
+    ap.add_argument("--max-call-s", type=float, default=None,
+                    help="do not time a variant whose checked call took longer (default: 5 GPU, 3 CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU: stable per-core timings on a shared machine, "
+                         "where more threads than free cores stall at every barrier; 0 = torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out", help="JSON and PNG (default bench/out)")
+    ap.add_argument("--results-md", type=Path, default=BENCH_DIR / "RESULTS.md")
+    ap.add_argument("--no-results-md", action="store_true", help="do not append to --results-md")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the RESULTS.md section (e.g. the machine's load)")
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype)
-    params = gk.random_params(args.dim, dtype=dtype, device=device)
-    x0 = torch.randn(args.batch, args.pixels, args.dim, device=device, dtype=dtype)
-    x1 = torch.randn_like(x0)
-    compiled = torch.compile(gemini_fusion_reference, dynamic=False)
+    on_gpu = args.device.startswith("cuda")
+    args.families = args.families or (["mit-b0", "mit-b1"] if on_gpu else ["mit-b1"])
+    args.stages = args.stages or ([1, 2, 3, 4] if on_gpu else [3, 4])
+    args.batch = args.batch or ([8, 32] if on_gpu else [2])
+    args.dtypes = args.dtypes or (["bfloat16"] if on_gpu else ["float32"])
+    args.runs = args.runs or (100 if on_gpu else 10)
+    args.warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 2)
+    args.max_call_s = args.max_call_s or (5.0 if on_gpu else 3.0)
+    if args.threads is None:
+        args.threads = 0 if on_gpu else 1
+    for name, values, allowed in (("--datasets", args.datasets, DATASETS), ("--families", args.families, FAMILIES),
+                                  ("--dtypes", args.dtypes, DTYPES), ("--passes", args.passes, PASSES),
+                                  ("--stages", args.stages, (1, 2, 3, 4))):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            ap.error(f"{name}: {bad} not among {list(allowed)}")
+    if args.shapes:
+        try:
+            args.shape_list = [Shape("custom", int(n), int(c)) for n, c in (s.split(":") for s in args.shapes)]
+        except ValueError:
+            ap.error(f"--shapes must be N:C pairs such as 300:512; got {args.shapes}")
+    else:
+        args.shape_list = stage_shapes(args.datasets, args.families, args.stages)
+    bad = [s for s in args.shape_list if s.dim % args.heads]
+    if bad:
+        ap.error(f"every width must be divisible by --heads {args.heads}; got {bad}")
+    return args
 
-    variants = {f"gemini_kernels[{name}]": (lambda name=name: gk.gemini_fusion(x0, x1, params, backend=name))
-                for name in gk.available_backends(device)}
-    variants["torch.compile(oracle)"] = lambda: compiled(x0, x1, params)
 
-    flops = 36 * args.dim ** 2 * args.batch * args.pixels
-    print(f"GeminiFusion forward, B={args.batch} N={args.pixels} C={args.dim} {args.dtype} on {device}; "
-          f"torch {torch.__version__}; median of {args.runs} runs")
-    print(f"{'variant':28s} {'ms':>10s} {'GFLOP/s':>10s}")
-    with torch.no_grad():
-        for name, fn in variants.items():
-            ms = median_ms(fn, warmup=2, runs=args.runs, device=device)
-            print(f"{name:28s} {ms:10.3f} {flops / ms / 1e6:10.1f}", flush=True)
+def main(argv=None, extra_variants=()) -> dict:
+    """Runs the benchmark; ``extra_variants`` (for tests) are appended to the selected ones."""
+    args = parse_args(argv)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args, extra_variants)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _main(args, extra_variants) -> dict:
+    device = torch.device(args.device)
+    variants = all_variants(device)
+    known = [v.name for v in variants]
+    if args.variants:
+        unknown = [v for v in args.variants if v not in known]
+        if unknown:
+            raise SystemExit(f"--variants: {unknown} not among {known}")
+        variants = [v for v in variants if v.name in args.variants]
+    variants += list(extra_variants)
+
+    env = bench_report.environment(device)
+    print(f"GeminiFusion benchmark on {env['device_name']}; torch {env['torch']}, triton {env['triton']}, "
+          f"CUDA {env['cuda']}; variants: {', '.join(v.name for v in variants)}", flush=True)
+    rows, rates = run_benchmark(args, variants)
+    meta = {"env": env, "rates": rates, "note": args.note,
+            "backends": gk.available_backends(device),
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                       if k != "shape_list"},
+            "shapes": [str(s) for s in args.shape_list]}
+    print("matmul rate: " + ", ".join(f"{d} {r['tflops']:.3g} TFLOP/s" for d, r in rates["matmul"].items())
+          + f"; copy bandwidth {rates['copy_gbs']:.4g} GB/s")
+    print(bench_report.text_table(rows), flush=True)
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    json_path = args.out_dir / f"{stamp}.json"
+    bench_report.write_json(json_path, meta, rows)
+    outputs = {"json": json_path}
+    if not args.no_plot:
+        outputs["png"] = args.out_dir / f"{stamp}.png"
+        bench_report.plot(outputs["png"], rows, f"GeminiFusion on {env['device_name']}, torch {env['torch']}")
+    if not args.no_results_md:
+        bench_report.append_markdown(args.results_md, bench_report.markdown_section(
+            meta, rows, outputs["png"].name if "png" in outputs else ""))
+        outputs["markdown"] = args.results_md
+    print("wrote " + ", ".join(str(p) for p in outputs.values()))
+    return {"rows": rows, "meta": meta, "outputs": outputs}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ fi
 need=()
 missing numpy && need+=(numpy)
 missing pytest && need+=("pytest>=7")
+missing pytest_benchmark && need+=(pytest-benchmark)  # the on-demand CPU suite, bench/test_cpu_paths.py
 missing ninja && need+=(ninja)
 missing triton && need+=("triton==3.6.0")  # runs the Triton kernels on CPU under TRITON_INTERPRET=1
 missing matplotlib && need+=(matplotlib)

@@ -1,0 +1,111 @@
+"""How the benchmark measures: timed runs, the device's matmul rate and bandwidth, peak memory.
+
+On a GPU every timed run starts with a cold L2 (a 256 MiB buffer is zeroed before it, outside the
+timing) and is timed with CUDA events, as ``triton.testing.do_bench`` does; on a CPU, runs are timed
+with ``time.perf_counter`` and cycle through several input sets whose total exceeds the last-level cache.
+"""
+from __future__ import annotations
+
+import glob
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+_L2_FLUSH_BYTES = 256 << 20
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache, from sysfs; 32 MiB where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def rotation_count(device: torch.device, bytes_per_set: int) -> int:
+    """Input sets to cycle through on a CPU so that no timed run finds its inputs in cache."""
+    if device.type == "cuda":
+        return 1  # the L2 is flushed before each run instead
+    sets = -(-2 * last_level_cache_bytes() // max(bytes_per_set, 1))
+    return max(2, min(16, sets))
+
+
+def median_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs: int,
+              before_each: Optional[Callable[[int], None]] = None) -> float:
+    """Median wall time of ``run(i)`` over ``runs`` timed calls after ``warmup`` untimed ones."""
+    return statistics.median(times_ms(run, device, warmup, runs, before_each))
+
+
+def times_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs: int,
+             before_each: Optional[Callable[[int], None]] = None) -> list:
+    """Wall times of ``runs`` timed calls of ``run(i)`` after ``warmup`` untimed ones.
+
+    ``before_each(i)`` runs outside the timing (e.g. to clear gradients); ``i`` counts the calls so that
+    ``run`` can rotate inputs.
+    """
+    for i in range(warmup):
+        if before_each:
+            before_each(i)
+        run(i)
+    times = []
+    if device.type == "cuda":
+        flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        start = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+        end = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+        for i in range(runs):
+            if before_each:
+                before_each(warmup + i)
+            flush.zero_()
+            start[i].record()
+            run(warmup + i)
+            end[i].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in zip(start, end)]
+    else:
+        for i in range(runs):
+            if before_each:
+                before_each(warmup + i)
+            t = time.perf_counter()
+            run(warmup + i)
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+# The rates are the best of their runs, not the median: the floor is what the device can do at its best.
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square GEMM in ``dtype`` (8192 on a GPU, 1024 on a CPU), as ``F.linear``: the
+    ``x @ W^T`` layout of every product of the fusion (on a CPU, ``torch.mm`` of the other layout runs
+    bfloat16 and float16 ten times slower, which would understate the floor's rate)."""
+    n = 8192 if device.type == "cuda" else 1024
+    x = torch.randn(n, n, device=device).to(dtype)
+    weight = torch.randn(n, n, device=device).to(dtype)
+    ms = min(times_ms(lambda i: F.linear(x, weight), device, warmup=3, runs=20 if device.type == "cuda" else 10))
+    return 2.0 * n ** 3 / (ms * 1e-3)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device copy (1 GiB on a GPU, 256 MiB on a CPU), counting read and write."""
+    size = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(size, dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    ms = min(times_ms(lambda i: dst.copy_(src), device, warmup=2, runs=20 if device.type == "cuda" else 10))
+    return 2.0 * size / (ms * 1e-3)
+
+
+def peak_memory_mib(call: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Memory one call allocates above what was allocated before it (its outputs, saved activations,
+    workspaces, gradients), in MiB; None on a CPU, where torch keeps no allocator statistics."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / (1 << 20)

@@ -1,0 +1,127 @@
+"""The benchmark harness (bench/run.py) end to end on tiny CPU shapes."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import gemini_kernels as gk
+from helpers import GPU
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_run"]
+    sys.path.remove(str(BENCH))
+
+
+def tiny(tmp_path, *extra):
+    return ["--device", "cpu", "--shapes", "24:16", "--batch", "2", "--dtypes", "float32", "--runs", "2",
+            "--warmup", "1", "--out-dir", str(tmp_path / "out"), "--results-md", str(tmp_path / "RESULTS.md"),
+            *extra]
+
+
+def test_tiny_run_writes_table_json_markdown_and_plot(bench_run, tmp_path, capsys):
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published,exchange,xattn"))
+    rows = result["rows"]
+    assert {(r["variant"], r["pass"]) for r in rows} == {
+        (v, p) for v in ("torch", "published", "exchange", "xattn") for p in ("fwd", "fwd+bwd")}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["ms"] > 0 and row["tflops"] > 0 and row["gbs"] > 0 and row["floor_ms"] > 0
+        assert row["peak_mib"] is None  # no allocator statistics on a CPU: reported n/a, not guessed
+    guarded = {r["variant"]: r["check"] for r in rows if r["pass"] == "fwd+bwd"}
+    assert guarded["torch"].startswith("ok") and guarded["exchange"] == "finite"
+
+    out = capsys.readouterr().out
+    assert "custom  N=24 C=16  B=2  float32  fwd+bwd" in out and "% floor" in out
+    saved = json.loads(result["outputs"]["json"].read_text())
+    assert len(saved["rows"]) == len(rows) and saved["meta"]["rates"]["copy_gbs"] > 0
+    assert "torch" in saved["meta"]["backends"]
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert "| custom | 24 | 16 | 2 | float32 | fwd+bwd | xattn |" in markdown and "torch 2." in markdown
+    assert result["outputs"]["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_guard_reports_a_wrong_variant_and_does_not_time_it(bench_run, tmp_path):
+    calls = []
+
+    def build(case):
+        def forgets_the_attention(x0, x1):  # the residual alone: close to the oracle, but wrong
+            calls.append(1)
+            return x0 * 1.0, x1 * 1.0
+        return forgets_the_attention, []
+
+    wrong = bench_run.Variant("residual-only", "fusion", build)
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch", "--no-results-md", "--no-plot"),
+                            extra_variants=[wrong])
+    rows = {(r["variant"], r["pass"]): r for r in result["rows"]}
+    for pass_name in ("fwd", "fwd+bwd"):
+        row = rows["residual-only", pass_name]
+        assert row["status"] == "wrong" and row["check"].startswith("WRONG: rel_err")
+        assert "ms" not in row and "speedup" not in row
+        assert rows["torch", pass_name]["status"] == "ok"
+    assert len(calls) == 4  # per pass: the first call and the checked call, no timed runs
+
+
+def test_a_failing_variant_gets_a_row_and_the_run_goes_on(bench_run, tmp_path):
+    def build(case):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch", "--passes", "fwd", "--no-results-md",
+                                 "--no-plot"), extra_variants=[bench_run.Variant("huge", "xattn", build)])
+    statuses = {r["variant"]: r["status"] for r in result["rows"]}
+    assert statuses == {"torch": "ok", "huge": "oom"}
+
+
+def test_compile_variant_is_guarded_and_sets_the_speedup_column(bench_run, tmp_path):
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch,compile", "--passes", "fwd", "--no-results-md",
+                                 "--no-plot"))
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["compile"]["status"] == "ok" and rows["compile"]["check"].startswith("ok")
+    assert rows["compile"]["speedup"] == pytest.approx(1.0)
+    assert rows["torch"]["speedup"] == pytest.approx(rows["compile"]["ms"] / rows["torch"]["ms"])
+
+
+def test_stage_shapes_follow_the_spec(bench_run):
+    from bench_shapes import stage_shapes, work
+    shapes = stage_shapes(["nyudv2", "deliver"], ["mit-b1"], [1, 2, 3, 4])
+    assert [(s.tokens, s.dim) for s in shapes[:4]] == [(19200, 64), (4800, 128), (1200, 320), (300, 512)]
+    assert [s.tokens for s in shapes[4:]] == [65536, 16384, 4096, 1024]
+    forward = work("fusion", shapes[0], 2, 2, "fwd")
+    assert forward.flops == 36 * 64 ** 2 * 2 * 19200
+    assert work("fusion", shapes[0], 2, 2, "fwd+bwd").flops == 3 * forward.flops
+
+
+def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monkeypatch):
+    def no_room(case, passes):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(bench_run, "Inputs", no_room)
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published", "--no-results-md", "--no-plot"))
+    assert len(result["rows"]) == 4 and all(r["status"] == "oom" for r in result["rows"])
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench_run, tmp_path):
+    argv = tiny(tmp_path, "--no-results-md")
+    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--dtypes") + 1] = "bfloat16,float32"
+    argv[argv.index("--shapes") + 1] = "300:64,1200:320"
+    result = bench_run.main(argv)
+    for row in result["rows"]:
+        if row["variant"] in gk.available_backends("cuda") + ["compile", "published", "exchange", "xattn"]:
+            assert row["status"] == "ok", row
+            assert row["peak_mib"] > 0 and row["ms"] > 0
+    assert result["meta"]["env"]["driver"] and result["outputs"]["png"].exists()
