@@ -9,7 +9,8 @@ from .mit import MIT_CONFIGS, MixVisionTransformer
 
 def build_model(backbone: str = "mit_b3", num_classes: int = 40, fusion_backend: str = "auto", *,
                 num_modalities: int = 2, fusion: bool = True, drop_path_rate: float = 0.1,
-                drop_rate: float = 0.0, fusion_heads: int = 8, embed_dim: int = 256) -> GeminiSegmenter:
+                drop_rate: float = 0.0, fusion_heads: int = 8, embed_dim: int = 256,
+                decoder_dropout: float = 0.1) -> GeminiSegmenter:
     """A GeminiFusion segmenter: dual-stream MiT (``backbone`` = ``"mit_b0"`` ... ``"mit_b5"``) with
     GeminiFusion in every block, and the SegFormer head.
 
@@ -25,6 +26,7 @@ def build_model(backbone: str = "mit_b3", num_classes: int = 40, fusion_backend:
         drop_path_rate: stochastic depth at the last block (linear from 0); the published training
             uses 0.4 for MiT-B3 (``main.py --dpr``), 0.1 is the WeTr default.
         embed_dim: the decoder width (256; 512 on DeLiVER).
+        decoder_dropout: the decoder's channel dropout before the classifier (published: 0.1).
     """
     if backbone not in MIT_CONFIGS:
         raise ValueError(f"backbone must be one of {sorted(MIT_CONFIGS)}; got {backbone!r}")
@@ -37,4 +39,4 @@ def build_model(backbone: str = "mit_b3", num_classes: int = 40, fusion_backend:
         fusion_heads=fusion_heads, fusion_backend=fusion_backend, drop_path_rate=drop_path_rate,
         drop_rate=drop_rate,
     )
-    return GeminiSegmenter(encoder, num_classes, embed_dim)
+    return GeminiSegmenter(encoder, num_classes, embed_dim, decoder_dropout)

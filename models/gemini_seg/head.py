@@ -28,14 +28,14 @@ class LinearEmbed(nn.Module):
 
 class SegFormerHead(nn.Module):
     """Project each stage to ``embed_dim``, upsample to stride 4, concatenate, fuse (1x1 conv + BN +
-    ReLU), dropout 0.1, classify. Returns logits at 1/4 of the input resolution."""
+    ReLU), channel dropout (0.1 as published), classify. Returns logits at 1/4 of the input resolution."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256):
+    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1):
         super().__init__()
         for stage, channels in enumerate(in_channels, start=1):
             setattr(self, f"linear_c{stage}", LinearEmbed(channels, embed_dim))
         self.linear_fuse = ConvBNReLU(4 * embed_dim, embed_dim)
-        self.dropout = nn.Dropout2d(0.1)
+        self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -60,11 +60,12 @@ class GeminiSegmenter(nn.Module):
     loss trains ``alpha`` only, never the streams.
     """
 
-    def __init__(self, encoder: MixVisionTransformer, num_classes: int, embed_dim: int = 256):
+    def __init__(self, encoder: MixVisionTransformer, num_classes: int, embed_dim: int = 256,
+                 decoder_dropout: float = 0.1):
         super().__init__()
         self.num_classes = num_classes
         self.encoder = encoder
-        self.decoder = SegFormerHead(encoder.embed_dims, num_classes, embed_dim)
+        self.decoder = SegFormerHead(encoder.embed_dims, num_classes, embed_dim, decoder_dropout)
         if encoder.num_modalities > 1:
             self.alpha = nn.Parameter(torch.ones(encoder.num_modalities))
 

@@ -157,7 +157,8 @@ class MixVisionTransformer(nn.Module):
         self.num_modalities = num_modalities
         self.embed_dims = list(config.embed_dims)
         # Stochastic depth grows linearly over all blocks of all stages, from 0 to drop_path_rate.
-        rates = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
+        blocks_total = sum(config.depths)
+        rates = [drop_path_rate * i / max(blocks_total - 1, 1) for i in range(blocks_total)]
         previous, first_block = in_channels, 0
         for stage, (dim, depth) in enumerate(zip(config.embed_dims, config.depths), start=1):
             patch, stride = (7, 4) if stage == 1 else (3, 2)

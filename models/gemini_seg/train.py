@@ -65,6 +65,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--no-fusion", action="store_true", help="dual-stream model without the fusion layers")
     m.add_argument("--dpr", type=float, default=0.4, help="stochastic depth rate (published: 0.4 for B3)")
     m.add_argument("--drop-rate", type=float, default=0.0)
+    m.add_argument("--decoder-dropout", type=float, default=0.1)
     m.add_argument("--pretrained", default=None, help="ImageNet MiT weights (SegFormer mit_b*.pth) for the encoder")
     m.add_argument("--init-checkpoint", default=None, help="a published *.pth.tar to start from / evaluate")
     m.add_argument("--finetune", action="store_true",
@@ -251,7 +252,7 @@ def evaluate(model, val_set, args, env: Dist, amp_dtype) -> Dict[str, Dict[str, 
     model.eval()
     shard = Subset(val_set, range(env.rank, len(val_set), env.world))
     loader = DataLoader(shard, batch_size=args.val_batch_size, shuffle=False, num_workers=args.workers,
-                        collate_fn=collate)
+                        collate_fn=collate, generator=_private_generator())
     names = output_names(model)
     num_classes = model.num_classes
     matrices = [torch.zeros(num_classes, num_classes, dtype=torch.int64) for _ in names]
@@ -265,6 +266,13 @@ def evaluate(model, val_set, args, env: Dist, amp_dtype) -> Dict[str, Dict[str, 
             matrices[i] += confusion_matrix(target, logits.argmax(1), num_classes)
         progress.update()
     return {name: scores(env.all_sum(m)) for name, m in zip(names, matrices)}
+
+
+def _private_generator() -> torch.Generator:
+    # A DataLoader draws its workers' base seed from its generator, by default the global one; a private
+    # one keeps the global RNG (dropout, stochastic depth) a function of the training steps alone, so
+    # that a resumed run continues exactly. Augmentations are seeded per sample (see data.py).
+    return torch.Generator().manual_seed(0)
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -329,7 +337,8 @@ def _run(args, env: Dist) -> dict:
     # Parameters are initialised identically on every rank (DDP also broadcasts them from rank 0).
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, num_classes, args.fusion_backend, num_modalities=len(args.modalities),
-                        fusion=not args.no_fusion, drop_path_rate=args.dpr, drop_rate=args.drop_rate)
+                        fusion=not args.no_fusion, drop_path_rate=args.dpr, drop_rate=args.drop_rate,
+                        decoder_dropout=args.decoder_dropout)
     torch.manual_seed(args.seed + env.rank)
     if args.pretrained:
         load_imagenet_mit(model, args.pretrained)
@@ -395,7 +404,7 @@ def _run(args, env: Dist) -> dict:
         batches = epoch_batches(len(train_set), args.batch_size, epoch, args.seed, env.rank, env.world)
         batches = batches[step - epoch * steps_per_epoch:]  # resuming mid-epoch: skip what was done
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers, collate_fn=collate,
-                            pin_memory=env.device.type == "cuda")
+                            pin_memory=env.device.type == "cuda", generator=_private_generator())
         set_train_mode(model, args.train_bn)
         for batch in loader:
             factor = lr_factor(step, args.warmup_iters, max_iters, args.warmup_ratio, args.power)
