@@ -14,7 +14,7 @@ from gemini_seg import build_model, load_imagenet_mit, load_published_checkpoint
 from gemini_seg.data import FolderRGBD, SyntheticRGBD
 from gemini_seg.mit import MIT_CONFIGS
 from gemini_seg.train import parse_args, run
-from helpers import rel_err
+from helpers import GPU, rel_err
 
 # --------------------------------------------------------------------------------------------------
 # Independent statement of the published names and shapes, written from JiaDingCN/GeminiFusion
@@ -382,3 +382,34 @@ def test_folder_loaders_published_layout(tmp_path, dataset):
     (tmp_path / "bad.txt").write_text("rgb/000000.png\tmasks/000000.png\n")
     with pytest.raises(ValueError, match="expected 3 tab-separated paths"):
         FolderRGBD(dataset, str(tmp_path), str(tmp_path / "bad.txt"), train=False, crop_size=(32, 32))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_bf16_training_step_every_backend_matches_oracle():
+    """MiT-B0 on CUDA under bf16 autocast: every CUDA backend's logits and first-step loss agree with
+    the oracle backend's."""
+    torch.manual_seed(0)
+    model = build_model("mit_b0", num_classes=40, fusion_backend="torch", drop_path_rate=0.0,
+                        decoder_dropout=0.0).cuda()
+    x = [t.cuda() for t in images(batch=2, size=128)]
+    target = torch.randint(0, 40, (2, 128, 128), device="cuda")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for backend in gemini_kernels.available_backends("cuda"):
+        model.load_state_dict(state)
+        model.set_fusion_backend(backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        loss = sum(torch.nn.functional.cross_entropy(
+            torch.nn.functional.interpolate(o.float(), size=(128, 128), mode="bilinear"), target) for o in out)
+        loss.backward()
+        results[backend] = (out[0].float().detach(), loss.item())
+        model.zero_grad(set_to_none=True)
+    ref_logits, ref_loss = results["torch"]
+    for backend, (logits, loss) in results.items():
+        assert rel_err(logits, ref_logits) < 2e-2, backend
+        assert abs(loss - ref_loss) / ref_loss < 1e-2, backend
