@@ -266,10 +266,14 @@ OTHER_CPU_BACKENDS = [b for b in gemini_kernels.available_backends("cpu") if b !
         reason="no fused backend other than the oracle is available on CPU here"))],
 )
 def test_loss_curve_matches_oracle(tmp_path, backend):
-    steps = ["--max-steps", "5", "--dpr", "0.1"]
+    """Same seed, same data, 4 AdamW steps of MiT-B0: the per-step training losses with a fused backend
+    agree with the oracle's to 1e-3 relative. Calibration (CPU, fp32): the oracle evaluated in float64
+    differs by <= 1.3e-7; a backend with the right forward but no gradient into the fusion parameters
+    differs by 4.7e-3 at step 3, so the tolerance separates rounding from a wrong backward."""
+    steps = ["--max-steps", "4", "--dpr", "0.1"]
     oracle = run(small_run(tmp_path / "oracle", "--fusion-backend", "torch", *steps))["losses"]
     fused = run(small_run(tmp_path / backend, "--fusion-backend", backend, *steps))["losses"]
-    assert len(oracle) == len(fused) == 5
+    assert len(oracle) == len(fused) == 4
     np.testing.assert_allclose(fused, oracle, rtol=1e-3)
 
 
