@@ -163,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--skip-published", action="store_true", help="do not time the per-batch loop")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "model_speed.json"),
+                    help="where to write the raw numbers")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -223,11 +225,12 @@ def main(argv=None):
     setup = {"backbone": args.backbone, "batch": args.batch, "size": [args.height, args.width],
              "dtype": args.dtype, "device": device_name, "torch": torch.__version__,
              "triton": _version("triton"), "runs": args.runs}
-    os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "out", "model_speed.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
         json.dump({"setup": setup, "rows": rows, "verdict": verdict}, f, indent=2)
     if cuda and not args.no_write:
         write_results(setup, rows, verdict)
+    return rows
 
 
 def _version(module):
