@@ -1,0 +1,275 @@
+"""Speed of the whole segmentation model: MiT-B3 GeminiFusion at 480x640 (NYUDv2), batch 8, bfloat16.
+
+Times one training step (forward, the three-output loss, backward, AdamW step) and the inference
+latency (forward, no grad) of
+  * the fused model, once per fusion backend available on the device;
+  * the same model with the fusion layers removed (``build_model(..., fusion=False)``: the streams
+    still share their weights), the floor the fusion's overhead is measured against;
+  * the published formulation: the same parameters in the published per-batch Python loop around
+    two ``nn.MultiheadAttention`` modules (JiaDingCN/GeminiFusion models/mix_transformer.py).
+The target of the issue: fused at most 10% slower than no fusion, for training and for inference.
+
+    python models/bench_speed.py                 # on a CUDA GPU; writes a section of bench/RESULTS.md
+    python models/bench_speed.py --batch 1 --height 64 --width 64 --backbone mit_b0 --no-write  # smoke test
+
+Before timing, the outputs of every fused variant and of the published loop are compared with the oracle
+backend's on the same input (relative error printed), so that a fast wrong variant is not reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gemini_kernels as gk
+from gemini_kernels import GeminiFusion
+from gemini_seg import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- models/bench_speed.py: begin -->", "<!-- models/bench_speed.py: end -->"
+
+
+class _JudgerMlp(nn.Module):
+    """The published Mlp_2 (fc1, GELU, fc2) under its parameter names."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * dim, dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PublishedLoopFusion(nn.Module):
+    """The fusion step of the published Attention.forward, verbatim in structure: a loop over the batch,
+    two sequence-first ``nn.MultiheadAttention`` calls per sample. Loads a GeminiFusion state_dict."""
+
+    def __init__(self, dim, heads=8):
+        super().__init__()
+        self.cross_attn_0_to_1 = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=False)
+        self.cross_attn_1_to_0 = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=False)
+        self.relation_judger = nn.Sequential(_JudgerMlp(dim), nn.Softmax(dim=-1))
+        self.k_noise = nn.Embedding(2, dim)
+        self.v_noise = nn.Embedding(2, dim)
+
+    def _direction(self, s, o, row, attn):
+        relation = self.relation_judger(torch.cat([s, o], dim=-1))
+        k = torch.cat([self.k_noise.weight[row] + s, torch.mul(s, relation)], dim=0)
+        v = torch.cat([self.v_noise.weight[row] + s, o], dim=0)
+        return s.squeeze(0) + attn(s, k, v)[0].squeeze(0)
+
+    def forward(self, x0, x1):
+        y0, y1 = [], []
+        for b in range(x0.shape[0]):
+            s0, s1 = x0[b].unsqueeze(0), x1[b].unsqueeze(0)
+            y0.append(self._direction(s0, s1, 0, self.cross_attn_0_to_1))
+            y1.append(self._direction(s1, s0, 1, self.cross_attn_1_to_0))
+        return torch.stack(y0), torch.stack(y1)
+
+
+def with_published_loop(model):
+    for module in model.encoder.modules():
+        fusion = getattr(module, "fusion", None)
+        if isinstance(fusion, GeminiFusion):
+            loop = PublishedLoopFusion(fusion.dim, fusion.num_heads).to(fusion.k_noise.weight.device)
+            loop.load_state_dict(fusion.state_dict(), strict=True)
+            module.fusion = loop
+    return model
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def cuda_ms(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cpu_ms(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def loss_fn(outputs, target):
+    return sum(F.cross_entropy(F.interpolate(o.float(), size=target.shape[-2:], mode="bilinear",
+                                             align_corners=False), target, ignore_index=255) for o in outputs)
+
+
+def measure(model, inputs, target, dtype, device, warmup, runs):
+    timer = cuda_ms if device.type == "cuda" else cpu_ms
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def train_step():
+        with autocast(device, dtype):
+            outputs = model(inputs)
+        loss = loss_fn(outputs, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer():
+        with torch.no_grad(), autocast(device, dtype):
+            model(inputs)
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train = timer(train_step, warmup, runs)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    model.eval()
+    inference = timer(infer, warmup, runs)
+    return train, inference, memory
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="mit_b3")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--skip-published", action="store_true", help="do not time the per-batch loop")
+    ap.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "model_speed.json"),
+                    help="where to write the raw numbers")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    base = build_model(args.backbone, num_classes=40, fusion_backend="torch", drop_path_rate=0.0).to(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = [torch.randn(args.batch, 3, args.height, args.width, generator=g).to(device) for _ in range(2)]
+    target = torch.randint(0, 40, (args.batch, args.height, args.width), generator=g).to(device)
+
+    base.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        reference = base(inputs)[0].float()
+
+    def rel(out):
+        return ((out.float() - reference).norm() / reference.norm()).item()
+
+    rows = []
+    variants = [(f"fused, backend={b}", b) for b in gk.available_backends(device)]
+    variants.append(("fusion removed", None))
+    if not args.skip_published:
+        variants.append(("published per-batch loop", "published"))
+    for label, kind in variants:
+        if kind is None:
+            model = build_model(args.backbone, num_classes=40, fusion=False, drop_path_rate=0.0).to(device)
+            state = {k: v for k, v in base.state_dict().items() if ".fusion." not in k}
+            model.load_state_dict(state, strict=True)
+            error = float("nan")  # a different function: no accuracy to check
+        else:
+            model = build_model(args.backbone, num_classes=40, fusion_backend="torch", drop_path_rate=0.0).to(device)
+            model.load_state_dict(base.state_dict(), strict=True)
+            if kind == "published":
+                with_published_loop(model)
+            else:
+                model.set_fusion_backend(kind)
+            model.eval()
+            with torch.no_grad(), autocast(device, dtype):
+                error = rel(model(inputs)[0])
+        train, infer, memory = measure(model, inputs, target, dtype, device, args.warmup, args.runs)
+        rows.append({"variant": label, "train_ms": train, "infer_ms": infer, "peak_gib": memory, "rel_err_vs_oracle": error})
+        print(f"{label:34s} train {train:9.1f} ms  infer {infer:9.1f} ms  peak {memory:6.2f} GiB  "
+              f"rel.err vs oracle {error:.2e}", flush=True)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+
+    plain = next(r for r in rows if r["variant"] == "fusion removed")
+    fused = [r for r in rows if r["variant"].startswith("fused")]
+    best = min(fused, key=lambda r: r["train_ms"])
+    verdict = {
+        "train_overhead": best["train_ms"] / plain["train_ms"] - 1,
+        "infer_overhead": min(r["infer_ms"] for r in fused) / plain["infer_ms"] - 1,
+    }
+    print(f"fusion overhead (best backend): training {100 * verdict['train_overhead']:+.1f}%, "
+          f"inference {100 * verdict['infer_overhead']:+.1f}% (target: at most +10%)")
+
+    device_name = torch.cuda.get_device_name() if cuda else "CPU"
+    setup = {"backbone": args.backbone, "batch": args.batch, "size": [args.height, args.width],
+             "dtype": args.dtype, "device": device_name, "torch": torch.__version__,
+             "triton": _version("triton"), "runs": args.runs}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"setup": setup, "rows": rows, "verdict": verdict}, f, indent=2)
+    if cuda and not args.no_write:
+        write_results(setup, rows, verdict)
+    return rows
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def write_results(setup, rows, verdict):
+    lines = [
+        BEGIN,
+        "## Whole model: MiT-B3 GeminiFusion segmenter (models/bench_speed.py)",
+        "",
+        f"{setup['backbone']}, batch {setup['batch']}, {setup['size'][0]}x{setup['size'][1]}, {setup['dtype']} autocast, "
+        f"{setup['device']}, torch {setup['torch']}, triton {setup['triton']}; median of {setup['runs']} runs "
+        f"(CUDA events). Training step = forward + loss of the 3 outputs + backward + AdamW step.",
+        "",
+        "| variant | train step (ms) | inference (ms) | peak memory (GiB) | rel. error vs oracle |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        err = "-" if r["rel_err_vs_oracle"] != r["rel_err_vs_oracle"] else f"{r['rel_err_vs_oracle']:.1e}"
+        lines.append(f"| {r['variant']} | {r['train_ms']:.1f} | {r['infer_ms']:.1f} | {r['peak_gib']:.2f} | {err} |")
+    lines += [
+        "",
+        f"Fusion overhead of the fastest backend over the model with the fusion removed: training "
+        f"{100 * verdict['train_overhead']:+.1f}%, inference {100 * verdict['infer_overhead']:+.1f}% (target: at most +10%).",
+        END,
+    ]
+    section = "\n".join(lines) + "\n"
+    path = os.path.join(ROOT, "bench", "RESULTS.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
