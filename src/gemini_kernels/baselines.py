@@ -60,7 +60,9 @@ class PublishedFusion(nn.Module):
         relation = self.relation_judger(torch.cat([q, o.unsqueeze(0)], dim=-1))
         k = torch.cat([self.k_noise.weight[direction] + q, q * relation], dim=0)
         v = torch.cat([self.v_noise.weight[direction] + q, o.unsqueeze(0)], dim=0)
-        return s + attn(q, k, v, need_weights=False)[0].squeeze(0)
+        # The published call keeps MultiheadAttention's default need_weights=True (it also averages the
+        # attention weights); timing it as published means keeping that.
+        return s + attn(q, k, v)[0].squeeze(0)
 
     def forward(self, x0: Tensor, x1: Tensor):
         y0, y1 = [], []
