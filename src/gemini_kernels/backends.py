@@ -58,8 +58,21 @@ def available_backends(device="cpu") -> list:
     return [name for name, b in BACKENDS.items() if b.unavailable_reason(device) is None]
 
 
+# Backend entry points loaded so far. torch.compile cannot trace importlib, so resolve_backend (run
+# eagerly by dynamo, as a constant) loads the backend it picks, and get_fusion only looks it up.
+_LOADED_FUSIONS: dict = {}
+
+
+@torch.compiler.assume_constant_result
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend name for ``name`` on ``device``; raises if it cannot run there."""
+    resolved = _resolve_backend(name, device)
+    if resolved not in _LOADED_FUSIONS:
+        _LOADED_FUSIONS[resolved] = BACKENDS[resolved].fusion()
+    return resolved
+
+
+def _resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
             if BACKENDS[candidate].unavailable_reason(device) is None:
@@ -74,4 +87,5 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def get_fusion(name: str) -> Callable:
-    return BACKENDS[name].fusion()
+    fusion = _LOADED_FUSIONS.get(name)
+    return BACKENDS[name].fusion() if fusion is None else fusion

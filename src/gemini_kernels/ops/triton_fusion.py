@@ -14,11 +14,11 @@ The math is SPEC §1 with its exact identities. Per direction, for a pixel with 
 
 Two forward paths, chosen per width by ``forward_config``:
 
-* ``fused``: the whole module for a tile of pixels in one program, both directions at once. ``x0``
-  and ``x1`` are read once, ``y0`` and ``y1`` written once; the weights (a few KB at these widths)
-  come from L2. Every intermediate row lives in registers, which bounds it to narrow layers
-  (padded width <= ``FUSED_MAX_WIDTH``): MiT stage 1 and 2, where the layer is memory-bound and
-  fusion is what pays.
+* ``fused``: the whole module for a tile of 64 pixels in one program, both directions at once.
+  ``x0`` and ``x1`` are read once, ``y0`` and ``y1`` written once; the weights (a few KB at these
+  widths) come from L2; the products run on the tensor cores (wgmma). Every intermediate row lives
+  in registers, which bounds it to narrow layers (power-of-two C from 16 to ``FUSED_MAX_WIDTH``,
+  16-bit dtypes): MiT stage 1 (C = 32, 64), where the layer is memory-bound and fusion pays most.
 * ``split``: the nine projections run as batched GEMMs (``torch.matmul``: cuBLAS on GPU), and the
   per-pixel math between them runs in three Triton row kernels (bias + GELU, relation softmax +
   key/value inputs, per-head gate + value mix). Wide layers are compute-bound, so the GEMMs are
@@ -30,15 +30,18 @@ with three Triton row kernels (gate, relation softmax, GELU derivative) between 
 Weight gradients are GEMMs over the per-pixel gradients and ``torch.sum`` over pixels: no atomics,
 so two backward runs give bitwise-equal gradients.
 
-Channel padding: Triton blocks have power-of-two sizes, so a row of width C is held in a block of
-``next_power_of_2(C)`` lanes with masked loads (``other=0``; ``-inf`` before the softmax over C).
-Per-head sums use a padded head layout ``[H_PAD, DH_PAD]`` (lane ``j*DH_PAD + t`` holds channel
-``j*dh + t``), so a head reduction is a plain ``tl.sum`` over the last axis for any head width
-(3, 5, 12, 40, ...), exact in every dtype.
+Channel padding (row kernels): Triton blocks have power-of-two sizes, so a row of width C is held
+in a block of ``next_power_of_2(C)`` lanes with masked loads (``other=0``; ``-inf`` before the
+softmax over C). The gate kernels use a padded head layout ``[H_PAD, DH_PAD]`` (lane
+``j*DH_PAD + t`` holds channel ``j*dh + t``), so a per-head sum is a plain ``tl.sum`` over the last
+axis for any head width (3, 5, 12, 40, ...), exact in every dtype. The fused kernel, whose rows are
+tensor-core tiles, forms per-head sums as a product with the 0/1 same-head matrix instead.
 
 Precision: loads are upcast to float32 (float64 stays float64: the interpreter runs float64 for
-gradcheck); every sum and softmax is float32 or wider; the split path stores its intermediates in
-the input dtype (as the oracle's ``F.linear`` outputs are), the fused path keeps them in float32.
+gradcheck); every sum and softmax is float32 or wider. The split path stores its intermediates in
+the input dtype (as the oracle's ``F.linear`` outputs are); the fused path keeps them in float32
+except where they become tensor-core operands (h, the key and value inputs, m), rounded to the
+input dtype as the oracle rounds them.
 """
 from __future__ import annotations
 
@@ -56,11 +59,12 @@ from ..params import FusionParams
 # The interpreter is chosen when @triton.jit runs (at import), from TRITON_INTERPRET at that moment.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# The fused forward keeps ~12 rows of the padded width per pixel live in registers; beyond this
-# width they spill (checked on sm_90a by tests/test_triton_sm90.py).
+# The fused forward keeps a few float32 rows per pixel live in registers; at C = 128 a 64-pixel
+# tile spills even with 8 warps (1.4 KB of local memory on sm_90a), at C = 64 it does not
+# (tests/test_triton_sm90.py checks every configuration).
 FUSED_MAX_WIDTH = 64
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -228,40 +232,66 @@ def _gate_bwd_kernel(q_ptr, dk_ptr, dv_ptr, gm_ptr, gq_ptr, gdk_ptr, gdv_ptr,
 
 
 @triton.jit
-def _load_wt(w_ptr, ld, chan, valid, DTYPE: tl.constexpr):
-    """W^T of a (C_out, C_in) weight with leading dimension ``ld``, in the padded head layout on both
-    axes: element (k, n) = W[chan[n], chan[k]], zero on padding lanes so they contribute nothing."""
-    wt = tl.load(w_ptr + chan[None, :] * ld + chan[:, None], mask=valid[:, None] & valid[None, :], other=0.0)
-    return wt.to(DTYPE)
+def _mm(a, b, acc=None, INTERPRET: tl.constexpr = False):
+    """tl.dot with a float32 accumulator. Triton 3.6's interpreter multiplies bfloat16 operands
+    wrongly (as raw bits); there, the operands are widened first, which is exact (the tensor cores
+    form exact products of 16-bit operands and sum them in float32 too)."""
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _load_vec(v_ptr, chan, valid):
-    return tl.load(v_ptr + chan, mask=valid, other=0.0).to(tl.float32)
+def _load_wt(w_ptr, lanes, LD: tl.constexpr):
+    """W^T as a (C, C) tile of a (C, C_in) weight with row stride LD: element (k, n) = W[n, k]."""
+    return tl.load(w_ptr + lanes[:, None] + lanes[None, :] * LD)
 
 
 @triton.jit
-def _fused_direction(s, o, r, in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr, kn_ptr, vn_ptr,
-                     C, chan, valid, scale,
-                     BLOCK_M: tl.constexpr, H_PAD: tl.constexpr, DH_PAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """y = s + Wo(vc + a * dv) + bo for one direction, given its relation scores r (float32)."""
-    WIDTH: tl.constexpr = H_PAD * DH_PAD
+def _load_row(v_ptr, lanes):
+    return tl.load(v_ptr + lanes).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _fused_direction(s, o, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
+                     in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr, scale,
+                     C: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
+    """y = s + Wo(vc + a * dv) + bo for one direction and a tile of pixels (self s, other o).
+
+    Ordered so that each intermediate dies as soon as the next is formed (r before q, q and dk
+    before vc and dv), which is what keeps the tile out of local memory.
+    """
     dtype = s.dtype
-    q = tl.dot(s, _load_wt(in_w_ptr, C, chan, valid, dtype), input_precision=PRECISION)
-    q += _load_vec(in_b_ptr, chan, valid)[None, :]
+    # Relation judger: concat(s, o) fc1^T = s W1a^T + o W1b^T, accumulated in one float32 tile.
+    pre = _mm(s, _load_wt(w1_ptr, lanes, 2 * C), INTERPRET=INTERPRET)
+    pre = _mm(o, _load_wt(w1_ptr + C, lanes, 2 * C), pre, INTERPRET=INTERPRET)
+    h = _gelu(pre + _load_row(b1_ptr, lanes)).to(dtype)
+    z = _mm(h, _load_wt(w2_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(b2_ptr, lanes)
+    z_max = tl.max(z, axis=1)
+    e = tl.exp(z - z_max[:, None])
+    r = e / tl.sum(e, axis=1)[:, None]
+
     sf = s.to(tl.float32)
-    u = _load_vec(kn_ptr, chan, valid)[None, :] + sf - sf * r
-    dk = tl.dot(u.to(dtype), _load_wt(in_w_ptr + C * C, C, chan, valid, dtype), input_precision=PRECISION)
-    wv_t = _load_wt(in_w_ptr + 2 * C * C, C, chan, valid, dtype)
-    vc = tl.dot(o, wv_t, input_precision=PRECISION) + _load_vec(in_b_ptr + 2 * C, chan, valid)[None, :]
-    w = _load_vec(vn_ptr, chan, valid)[None, :] + sf - o.to(tl.float32)
-    dv = tl.dot(w.to(dtype), wv_t, input_precision=PRECISION)
-    logits = tl.sum(tl.reshape(q * dk, (BLOCK_M, H_PAD, DH_PAD)), axis=2) * scale
-    a = tl.sigmoid(logits)
-    m = vc + tl.reshape(a[:, :, None] * tl.reshape(dv, (BLOCK_M, H_PAD, DH_PAD)), (BLOCK_M, WIDTH))
-    y = tl.dot(m.to(dtype), _load_wt(out_w_ptr, C, chan, valid, dtype), input_precision=PRECISION)
-    return y + _load_vec(out_b_ptr, chan, valid)[None, :] + sf
+    u = _load_row(kn_ptr, lanes) + sf - sf * r
+    dk = _mm(u.to(dtype), _load_wt(in_w_ptr + C * C, lanes, C), INTERPRET=INTERPRET)
+    q = _mm(s, _load_wt(in_w_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(in_b_ptr, lanes)
+    # Per-head sums, broadcast back over the head's lanes, as one product with the 0/1 block-diagonal
+    # same-head matrix (exact in bfloat16). The float32 addends are split into a bfloat16 head and
+    # tail so that the tensor-core product keeps ~16 mantissa bits (bfloat16 alone keeps 8).
+    same_head = tl.where((lanes[:, None] // HEAD_DIM) == (lanes[None, :] // HEAD_DIM), 1.0, 0.0).to(tl.bfloat16)
+    qk = q * dk
+    qk_head = qk.to(tl.bfloat16)
+    logits = _mm(qk_head, same_head, INTERPRET=INTERPRET)
+    logits = _mm((qk - qk_head.to(tl.float32)).to(tl.bfloat16), same_head, logits, INTERPRET=INTERPRET)
+    a = tl.sigmoid(logits * scale)
+
+    wv_t = _load_wt(in_w_ptr + 2 * C * C, lanes, C)
+    w = _load_row(vn_ptr, lanes) + sf - o.to(tl.float32)
+    m = a * _mm(w.to(dtype), wv_t, INTERPRET=INTERPRET)
+    m = _mm(o, wv_t, m, INTERPRET=INTERPRET) + _load_row(in_b_ptr + 2 * C, lanes)
+    y = _mm(m.to(dtype), _load_wt(out_w_ptr, lanes, C), INTERPRET=INTERPRET)
+    return y + _load_row(out_b_ptr, lanes) + sf
 
 
 @triton.jit
@@ -269,47 +299,26 @@ def _fused_fwd_kernel(x0_ptr, x1_ptr, y0_ptr, y1_ptr,
                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
                       in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr,
                       in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr,
-                      n_pix, C, head_dim, num_heads, scale,
-                      BLOCK_M: tl.constexpr, H_PAD: tl.constexpr, DH_PAD: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      n_pix, scale,
+                      C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      INTERPRET: tl.constexpr = False):
     """The whole module, both directions, for BLOCK_M pixels: reads x0, x1 once, writes y0, y1 once.
 
-    Every channel axis uses the padded head layout, so the per-head sums of the gate are a reshape
-    and a row sum, whatever the head width.
+    Runs only where C is a power of two (so a row is one unmasked block; see ``fused_config``), with
+    the widths as constexprs so that every weight load is a plain (C, C) tile.
     """
-    WIDTH: tl.constexpr = H_PAD * DH_PAD
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    lanes = tl.arange(0, WIDTH)
-    head, lane = lanes // DH_PAD, lanes % DH_PAD
-    chan = head * head_dim + lane
-    valid = (head < num_heads) & (lane < head_dim)
-    offs = rows.to(tl.int64)[:, None] * C + chan[None, :]
-    mask = (rows[:, None] < n_pix) & valid[None, :]
+    lanes = tl.arange(0, C)
+    offs = rows.to(tl.int64)[:, None] * C + lanes[None, :]
+    mask = rows[:, None] < n_pix
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0)
-    dtype = x0.dtype
-
-    # Relation judger, shared by both directions: concat(s, o) fc1^T = s W1a^T + o W1b^T.
-    w1a_t = _load_wt(w1_ptr, 2 * C, chan, valid, dtype)
-    w1b_t = _load_wt(w1_ptr + C, 2 * C, chan, valid, dtype)
-    p0a = tl.dot(x0, w1a_t, input_precision=PRECISION)
-    p0b = tl.dot(x0, w1b_t, input_precision=PRECISION)
-    p1a = tl.dot(x1, w1a_t, input_precision=PRECISION)
-    p1b = tl.dot(x1, w1b_t, input_precision=PRECISION)
-    b1 = _load_vec(b1_ptr, chan, valid)[None, :]
-    h0 = _gelu(p0a + p1b + b1).to(dtype)
-    h1 = _gelu(p1a + p0b + b1).to(dtype)
-    w2_t = _load_wt(w2_ptr, C, chan, valid, dtype)
-    b2 = _load_vec(b2_ptr, chan, valid)[None, :]
-    r0 = _masked_softmax(tl.dot(h0, w2_t, input_precision=PRECISION) + b2, mask)
-    r1 = _masked_softmax(tl.dot(h1, w2_t, input_precision=PRECISION) + b2, mask)
-
-    y0 = _fused_direction(x0, x1, r0, in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr, kn_ptr, vn_ptr,
-                          C, chan, valid, scale, BLOCK_M, H_PAD, DH_PAD, PRECISION)
+    y0 = _fused_direction(x0, x1, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
+                          in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr, scale, C, HEAD_DIM, INTERPRET)
     tl.store(y0_ptr + offs, y0.to(y0_ptr.dtype.element_ty), mask=mask)
-    y1 = _fused_direction(x1, x0, r1, in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr, kn_ptr + C, vn_ptr + C,
-                          C, chan, valid, scale, BLOCK_M, H_PAD, DH_PAD, PRECISION)
+    y1 = _fused_direction(x1, x0, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr + C, vn_ptr + C,
+                          in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr, scale, C, HEAD_DIM, INTERPRET)
     tl.store(y1_ptr + offs, y1.to(y1_ptr.dtype.element_ty), mask=mask)
 
 
@@ -344,15 +353,17 @@ def head_layout(dim: int, num_heads: int):
 def fused_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[FusedConfig]:
     """The fused forward's configuration, or None where the split path runs instead.
 
-    float64 always splits: the fused path multiplies on tensor cores, which have no float64 mode
-    worth using here, and float64 exists for gradcheck, not speed.
+    Fused: 16-bit dtypes (the tensor-core products are what make it fast; float32 wants IEEE
+    products, which Triton runs on FMA units with operand tiles that spill, and float64 exists for
+    gradcheck) at power-of-two widths from 16 (tl.dot's minimum) to FUSED_MAX_WIDTH, where the row
+    intermediates of a 64-pixel tile stay in registers: MiT stage 1 (C = 32, 64), the most
+    memory-bound stage. Wider layers run split.
     """
-    h_pad, dh_pad = head_layout(dim, num_heads)
-    width = h_pad * dh_pad
-    if dtype == torch.float64 or width > FUSED_MAX_WIDTH:
+    if dtype not in (torch.bfloat16, torch.float16):
         return None
-    # tl.dot needs every block dimension >= 16.
-    return FusedConfig(block_m=64 if width <= 32 else 32, num_warps=4, num_stages=1) if width >= 16 else None
+    if not (16 <= dim <= FUSED_MAX_WIDTH and dim & (dim - 1) == 0 and num_heads & (num_heads - 1) == 0):
+        return None
+    return FusedConfig(block_m=64, num_warps=4 if dim <= 32 else 8, num_stages=1)
 
 
 def split_configs(dim: int, num_heads: int):
@@ -362,7 +373,7 @@ def split_configs(dim: int, num_heads: int):
 
 
 def config_table(dims: Sequence[int] = (24, 32, 40, 64, 96, 128, 320, 512, 1024, 1536), num_heads: int = 8,
-                 dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16)):
+                 dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)):
     """Every distinct (kernel, constexprs, launch options) the launchers pick for these widths and
     dtypes: what the sm_90a compile check enumerates."""
     seen = {}
@@ -381,7 +392,7 @@ def config_table(dims: Sequence[int] = (24, 32, 40, 64, 96, 128, 320, 512, 1024,
             ]
             fused = fused_config(dim, num_heads, dtype)
             if fused is not None:
-                entries.append(("fused_fwd", dict(BLOCK_M=fused.block_m, H_PAD=h_pad, DH_PAD=dh_pad),
+                entries.append(("fused_fwd", dict(C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=fused.block_m),
                                 fused.num_warps, fused.num_stages))
             for name, constexprs, num_warps, num_stages in entries:
                 key = (name, dtype, tuple(sorted(constexprs.items())), num_warps, num_stages)
@@ -400,11 +411,6 @@ KERNELS = {
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_precision() -> str:
-    # Follow torch's float32 matmul setting, so TF32 is on exactly when torch's own GEMMs use it.
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,12 +492,10 @@ def _split_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
 
 def _fused_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: FusedConfig):
     n, dim = x0.shape
-    h_pad, dh_pad = head_layout(dim, num_heads)
-    head_dim = dim // num_heads
     y0, y1 = torch.empty_like(x0), torch.empty_like(x1)
     _fused_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
-        x0, x1, y0, y1, *p, n, dim, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
-        BLOCK_M=cfg.block_m, H_PAD=h_pad, DH_PAD=dh_pad, PRECISION=_dot_precision(),
+        x0, x1, y0, y1, *p, n, 1.0 / math.sqrt(dim // num_heads),
+        C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=cfg.block_m, INTERPRET=_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y0, y1
 
