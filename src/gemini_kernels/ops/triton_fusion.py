@@ -255,26 +255,29 @@ def _load_row(v_ptr, lanes):
 
 
 @triton.jit
-def _fused_direction(s, o, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
+def _fused_direction(s_ptr, o_ptr, y_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
                      in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr, scale,
                      C: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
     """y = s + Wo(vc + a * dv) + bo for one direction and a tile of pixels (self s, other o).
 
-    Ordered so that each intermediate dies as soon as the next is formed (r before q, q and dk
-    before vc and dv), which is what keeps the tile out of local memory.
+    Register pressure, not bandwidth, limits this kernel: ``s`` and ``o`` are re-read at each use
+    (L1 hits after the first) rather than kept live, since each use wants its own register layout
+    (tensor-core operand, accumulator-shaped elementwise), and the intermediates are ordered so
+    that each dies as soon as the next is formed (relation before q, q and dk before vc and dv).
     """
-    dtype = s.dtype
+    dtype = s_ptr.dtype.element_ty
     # Relation judger: concat(s, o) fc1^T = s W1a^T + o W1b^T, accumulated in one float32 tile.
-    pre = _mm(s, _load_wt(w1_ptr, lanes, 2 * C), INTERPRET=INTERPRET)
-    pre = _mm(o, _load_wt(w1_ptr + C, lanes, 2 * C), pre, INTERPRET=INTERPRET)
+    pre = _mm(tl.load(s_ptr + offs, mask=mask, other=0.0), _load_wt(w1_ptr, lanes, 2 * C), INTERPRET=INTERPRET)
+    pre = _mm(tl.load(o_ptr + offs, mask=mask, other=0.0), _load_wt(w1_ptr + C, lanes, 2 * C), pre,
+              INTERPRET=INTERPRET)
     h = _gelu(pre + _load_row(b1_ptr, lanes)).to(dtype)
     z = _mm(h, _load_wt(w2_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(b2_ptr, lanes)
     z_max = tl.max(z, axis=1)
     e = tl.exp(z - z_max[:, None])
     r = e / tl.sum(e, axis=1)[:, None]
 
-    sf = s.to(tl.float32)
-    u = _load_row(kn_ptr, lanes) + sf - sf * r
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    u = _load_row(kn_ptr, lanes) + s.to(tl.float32) * (1.0 - r)
     dk = _mm(u.to(dtype), _load_wt(in_w_ptr + C * C, lanes, C), INTERPRET=INTERPRET)
     q = _mm(s, _load_wt(in_w_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(in_b_ptr, lanes)
     # Per-head sums, broadcast back over the head's lanes, as one product with the 0/1 block-diagonal
@@ -288,11 +291,13 @@ def _fused_direction(s, o, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr
     a = tl.sigmoid(logits * scale)
 
     wv_t = _load_wt(in_w_ptr + 2 * C * C, lanes, C)
-    w = _load_row(vn_ptr, lanes) + sf - o.to(tl.float32)
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0)
+    w = _load_row(vn_ptr, lanes) + tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) - o.to(tl.float32)
     m = a * _mm(w.to(dtype), wv_t, INTERPRET=INTERPRET)
     m = _mm(o, wv_t, m, INTERPRET=INTERPRET) + _load_row(in_b_ptr + 2 * C, lanes)
-    y = _mm(m.to(dtype), _load_wt(out_w_ptr, lanes, C), INTERPRET=INTERPRET)
-    return y + _load_row(out_b_ptr, lanes) + sf
+    y = _mm(m.to(dtype), _load_wt(out_w_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(out_b_ptr, lanes)
+    y += tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -303,7 +308,8 @@ def _fused_fwd_kernel(x0_ptr, x1_ptr, y0_ptr, y1_ptr,
                       n_pix, scale,
                       C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       INTERPRET: tl.constexpr = False):
-    """The whole module, both directions, for BLOCK_M pixels: reads x0, x1 once, writes y0, y1 once.
+    """The whole module, both directions, for BLOCK_M pixels: reads x0, x1 from DRAM once (the
+    re-reads hit L1/L2), writes y0, y1 once.
 
     Runs only where C is a power of two (so a row is one unmasked block; see ``fused_config``), with
     the widths as constexprs so that every weight load is a plain (C, C) tile.
@@ -313,14 +319,11 @@ def _fused_fwd_kernel(x0_ptr, x1_ptr, y0_ptr, y1_ptr,
     lanes = tl.arange(0, C)
     offs = rows.to(tl.int64)[:, None] * C + lanes[None, :]
     mask = rows[:, None] < n_pix
-    x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0)
-    x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0)
-    y0 = _fused_direction(x0, x1, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
-                          in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr, scale, C, HEAD_DIM, INTERPRET)
-    tl.store(y0_ptr + offs, y0.to(y0_ptr.dtype.element_ty), mask=mask)
-    y1 = _fused_direction(x1, x0, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr + C, vn_ptr + C,
-                          in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr, scale, C, HEAD_DIM, INTERPRET)
-    tl.store(y1_ptr + offs, y1.to(y1_ptr.dtype.element_ty), mask=mask)
+    _fused_direction(x0_ptr, x1_ptr, y0_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
+                     in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr, scale, C, HEAD_DIM, INTERPRET)
+    _fused_direction(x1_ptr, x0_ptr, y1_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                     kn_ptr + C, vn_ptr + C, in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr, scale, C, HEAD_DIM,
+                     INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
