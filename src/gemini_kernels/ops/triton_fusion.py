@@ -12,13 +12,14 @@ The math is SPEC §1 with its exact identities. Per direction, for a pixel with 
     vc = o Wv^T + bv;                     dv = (v_noise[d] + s - o) Wv^T
     a_j = sigmoid(q_j . dk_j) per head;   m = vc + a * dv;   y = s + m Wo^T + bo
 
-Two forward paths, chosen per width by ``forward_config``:
+Two forward paths, chosen per layer by ``fused_config``:
 
 * ``fused``: the whole module for a tile of 64 pixels in one program, both directions at once.
-  ``x0`` and ``x1`` are read once, ``y0`` and ``y1`` written once; the weights (a few KB at these
-  widths) come from L2; the products run on the tensor cores (wgmma). Every intermediate row lives
-  in registers, which bounds it to narrow layers (power-of-two C from 16 to ``FUSED_MAX_WIDTH``,
-  16-bit dtypes): MiT stage 1 (C = 32, 64), where the layer is memory-bound and fusion pays most.
+  DRAM sees ``x0`` and ``x1`` read once and ``y0`` and ``y1`` written once; the weights (a few KB
+  at these widths) come from L2; the products run on the tensor cores (wgmma). Every intermediate
+  row lives in registers, which bounds it to narrow layers (power-of-two C from 16 to
+  ``FUSED_MAX_WIDTH``, 16-bit dtypes): MiT stage 1 (C = 32, 64), where the layer is memory-bound
+  and fusion pays most.
 * ``split``: the nine projections run as batched GEMMs (``torch.matmul``: cuBLAS on GPU), and the
   per-pixel math between them runs in three Triton row kernels (bias + GELU, relation softmax +
   key/value inputs, per-head gate + value mix). Wide layers are compute-bound, so the GEMMs are
@@ -61,8 +62,8 @@ from ..params import FusionParams
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # The fused forward keeps a few float32 rows per pixel live in registers; at C = 128 a 64-pixel
-# tile spills even with 8 warps (1.4 KB of local memory on sm_90a), at C = 64 it does not
-# (tests/test_triton_sm90.py checks every configuration).
+# tile spills on sm_90a (592 bytes of local memory with 8 warps, 2 KB with 16), at C = 64 it does
+# not (tests/test_triton_sm90.py checks every configuration).
 FUSED_MAX_WIDTH = 64
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
