@@ -223,3 +223,31 @@ def test_gpu_float32_with_tf32(batch, pixels, dim):
         _check_all(x0, x1, params, 8, torch.float32, bound=5e-3)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, pixels, dim", [(2, 19200, 64), (2, 1200, 320)])
+def test_gpu_weight_gradients_are_deterministic(batch, pixels, dim):
+    x0, x1, params = make_case((batch, pixels), dim, dtype=torch.bfloat16, device="cuda", seed=dim)
+    gy0, gy1 = _output_grads((batch, pixels), dim, torch.bfloat16, "cuda")
+    _, first = _triton_grads(x0, x1, params, 8, gy0, gy1)
+    _, second = _triton_grads(x0, x1, params, 8, gy0, gy1)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 320])
+def test_gpu_torch_compile_inductor_fullgraph(dim):
+    """Inductor (not only aot_eager) compiles a model containing the layer without a graph break."""
+    torch._dynamo.reset()
+    module = GeminiFusion(dim, backend="triton").to(device="cuda", dtype=torch.bfloat16)
+    x0, x1 = (torch.randn(2, 300, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    compiled = torch.compile(module, fullgraph=True)
+    y0, y1 = compiled(x0, x1)
+    e0, e1 = module(x0, x1)
+    assert torch.equal(y0, e0) and torch.equal(y1, e1)
+    (y0.float().sum() + y1.float().sum()).backward()
+    assert all(p.grad is not None for p in module.parameters())
