@@ -92,6 +92,17 @@ def test_forward_matches_oracle(dim, num_heads, shape, dtype, path):
     assert torch.equal(p0.reshape(-1, dim), y0) and torch.equal(p1.reshape(-1, dim), y1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_forward_in_several_chunks(dtype):
+    """The fused kernel's chunk loops (relation hidden units, attention output channels), which the
+    table runs as one chunk up to C = 64, give the same function over several chunks."""
+    x0, x1, params = make_case((37,), 64, dtype=dtype, device=DEVICE, seed=2)
+    (r0, r1), _ = _oracle(x0, x1, params, 8)
+    cfg = tf.FusedConfig(block_m=64, chunk=16, num_warps=4, num_stages=1)
+    y0, y1 = tf._fused_forward(x0, x1, params, 8, cfg)
+    assert rel_err(y0, r0) < BOUND[dtype] and rel_err(y1, r1) < BOUND[dtype]
+
+
 @pytest.mark.parametrize(
     "dim, num_heads, shape, dtype",
     [

@@ -62,8 +62,8 @@ from ..params import FusionParams
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # The fused forward keeps a few float32 rows per pixel live in registers; at C = 128 a 64-pixel
-# tile spills on sm_90a (592 bytes of local memory with 8 warps, 2 KB with 16), at C = 64 it does
-# not (tests/test_triton_sm90.py checks every configuration).
+# tile spills on sm_90a (about 300 bytes of local memory with 8 warps), at C = 64 it does not
+# (tests/test_triton_sm90.py checks every configuration).
 FUSED_MAX_WIDTH = 64
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -245,59 +245,67 @@ def _mm(a, b, acc=None, INTERPRET: tl.constexpr = False):
 
 
 @triton.jit
-def _load_wt(w_ptr, lanes, LD: tl.constexpr):
-    """W^T as a (C, C) tile of a (C, C_in) weight with row stride LD: element (k, n) = W[n, k]."""
-    return tl.load(w_ptr + lanes[:, None] + lanes[None, :] * LD)
+def _load_wt(w_ptr, k_idx, n_idx, LD: tl.constexpr):
+    """A tile of W^T for a weight W with row stride LD: element (k, n) = W[n_idx[n], k_idx[k]]."""
+    return tl.load(w_ptr + k_idx[:, None] + n_idx[None, :] * LD)
 
 
 @triton.jit
-def _load_row(v_ptr, lanes):
-    return tl.load(v_ptr + lanes).to(tl.float32)[None, :]
+def _load_row(v_ptr, idx):
+    return tl.load(v_ptr + idx).to(tl.float32)[None, :]
 
 
 @triton.jit
 def _fused_direction(s_ptr, o_ptr, y_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
                      in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr, scale,
-                     C: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
+                     C: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
     """y = s + Wo(vc + a * dv) + bo for one direction and a tile of pixels (self s, other o).
 
-    Register pressure, not bandwidth, limits this kernel: ``s`` and ``o`` are re-read at each use
-    (L1 hits after the first) rather than kept live, since each use wants its own register layout
-    (tensor-core operand, accumulator-shaped elementwise), and the intermediates are ordered so
-    that each dies as soon as the next is formed (relation before q, q and dk before vc and dv).
+    Register pressure, not bandwidth, limits this kernel, so: ``s`` and ``o`` are re-read where
+    needed (L1 hits after the first read) rather than kept live in the several register layouts
+    their uses want; the relation judger finishes before the attention starts; and the attention
+    runs over CHUNK output channels at a time (whole heads), accumulating its out-projection, so
+    that only chunk-wide q, dk, vc, dv tiles are ever live.
     """
     dtype = s_ptr.dtype.element_ty
-    # Relation judger: concat(s, o) fc1^T = s W1a^T + o W1b^T, accumulated in one float32 tile.
-    pre = _mm(tl.load(s_ptr + offs, mask=mask, other=0.0), _load_wt(w1_ptr, lanes, 2 * C), INTERPRET=INTERPRET)
-    pre = _mm(tl.load(o_ptr + offs, mask=mask, other=0.0), _load_wt(w1_ptr + C, lanes, 2 * C), pre,
-              INTERPRET=INTERPRET)
-    h = _gelu(pre + _load_row(b1_ptr, lanes)).to(dtype)
-    z = _mm(h, _load_wt(w2_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(b2_ptr, lanes)
+    chunk_lanes = tl.arange(0, CHUNK)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0)
+    # Relation judger, CHUNK hidden units at a time: concat(s, o) fc1^T = s W1a^T + o W1b^T.
+    z = tl.zeros((s.shape[0], C), dtype=tl.float32)
+    for c0 in tl.static_range(0, C, CHUNK):
+        cols = c0 + chunk_lanes
+        pre = _mm(s, _load_wt(w1_ptr, lanes, cols, 2 * C), INTERPRET=INTERPRET)
+        pre = _mm(o, _load_wt(w1_ptr + C, lanes, cols, 2 * C), pre, INTERPRET=INTERPRET)
+        h = _gelu(pre + _load_row(b1_ptr, cols)).to(dtype)
+        z = _mm(h, _load_wt(w2_ptr, cols, lanes, C), z, INTERPRET=INTERPRET)
+    z += _load_row(b2_ptr, lanes)
     z_max = tl.max(z, axis=1)
     e = tl.exp(z - z_max[:, None])
     r = e / tl.sum(e, axis=1)[:, None]
 
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    u = _load_row(kn_ptr, lanes) + s.to(tl.float32) * (1.0 - r)
-    dk = _mm(u.to(dtype), _load_wt(in_w_ptr + C * C, lanes, C), INTERPRET=INTERPRET)
-    q = _mm(s, _load_wt(in_w_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(in_b_ptr, lanes)
+    key_in = (_load_row(kn_ptr, lanes) + s.to(tl.float32) * (1.0 - r)).to(dtype)
+    value_in = (_load_row(vn_ptr, lanes) + s.to(tl.float32) - o.to(tl.float32)).to(dtype)
     # Per-head sums, broadcast back over the head's lanes, as one product with the 0/1 block-diagonal
     # same-head matrix (exact in bfloat16). The float32 addends are split into a bfloat16 head and
     # tail so that the tensor-core product keeps ~16 mantissa bits (bfloat16 alone keeps 8).
-    same_head = tl.where((lanes[:, None] // HEAD_DIM) == (lanes[None, :] // HEAD_DIM), 1.0, 0.0).to(tl.bfloat16)
-    qk = q * dk
-    qk_head = qk.to(tl.bfloat16)
-    logits = _mm(qk_head, same_head, INTERPRET=INTERPRET)
-    logits = _mm((qk - qk_head.to(tl.float32)).to(tl.bfloat16), same_head, logits, INTERPRET=INTERPRET)
-    a = tl.sigmoid(logits * scale)
-
-    wv_t = _load_wt(in_w_ptr + 2 * C * C, lanes, C)
-    o = tl.load(o_ptr + offs, mask=mask, other=0.0)
-    w = _load_row(vn_ptr, lanes) + tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) - o.to(tl.float32)
-    m = a * _mm(w.to(dtype), wv_t, INTERPRET=INTERPRET)
-    m = _mm(o, wv_t, m, INTERPRET=INTERPRET) + _load_row(in_b_ptr + 2 * C, lanes)
-    y = _mm(m.to(dtype), _load_wt(out_w_ptr, lanes, C), INTERPRET=INTERPRET) + _load_row(out_b_ptr, lanes)
-    y += tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    same_head = tl.where((chunk_lanes[:, None] // HEAD_DIM) == (chunk_lanes[None, :] // HEAD_DIM), 1.0, 0.0)
+    same_head = same_head.to(tl.bfloat16)
+    y = tl.zeros((s.shape[0], C), dtype=tl.float32)
+    for c0 in tl.static_range(0, C, CHUNK):
+        cols = c0 + chunk_lanes
+        dk = _mm(key_in, _load_wt(in_w_ptr + C * C, lanes, cols, C), INTERPRET=INTERPRET)
+        q = _mm(s, _load_wt(in_w_ptr, lanes, cols, C), INTERPRET=INTERPRET) + _load_row(in_b_ptr, cols)
+        qk = q * dk
+        qk_head = qk.to(tl.bfloat16)
+        logits = _mm(qk_head, same_head, INTERPRET=INTERPRET)
+        logits = _mm((qk - qk_head.to(tl.float32)).to(tl.bfloat16), same_head, logits, INTERPRET=INTERPRET)
+        a = tl.sigmoid(logits * scale)
+        wv_t = _load_wt(in_w_ptr + 2 * C * C, lanes, cols, C)
+        m = a * _mm(value_in, wv_t, INTERPRET=INTERPRET)
+        m = _mm(o, wv_t, m, INTERPRET=INTERPRET) + _load_row(in_b_ptr + 2 * C, cols)
+        y = _mm(m.to(dtype), _load_wt(out_w_ptr, cols, lanes, C), y, INTERPRET=INTERPRET)
+    y += _load_row(out_b_ptr, lanes) + tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -307,7 +315,7 @@ def _fused_fwd_kernel(x0_ptr, x1_ptr, y0_ptr, y1_ptr,
                       in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr,
                       in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr,
                       n_pix, scale,
-                      C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
                       INTERPRET: tl.constexpr = False):
     """The whole module, both directions, for BLOCK_M pixels: reads x0, x1 from DRAM once (the
     re-reads hit L1/L2), writes y0, y1 once.
@@ -321,10 +329,10 @@ def _fused_fwd_kernel(x0_ptr, x1_ptr, y0_ptr, y1_ptr,
     offs = rows.to(tl.int64)[:, None] * C + lanes[None, :]
     mask = rows[:, None] < n_pix
     _fused_direction(x0_ptr, x1_ptr, y0_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
-                     in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr, scale, C, HEAD_DIM, INTERPRET)
+                     in_w0_ptr, in_b0_ptr, out_w0_ptr, out_b0_ptr, scale, C, HEAD_DIM, CHUNK, INTERPRET)
     _fused_direction(x1_ptr, x0_ptr, y1_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      kn_ptr + C, vn_ptr + C, in_w1_ptr, in_b1_ptr, out_w1_ptr, out_b1_ptr, scale, C, HEAD_DIM,
-                     INTERPRET)
+                     CHUNK, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +348,7 @@ class RowConfig(NamedTuple):
 
 class FusedConfig(NamedTuple):
     block_m: int
+    chunk: int  # output channels of the attention per step (whole heads)
     num_warps: int
     num_stages: int
 
@@ -368,7 +377,7 @@ def fused_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[Fused
         return None
     if not (16 <= dim <= FUSED_MAX_WIDTH and dim & (dim - 1) == 0 and num_heads & (num_heads - 1) == 0):
         return None
-    return FusedConfig(block_m=64, num_warps=4 if dim <= 32 else 8, num_stages=1)
+    return FusedConfig(block_m=64, chunk=min(dim, 64), num_warps=4 if dim <= 32 else 8, num_stages=1)
 
 
 def split_configs(dim: int, num_heads: int):
@@ -397,7 +406,8 @@ def config_table(dims: Sequence[int] = (24, 32, 64, 96, 320, 512, 1536), num_hea
             ]
             fused = fused_config(dim, num_heads, dtype)
             if fused is not None:
-                entries.append(("fused_fwd", dict(C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=fused.block_m),
+                entries.append(("fused_fwd", dict(C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=fused.block_m,
+                                                  CHUNK=fused.chunk),
                                 fused.num_warps, fused.num_stages))
             # Triton also specialises integer arguments divisible by 16: a distinct compilation.
             aligned = (dim % 16 == 0, (dim // num_heads) % 16 == 0)
@@ -502,7 +512,7 @@ def _fused_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg:
     y0, y1 = torch.empty_like(x0), torch.empty_like(x1)
     _fused_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
         x0, x1, y0, y1, *p, n, 1.0 / math.sqrt(dim // num_heads),
-        C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=cfg.block_m, INTERPRET=_INTERPRETED,
+        C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=cfg.block_m, CHUNK=cfg.chunk, INTERPRET=_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y0, y1
 
