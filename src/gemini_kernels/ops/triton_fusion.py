@@ -531,41 +531,63 @@ def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: 
 
 
 def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
-    """Gradients ``[gx0, gx1, *param_grads]`` (FusionParams order) for contiguous (N, C) rows."""
+    """Gradients ``[gx0, gx1, *param_grads]`` (FusionParams order) for contiguous (N, C) rows.
+
+    Every recomputed intermediate is dropped right after its last use (the ``del``s): the peak is
+    about 17 tensors of (2N, C) (the recomputed forward plus the gate's gradients) instead of the
+    ~27 that holding everything to the end would take.
+    """
     n, dim = x0.shape
-    st = _split_state(x0, x1, p, num_heads)
+    x, other, p_fc1, h, z, u, w, q, dk, dv, m = _split_state(x0, x1, p, num_heads)
+    x_rows, other_rows = x.view(2 * n, dim), other.view(2 * n, dim)
     wq, wk, wv, _, _, wo, _ = _direction_weights(p, dim)
     gy = torch.stack((gy0, gy1))
+    g_wo, g_bo = [gy[d].t() @ m[d] for d in (0, 1)], [gy[d].sum(0) for d in (0, 1)]
+    del m
     gm = torch.bmm(gy, wo)  # = dL/dvc
     gq, gdk, gdv = torch.empty_like(gm), torch.empty_like(gm), torch.empty_like(gm)
-    _launch_heads(_gate_bwd_kernel, 2 * n, dim, num_heads, st.q, st.dk, st.dv, gm, gq, gdk, gdv)
-    g_wq, g_bq = torch.bmm(gq.transpose(1, 2), st.x), gq.sum(1)
-    g_wk = torch.bmm(gdk.transpose(1, 2), st.u)
-    g_wv = torch.bmm(gdv.transpose(1, 2), st.w) + torch.bmm(gm.transpose(1, 2), st.other)
+    _launch_heads(_gate_bwd_kernel, 2 * n, dim, num_heads, q, dk, dv, gm, gq, gdk, gdv)
+    del q, dk, dv
+    g_wq, g_bq = torch.bmm(gq.transpose(1, 2), x), gq.sum(1)
+    g_self = torch.baddbmm(gy, gq, wq)  # dL/ds: the residual and the query
+    del gq, gy
+    g_wk = torch.bmm(gdk.transpose(1, 2), u)
+    gu = torch.bmm(gdk, wk)
+    del u, gdk
+    g_wv = torch.bmm(gdv.transpose(1, 2), w) + torch.bmm(gm.transpose(1, 2), other)
     g_bv = gm.sum(1)
-    gu, gw = torch.bmm(gdk, wk), torch.bmm(gdv, wv)
+    gw = torch.bmm(gdv, wv)
+    del w, gdv
+    g_other = torch.bmm(gm, wv)  # dL/do: the cross value
+    del gm
+    g_self += gw  # w = v_noise + s - o
+    g_other -= gw
     g_kn, g_vn = gu.sum(1), gw.sum(1)
+    del gw
 
-    x_rows = st.x.view(2 * n, dim)
     gz, gs_relation = torch.empty_like(x_rows), torch.empty_like(x_rows)
-    _launch_rows(_relation_bwd_kernel, 2 * n, dim, st.z, x_rows, gu.view(2 * n, dim), gz, gs_relation, 2 * n, dim)
-    g_w2, g_b2 = gz.t() @ st.h, gz.sum(0)
+    _launch_rows(_relation_bwd_kernel, 2 * n, dim, z, x_rows, gu.view(2 * n, dim), gz, gs_relation, 2 * n, dim)
+    del z, gu
+    g_self += gs_relation.view(2, n, dim)
+    del gs_relation
+    g_w2, g_b2 = gz.t() @ h, gz.sum(0)
     gh = gz @ p.fc2_weight
+    del h, gz
     gpre = torch.empty_like(x_rows)
-    _launch_rows(_gelu_bwd_kernel, 2 * n, dim, st.p_fc1, p.fc1_bias, gh, gpre, n, dim)
-    g_w1 = torch.cat((gpre.t() @ x_rows, gpre.t() @ st.other.view(2 * n, dim)), dim=1)
+    _launch_rows(_gelu_bwd_kernel, 2 * n, dim, p_fc1, p.fc1_bias, gh, gpre, n, dim)
+    del p_fc1, gh
+    g_w1 = torch.cat((gpre.t() @ x_rows, gpre.t() @ other_rows), dim=1)
     g_b1 = gpre.sum(0)
-
     w1 = p.fc1_weight
-    g_self = gy + torch.bmm(gq, wq) + gs_relation.view(2, n, dim) + gw + (gpre @ w1[:, :dim]).view(2, n, dim)
-    g_other = torch.bmm(gm, wv) - gw + (gpre @ w1[:, dim:]).view(2, n, dim)
+    g_self.view(2 * n, dim).addmm_(gpre, w1[:, :dim])
+    g_other.view(2 * n, dim).addmm_(gpre, w1[:, dim:])
     # x0 is the self of direction 0 and the other of direction 1. Every gradient gets its own
     # storage (custom-op outputs may not alias each other).
     grads = [g_self[0] + g_other[1], g_self[1] + g_other[0], g_w1, g_b1, g_w2, g_b2, g_kn, g_vn]
     zeros_bk = g_bq.new_zeros(dim)
     for d in (0, 1):
         grads += [torch.cat((g_wq[d], g_wk[d], g_wv[d])), torch.cat((g_bq[d], zeros_bk, g_bv[d])),
-                  gy[d].t() @ st.m[d], gy[d].sum(0)]
+                  g_wo[d], g_bo[d]]
     return grads
 
 
