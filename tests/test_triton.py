@@ -1,0 +1,264 @@
+"""The Triton backend against the float64 oracle: outputs and every gradient, both forward paths,
+odd widths and head widths, leading dimensions, non-contiguous inputs, autocast, determinism, the
+custom ops (opcheck, torch.compile). On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py),
+so the CPU shapes are tiny; the GPU tests (marked) run the NYUDv2 stage shapes."""
+import pytest
+import torch
+
+import gemini_kernels as gk
+from gemini_kernels import FusionParams, GeminiFusion, gemini_fusion, gemini_fusion_reference
+from gemini_kernels.params import PARAM_NAMES
+from helpers import GPU, make_case, rel_err
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_REASON = gk.backends.BACKENDS["triton"].unavailable_reason(DEVICE)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"the triton backend cannot run here: {_REASON}")
+
+if _REASON is None:
+    from gemini_kernels.ops import triton_fusion as tf
+
+# Bounds on ||out - ref|| / ||ref|| against the float64 oracle (the issue's, for 16-bit dtypes).
+BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+NAMES = ("x0", "x1", *PARAM_NAMES)
+
+
+def _oracle(x0, x1, params, num_heads, gy0=None, gy1=None):
+    """Outputs (and, given output gradients, all 16 gradients) of the float64 oracle."""
+    leaves = [t.detach().double().requires_grad_() for t in (x0, x1, *params)]
+    y0, y1 = gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), num_heads)
+    if gy0 is None:
+        return (y0.detach(), y1.detach()), None
+    grads = torch.autograd.grad((y0 * gy0.double()).sum() + (y1 * gy1.double()).sum(), leaves)
+    return (y0.detach(), y1.detach()), grads
+
+
+def _triton_grads(x0, x1, params, num_heads, gy0, gy1):
+    leaves = [t.detach().requires_grad_() for t in (x0, x1, *params)]
+    y0, y1 = gemini_fusion(leaves[0], leaves[1], FusionParams(*leaves[2:]), num_heads, backend="triton")
+    grads = torch.autograd.grad((y0 * gy0).sum() + (y1 * gy1).sum(), leaves)
+    return (y0.detach(), y1.detach()), grads
+
+
+def _output_grads(shape, dim, dtype, device, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, dim, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+                 for _ in range(2))
+
+
+def _check_all(x0, x1, params, num_heads, dtype, bound=None):
+    """Outputs and every gradient of the triton backend against the float64 oracle."""
+    bound = BOUND[dtype] if bound is None else bound
+    gy0, gy1 = _output_grads(x0.shape[:-1], x0.shape[-1], dtype, x0.device)
+    (r0, r1), ref = _oracle(x0, x1, params, num_heads, gy0, gy1)
+    (y0, y1), got = _triton_grads(x0, x1, params, num_heads, gy0, gy1)
+    assert y0.dtype == dtype and y0.shape == x0.shape
+    errors = {"y0": rel_err(y0, r0), "y1": rel_err(y1, r1)}
+    for name, g, r in zip(NAMES, got, ref):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        if name.endswith("in_proj_bias"):  # the key-bias third has zero gradient (it cancels)
+            assert torch.count_nonzero(g[x0.shape[-1]:2 * x0.shape[-1]]) == 0
+        errors[name] = rel_err(g, r)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < bound, f"{worst}: rel_err {errors[worst]:.2e} >= {bound:.0e}; all: {errors}"
+
+
+# (dim, num_heads, leading shape, dtype, forward path): head widths 2..40, pixel counts that no
+# block divides, 1-3 leading dimensions.
+FORWARD_CASES = [
+    (24, 8, (7,), torch.float64, "split"),  # head width 3
+    (40, 8, (2, 3), torch.float32, "split"),  # head width 5
+    (96, 8, (5,), torch.float32, "split"),  # head width 12
+    (320, 8, (3,), torch.float32, "split"),  # head width 40
+    (12, 4, (2, 2, 3), torch.bfloat16, "split"),
+    (40, 8, (5,), torch.float16, "split"),
+    (16, 8, (7,), torch.bfloat16, "fused"),  # head width 2
+    (32, 8, (2, 5), torch.float16, "fused"),
+    (64, 8, (9,), torch.bfloat16, "fused"),
+    (64, 4, (3,), torch.float16, "fused"),
+]
+
+
+@pytest.mark.parametrize("dim, num_heads, shape, dtype, path", FORWARD_CASES)
+def test_forward_matches_oracle(dim, num_heads, shape, dtype, path):
+    x0, x1, params = make_case(shape, dim, dtype=dtype, device=DEVICE, seed=dim)
+    (r0, r1), _ = _oracle(x0, x1, params, num_heads)
+    rows = [t.reshape(-1, dim) for t in (x0, x1)]
+    y0, y1 = tf.forward_rows(*rows, params, num_heads, path=path)
+    assert rel_err(y0, r0.reshape(-1, dim)) < BOUND[dtype] and rel_err(y1, r1.reshape(-1, dim)) < BOUND[dtype]
+    # The public entry point runs the path the configuration table picks for this case.
+    assert (tf.fused_config(dim, num_heads, dtype) is not None) == (path == "fused")
+    p0, p1 = gemini_fusion(x0, x1, params, num_heads, backend="triton")
+    assert torch.equal(p0.reshape(-1, dim), y0) and torch.equal(p1.reshape(-1, dim), y1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_forward_in_several_chunks(dtype):
+    """The fused kernel's chunk loops (relation hidden units, attention output channels), which the
+    table runs as one chunk up to C = 64, give the same function over several chunks."""
+    x0, x1, params = make_case((37,), 64, dtype=dtype, device=DEVICE, seed=2)
+    (r0, r1), _ = _oracle(x0, x1, params, 8)
+    cfg = tf.FusedConfig(block_m=64, chunk=16, num_warps=4, num_stages=1)
+    y0, y1 = tf._fused_forward(x0, x1, params, 8, cfg)
+    assert rel_err(y0, r0) < BOUND[dtype] and rel_err(y1, r1) < BOUND[dtype]
+
+
+@pytest.mark.parametrize(
+    "dim, num_heads, shape, dtype",
+    [
+        (24, 8, (2, 5), torch.float64),  # head width 3
+        (40, 8, (7,), torch.float32),  # head width 5
+        (96, 8, (3,), torch.float32),  # head width 12
+        (320, 8, (3,), torch.float64),  # head width 40
+        (64, 8, (2, 3), torch.bfloat16),  # fused forward, split backward
+        (40, 8, (5,), torch.float16),
+    ],
+)
+def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
+    x0, x1, params = make_case(shape, dim, dtype=dtype, device=DEVICE, seed=dim + 1)
+    _check_all(x0, x1, params, num_heads, dtype)
+
+
+def test_gradcheck_float64():
+    x0, x1, params = make_case((3,), 24, device=DEVICE, requires_grad=True)
+
+    def f(a, b, *ps):
+        return gemini_fusion(a, b, FusionParams(*ps), num_heads=8, backend="triton")
+
+    assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
+
+
+def test_non_contiguous_inputs_and_leading_dims():
+    x0, x1, params = make_case((3, 2, 5), 40, dtype=torch.float32, device=DEVICE, seed=3)
+    t0 = x0.transpose(0, 2).contiguous().transpose(0, 2)
+    t1 = x1.new_empty(*x1.shape[:-1], 80)[..., ::2].copy_(x1)  # last dim strided
+    assert not t0.is_contiguous() and not t1.is_contiguous() and t1.stride(-1) == 2
+    ref = gemini_fusion(x0, x1, params, backend="triton")
+    out = gemini_fusion(t0, t1, params, backend="triton")
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    _check_all(t0, t1, params, 8, torch.float32)
+
+
+def test_weight_gradients_are_deterministic():
+    x0, x1, params = make_case((9,), 40, dtype=torch.float32, device=DEVICE, seed=5)
+    gy0, gy1 = _output_grads((9,), 40, torch.float32, DEVICE)
+    _, first = _triton_grads(x0, x1, params, 8, gy0, gy1)
+    _, second = _triton_grads(x0, x1, params, 8, gy0, gy1)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_autocast_matches_the_oracle_under_autocast():
+    device_type = DEVICE.type
+    dtype = torch.bfloat16
+    x0, x1, params = make_case((2, 7), 64, dtype=torch.float32, device=DEVICE, seed=11)
+    leaves = [t.detach().requires_grad_() for t in (x0, x1, *params)]
+    with torch.autocast(device_type, dtype=dtype):
+        y0, y1 = gemini_fusion(leaves[0], leaves[1], FusionParams(*leaves[2:]), backend="triton")
+        r0, r1 = gemini_fusion(x0, x1, params, backend="torch")
+    assert y0.dtype == y1.dtype == r0.dtype == torch.float32
+    (d0, d1), _ = _oracle(x0, x1, params, 8)
+    assert rel_err(y0, d0) < 2e-2 and rel_err(y1, d1) < 2e-2
+    assert rel_err(y0, d0) > 1e-6  # the products really ran in bfloat16
+    assert rel_err(y0, r0) < 2e-2
+    (y0.sum() + y1.sum()).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+
+
+def test_opcheck_forward_and_backward_ops():
+    x0, x1, params = make_case((5,), 16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(tf.fusion_fwd_op, (x0, x1, list(params), 8))
+    gy = torch.randn_like(x0)
+    torch.library.opcheck(tf.fusion_bwd_op, (gy, gy, x0.detach(), x1.detach(), [p.detach() for p in params], 8))
+
+
+def test_torch_compile_fullgraph_traces_the_custom_op():
+    """No graph break (fullgraph=True raises on one); compiled forward and backward match eager.
+    The aot_eager backend traces exactly what inductor would, without needing a C++ toolchain."""
+    torch._dynamo.reset()
+    module = GeminiFusion(16, backend="triton").to(DEVICE)
+    x0, x1 = (torch.randn(2, 3, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    y0, y1 = compiled(x0, x1)
+    e0, e1 = module(x0, x1)
+    assert torch.equal(y0, e0) and torch.equal(y1, e1)
+    (y0.sum() + 2 * y1.sum()).backward()
+    compiled_grads = [t.grad.clone() for t in (x0, x1, *module.parameters())]
+    for t in (x0, x1, *module.parameters()):
+        t.grad = None
+    (e0.sum() + 2 * e1.sum()).backward()
+    for a, t in zip(compiled_grads, (x0, x1, *module.parameters())):
+        assert torch.equal(a, t.grad)
+
+
+def test_availability_and_path_table():
+    assert "triton" in gk.available_backends(DEVICE)
+    assert "need CUDA tensors" in tf.unavailable_reason("meta")
+    assert tf.fused_config(64, 8, torch.bfloat16) is not None and tf.fused_config(32, 8, torch.float16) is not None
+    for dim, heads, dtype in [(64, 8, torch.float32), (64, 8, torch.float64), (40, 8, torch.bfloat16),
+                              (128, 8, torch.bfloat16), (96, 8, torch.float16), (8, 8, torch.bfloat16)]:
+        assert tf.fused_config(dim, heads, dtype) is None, (dim, heads, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (H100): `python -m pytest tests/test_triton.py -m gpu -ra`
+# ----------------------------------------------------------------------------------------------
+
+NYUDV2_STAGES = [(2, 19200, 64), (2, 4800, 128), (2, 1200, 320), (2, 300, 512)]
+ODD_SHAPES = [(3, 1001, 40), (1, 777, 96), (2, 333, 24), (1, 257, 1536), (5, 63, 32)]
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, pixels, dim", NYUDV2_STAGES + ODD_SHAPES)
+def test_gpu_outputs_and_gradients(batch, pixels, dim, dtype):
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        x0, x1, params = make_case((batch, pixels), dim, dtype=dtype, device="cuda", seed=dim)
+        _check_all(x0, x1, params, 8, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, pixels, dim", NYUDV2_STAGES)
+def test_gpu_float32_with_tf32(batch, pixels, dim):
+    """With TF32 on, float32 products keep 10 mantissa bits: the bound is TF32's, not float32's."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x0, x1, params = make_case((batch, pixels), dim, dtype=torch.float32, device="cuda", seed=dim)
+        _check_all(x0, x1, params, 8, torch.float32, bound=5e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, pixels, dim", [(2, 19200, 64), (2, 1200, 320)])
+def test_gpu_weight_gradients_are_deterministic(batch, pixels, dim):
+    x0, x1, params = make_case((batch, pixels), dim, dtype=torch.bfloat16, device="cuda", seed=dim)
+    gy0, gy1 = _output_grads((batch, pixels), dim, torch.bfloat16, "cuda")
+    _, first = _triton_grads(x0, x1, params, 8, gy0, gy1)
+    _, second = _triton_grads(x0, x1, params, 8, gy0, gy1)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 320])
+def test_gpu_torch_compile_inductor_fullgraph(dim):
+    """Inductor (not only aot_eager) compiles a model containing the layer without a graph break."""
+    torch._dynamo.reset()
+    module = GeminiFusion(dim, backend="triton").to(device="cuda", dtype=torch.bfloat16)
+    x0, x1 = (torch.randn(2, 300, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    compiled = torch.compile(module, fullgraph=True)
+    y0, y1 = compiled(x0, x1)
+    e0, e1 = module(x0, x1)
+    assert torch.equal(y0, e0) and torch.equal(y1, e1)
+    (y0.float().sum() + y1.float().sum()).backward()
+    assert all(p.grad is not None for p in module.parameters())

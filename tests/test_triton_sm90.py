@@ -1,0 +1,60 @@
+"""Every configuration the Triton launchers can pick compiles for an H100 (sm_90a), spills nothing,
+fits in shared memory and multiplies on the tensor cores (wgmma): checked on CPU by compiling with
+Triton's bundled ptxas (gemini_kernels.ops.sm90_check), in a subprocess without TRITON_INTERPRET,
+because the interpreter accepts kernels the compiler rejects and says nothing about registers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.driver", reason="this triton build has no NVIDIA backend (ptxas)")
+
+SM90_MAX_SHARED_BYTES = 227 * 1024
+
+
+def _without_interpreter():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    run = subprocess.run([sys.executable, "-m", "gemini_kernels.ops.sm90_check", "--json"],
+                         env=_without_interpreter(), capture_output=True, text=True, timeout=1200)
+    assert run.stdout.strip(), f"sm90_check printed no report (exit {run.returncode}):\n{run.stderr[-4000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_launcher_configuration_compiles_for_sm90a(report):
+    # Imported here, not at module level: this process may run the interpreter, which is fine for
+    # reading the table but would not compile.
+    import torch
+    from gemini_kernels.ops import triton_fusion as tf
+
+    table = tf.config_table()
+    assert len(report) == len(table)
+    assert {row["kernel"] for row in report} == set(tf.KERNELS)
+    assert {row["dtype"] for row in report} == {str(d).replace("torch.", "") for d in
+                                                (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+    assert max(row["dim"] for row in report) == 1536
+    bad = []
+    for row in report:
+        where = f"{row['kernel']} {row['dtype']} dim={row['dim']} {row['constexprs']} warps={row['num_warps']}"
+        if row["local_bytes"] != 0:
+            bad.append(f"{where}: spills {row['local_bytes']} bytes")
+        if row["shared_bytes"] > SM90_MAX_SHARED_BYTES:
+            bad.append(f"{where}: {row['shared_bytes']} bytes of shared memory")
+        if row["multiplies_matrices"] and row["tensor_core"] != "wgmma":
+            bad.append(f"{where}: multiplies without wgmma ({row['tensor_core']})")
+    assert not bad, "\n".join(bad)
+
+
+def test_cpu_without_interpreter_is_unavailable_with_a_reason():
+    code = ("import gemini_kernels as gk; from gemini_kernels.ops import triton_fusion as t; "
+            "print('triton' in gk.available_backends('cpu')); print(t.unavailable_reason('cpu'))")
+    run = subprocess.run([sys.executable, "-c", code], env=_without_interpreter(), capture_output=True,
+                         text=True, timeout=300, check=True)
+    available, reason = run.stdout.strip().splitlines()
+    assert available == "False" and "TRITON_INTERPRET=1" in reason
