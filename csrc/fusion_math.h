@@ -1,0 +1,379 @@
+// The per-pixel math of GeminiFusion (SPEC §1), written once for the host C++ path and the CUDA kernels.
+//
+// The projections are GEMMs done by the caller (fusion_api.cpp); what is left between them is
+// per pixel, and lives here as six row stages (forward: hidden, relation, mix; backward: mix,
+// relation, hidden). A "row" is one (direction, pixel) pair; rows are independent.
+//
+// Each stage is written against a Team: the threads that share one row. The host team is a
+// single thread walking the channels one by one; the CUDA team is a warp whose lanes stride over
+// the channels and reduce with shuffles. The team supplies the reductions (max, sum) and the
+// stride, the stage supplies the math, so every line of math below runs on CPU in the tests.
+//
+// This header includes only the C++ standard library, so that it compiles in a .cu file that sees
+// nothing but the CUDA toolkit and in a .cpp file that sees nothing of CUDA.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GK_HD __host__ __device__ __forceinline__
+// Stages are host-device templates that call a team's device-only shuffles when the team is the
+// warp; that instantiation only ever runs on the device.
+#define GK_HD_TEMPLATE _Pragma("nv_exec_check_disable")
+#else
+#define GK_HD inline
+#define GK_HD_TEMPLATE
+#endif
+
+namespace gk {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <class T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Conversion between a storage type and its accumulation type. The CUDA file specialises it for
+// __half and __nv_bfloat16, whose implicit conversions torch's build flags switch off.
+template <class T>
+struct Convert {
+  template <class A>
+  GK_HD static A load(T x) { return static_cast<A>(x); }
+  template <class A>
+  GK_HD static T store(A v) { return static_cast<T>(v); }
+};
+
+GK_HD float exp_(float x) { return expf(x); }
+GK_HD double exp_(double x) { return exp(x); }
+GK_HD float erf_(float x) { return erff(x); }
+GK_HD double erf_(double x) { return erf(x); }
+GK_HD float log_(float x) { return logf(x); }
+GK_HD double log_(double x) { return log(x); }
+GK_HD float max_(float a, float b) { return fmaxf(a, b); }
+GK_HD double max_(double a, double b) { return fmax(a, b); }
+
+// ---- elementwise math and its derivatives ----------------------------------------------------
+
+// GELU, exact (erf) form, as torch.nn.functional.gelu's default.
+template <class A>
+GK_HD A gelu(A u) {
+  return A(0.5) * u * (A(1) + erf_(u * A(0.70710678118654752440)));
+}
+template <class A>
+GK_HD A gelu_grad(A u) {
+  const A cdf = A(0.5) * (A(1) + erf_(u * A(0.70710678118654752440)));
+  const A pdf = exp_(A(-0.5) * u * u) * A(0.39894228040143267794);  // 1/sqrt(2 pi)
+  return cdf + u * pdf;
+}
+
+// The key difference of the two keys, before the key projection (the key bias cancels):
+// k_self - k_cross = Wk (k_noise + s - s * r).
+template <class A>
+GK_HD A key_delta(A k_noise, A s, A r) { return k_noise + s - s * r; }
+// Its derivative with respect to s (d/dr is -s, applied inline below).
+template <class A>
+GK_HD A key_delta_ds(A r) { return A(1) - r; }
+
+// The two-way softmax over (k_self, k_cross) of one head, as a sigmoid of the logit difference.
+template <class A>
+GK_HD A two_way_softmax(A logit_difference) { return A(1) / (A(1) + exp_(-logit_difference)); }
+template <class A>
+GK_HD A two_way_softmax_grad(A a) { return a * (A(1) - a); }
+
+// The value mix: a * v_self + (1 - a) * v_cross = v_cross + a * (v_self - v_cross).
+template <class A>
+GK_HD A value_mix(A v_cross, A v_delta, A a) { return v_cross + a * v_delta; }
+
+// The six row stages, in the order a forward then a backward runs them.
+enum class Stage { HiddenForward, RelationForward, MixForward, MixBackward, RelationBackward, HiddenBackward };
+
+// ---- buffers ----------------------------------------------------------------------------------
+
+// Every buffer the six stages read or write, as untyped pointers so that the same struct crosses
+// from the torch-facing C++ into the toolkit-only CUDA file. All are contiguous, row-major, in the
+// compute dtype T unless marked "acc" (the accumulation type, see Acc).
+//
+// Direction d has self x_d and other x_{1-d}. The first GEMM gives, for each d, the (pixels, 5C)
+// block g[d] = x_d @ [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}]^T, so that
+//   fc1 pre-activation of d:  g[d][:, 0:C] + g[1-d][:, C:2C] + b1
+//   raw query of d:           g[d][:, 2C:3C]          (+ bq_d, then / sqrt(dh))
+//   Wv_d applied to self:     g[d][:, 3C:4C]
+//   Wv_d applied to other:    g[1-d][:, 4C:5C]
+// grad_g has the layout of g and receives the gradients of those columns.
+struct FusionBuffers {
+  int64_t pixels;  // M: pixels per direction (all leading dims flattened)
+  int channels;    // C
+  int heads;       // h; head width C / h
+  double scale;    // 1 / sqrt(head width)
+
+  const void* x0;  // (M, C)
+  const void* x1;  // (M, C)
+  // parameters, each (C,) or (2, C) with row d for direction d
+  const void* b1;       // fc1 bias (C,)
+  const void* b2;       // fc2 bias (C,)
+  const void* k_noise;  // (2, C)
+  const void* bq;       // (2, C) query bias
+  const void* bv;       // (2, C) value bias
+  const void* bo;       // (2, C) output bias
+  const void* vn_proj;  // (2, C) Wv_d v_noise[d]
+
+  const void* g;    // (2, M, 5C) see above
+  void* hidden;     // (2, M, C) GELU(fc1(...))
+  void* z;          // (2, M, C) fc2 output without bias; the backward overwrites it with d/dz
+  void* lse;        // (2, M) acc: log-sum-exp of z + b2, so the backward recomputes r exactly
+  void* e;          // (2, M, C) k_noise + s - s * r, the input of the key projection
+  const void* dk;   // (2, M, C) e @ Wk^T: the per-channel key difference
+  void* gate;       // (2, M, h) acc: a, the first two-way softmax weight of each head
+  void* mixed;      // (2, M, C) the attention output before the output projection
+  void* y;          // (2, M, C) forward: s + bo, the residual the output GEMM accumulates into
+
+  const void* grad_y;      // (2, M, C)
+  const void* grad_mixed;  // (2, M, C) grad_y @ Wo
+  void* grad_dk;           // (2, M, C)
+  const void* grad_e;      // (2, M, C) grad_dk @ Wk
+  const void* grad_hidden; // (2, M, C) d/dz @ W2
+  void* grad_g;            // (2, M, 5C)
+  void* grad_x;            // (2, M, C) the elementwise part of d/dx_d (residual and key delta)
+};
+
+template <class T>
+GK_HD const T* cptr(const void* p) { return static_cast<const T*>(p); }
+template <class T>
+GK_HD T* mptr(void* p) { return static_cast<T*>(p); }
+
+// The serial team: one thread owns the row.
+struct SerialTeam {
+  GK_HD int first() const { return 0; }
+  GK_HD int stride() const { return 1; }
+  GK_HD bool leader() const { return true; }
+  template <class A>
+  GK_HD A sum(A v) const { return v; }
+  template <class A>
+  GK_HD A max(A v) const { return v; }
+};
+
+// Row coordinates shared by the stages.
+struct RowIndex {
+  int64_t d;       // direction
+  int64_t pixel;   // pixel within the direction
+  int64_t row;     // d * M + pixel: row of the (2, M, ·) buffers
+  int64_t mirror;  // (1 - d) * M + pixel: the same pixel in the other direction's rows
+  GK_HD RowIndex(int64_t r, int64_t pixels)
+      : d(r / pixels), pixel(r % pixels), row(r), mirror((1 - r / pixels) * pixels + r % pixels) {}
+};
+
+// ---- forward stages ---------------------------------------------------------------------------
+
+// hidden = GELU(fc1 pre-activation)
+struct HiddenForward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    const T* own = cptr<T>(b.g) + ix.row * 5 * C;
+    const T* other = cptr<T>(b.g) + ix.mirror * 5 * C + C;
+    const T* b1 = cptr<T>(b.b1);
+    T* out = mptr<T>(b.hidden) + ix.row * C;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
+      out[c] = V::template store<A>(gelu(u));
+    }
+  }
+};
+
+// r = softmax_C(z + b2); e = k_noise + s - s * r; also the log-sum-exp when lse is set.
+struct RelationForward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    const T* z = cptr<T>(b.z) + ix.row * C;
+    const T* b2 = cptr<T>(b.b2);
+    const T* s = cptr<T>(ix.d == 0 ? b.x0 : b.x1) + ix.pixel * C;
+    const T* kn = cptr<T>(b.k_noise) + ix.d * C;
+    T* e = mptr<T>(b.e) + ix.row * C;
+
+    A top = -static_cast<A>(INFINITY);
+    for (int c = team.first(); c < C; c += team.stride())
+      top = max_(top, V::template load<A>(z[c]) + V::template load<A>(b2[c]));
+    top = team.max(top);
+    A total = 0;
+    for (int c = team.first(); c < C; c += team.stride())
+      total += exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
+    total = team.sum(total);
+    const A lse = top + log_(total);
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
+      e[c] = V::template store<A>(key_delta(V::template load<A>(kn[c]), V::template load<A>(s[c]), rel));
+    }
+    if (b.lse != nullptr && team.leader()) mptr<A>(b.lse)[ix.row] = lse;
+  }
+};
+
+// Per head: a = sigmoid(q . dk); mixed = v_cross + a * (v_self - v_cross); y = s + bo.
+struct MixForward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const int width = C / b.heads;
+    const A scale = static_cast<A>(b.scale);
+    const RowIndex ix(r, b.pixels);
+    const T* q_raw = cptr<T>(b.g) + ix.row * 5 * C + 2 * C;
+    const T* v_self = cptr<T>(b.g) + ix.row * 5 * C + 3 * C;      // Wv_d s
+    const T* v_other = cptr<T>(b.g) + ix.mirror * 5 * C + 4 * C;   // Wv_d o
+    const T* dk = cptr<T>(b.dk) + ix.row * C;
+    const T* s = cptr<T>(ix.d == 0 ? b.x0 : b.x1) + ix.pixel * C;
+    const T* bq = cptr<T>(b.bq) + ix.d * C;
+    const T* bv = cptr<T>(b.bv) + ix.d * C;
+    const T* bo = cptr<T>(b.bo) + ix.d * C;
+    const T* vn = cptr<T>(b.vn_proj) + ix.d * C;
+    T* mixed = mptr<T>(b.mixed) + ix.row * C;
+    T* y = mptr<T>(b.y) + ix.row * C;
+    A* gate = mptr<A>(b.gate) + ix.row * b.heads;
+
+    for (int j = 0; j < b.heads; ++j) {
+      const int lo = j * width, hi = lo + width;
+      A logit = 0;
+      for (int c = lo + team.first(); c < hi; c += team.stride())
+        logit += (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale * V::template load<A>(dk[c]);
+      const A a = two_way_softmax(team.sum(logit));
+      if (team.leader()) gate[j] = a;
+      for (int c = lo + team.first(); c < hi; c += team.stride()) {
+        const A vo = V::template load<A>(v_other[c]);
+        const A v_cross = vo + V::template load<A>(bv[c]);
+        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - vo;
+        mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
+        y[c] = V::template store<A>(V::template load<A>(s[c]) + V::template load<A>(bo[c]));
+      }
+    }
+  }
+};
+
+// ---- backward stages --------------------------------------------------------------------------
+
+// From d/d mixed and the saved gates: the recomputed mixed (for d/dWo), d/d dk, and the gradients
+// of the query and value columns of g.
+struct MixBackward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const int width = C / b.heads;
+    const A scale = static_cast<A>(b.scale);
+    const RowIndex ix(r, b.pixels);
+    const T* q_raw = cptr<T>(b.g) + ix.row * 5 * C + 2 * C;
+    const T* v_self = cptr<T>(b.g) + ix.row * 5 * C + 3 * C;
+    const T* v_other = cptr<T>(b.g) + ix.mirror * 5 * C + 4 * C;
+    const T* dk = cptr<T>(b.dk) + ix.row * C;
+    const T* bq = cptr<T>(b.bq) + ix.d * C;
+    const T* bv = cptr<T>(b.bv) + ix.d * C;
+    const T* vn = cptr<T>(b.vn_proj) + ix.d * C;
+    const T* grad_mixed = cptr<T>(b.grad_mixed) + ix.row * C;
+    const A* gate = cptr<A>(b.gate) + ix.row * b.heads;
+    T* mixed = mptr<T>(b.mixed) + ix.row * C;
+    T* grad_dk = mptr<T>(b.grad_dk) + ix.row * C;
+    T* grad_q_raw = mptr<T>(b.grad_g) + ix.row * 5 * C + 2 * C;
+    T* grad_v_self = mptr<T>(b.grad_g) + ix.row * 5 * C + 3 * C;
+    T* grad_v_other = mptr<T>(b.grad_g) + ix.mirror * 5 * C + 4 * C;
+
+    for (int j = 0; j < b.heads; ++j) {
+      const int lo = j * width, hi = lo + width;
+      const A a = gate[j];
+      A grad_a = 0;
+      for (int c = lo + team.first(); c < hi; c += team.stride()) {
+        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - V::template load<A>(v_other[c]);
+        grad_a += V::template load<A>(grad_mixed[c]) * v_delta;
+      }
+      const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
+      for (int c = lo + team.first(); c < hi; c += team.stride()) {
+        const A vo = V::template load<A>(v_other[c]);
+        const A v_cross = vo + V::template load<A>(bv[c]);
+        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - vo;
+        const A q = (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale;
+        const A gm = V::template load<A>(grad_mixed[c]);
+        mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
+        grad_dk[c] = V::template store<A>(grad_logit * q);
+        grad_q_raw[c] = V::template store<A>(grad_logit * V::template load<A>(dk[c]) * scale);
+        grad_v_self[c] = V::template store<A>(a * gm);         // v_delta carries +Wv s
+        grad_v_other[c] = V::template store<A>((A(1) - a) * gm);  // v_cross +Wv o, v_delta -Wv o
+      }
+    }
+  }
+};
+
+// From d/de: d/dz of the relation softmax (written over z) and the elementwise part of d/dx_d,
+// which is the residual's grad_y plus d/de * (1 - r).
+struct RelationBackward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    T* z = mptr<T>(b.z) + ix.row * C;  // in: z; out: d/dz
+    const T* b2 = cptr<T>(b.b2);
+    const T* s = cptr<T>(ix.d == 0 ? b.x0 : b.x1) + ix.pixel * C;
+    const T* grad_e = cptr<T>(b.grad_e) + ix.row * C;
+    const T* grad_y = cptr<T>(b.grad_y) + ix.row * C;
+    T* grad_x = mptr<T>(b.grad_x) + ix.row * C;
+    const A lse = cptr<A>(b.lse)[ix.row];
+
+    // d/dr_c = -d/de_c * s_c; softmax backward needs sum_c r_c d/dr_c.
+    A dot = 0;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
+      dot += rel * -V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
+    }
+    dot = team.sum(dot);
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
+      const A ge = V::template load<A>(grad_e[c]);
+      const A grad_rel = -ge * V::template load<A>(s[c]);
+      z[c] = V::template store<A>(rel * (grad_rel - dot));
+      grad_x[c] = V::template store<A>(V::template load<A>(grad_y[c]) + ge * key_delta_ds(rel));
+    }
+  }
+};
+
+// d/du = d/dhidden * GELU'(u), written to both g columns that feed u (see FusionBuffers).
+struct HiddenBackward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    const T* own = cptr<T>(b.g) + ix.row * 5 * C;
+    const T* other = cptr<T>(b.g) + ix.mirror * 5 * C + C;
+    const T* b1 = cptr<T>(b.b1);
+    const T* grad_hidden = cptr<T>(b.grad_hidden) + ix.row * C;
+    T* grad_own = mptr<T>(b.grad_g) + ix.row * 5 * C;
+    T* grad_other = mptr<T>(b.grad_g) + ix.mirror * 5 * C + C;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
+      const T gu = V::template store<A>(V::template load<A>(grad_hidden[c]) * gelu_grad(u));
+      grad_own[c] = gu;
+      grad_other[c] = gu;
+    }
+  }
+};
+
+}  // namespace gk
