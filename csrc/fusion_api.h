@@ -16,16 +16,16 @@ namespace gk {
 // the runner serves; returns when the work is queued (CUDA) or done (host).
 using StageRunner = void (*)(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers);
 
-// params: the 14 tensors in FusionParams order. Returns y (2, *x0.shape): y[d] is the output of
-// direction d; and the gates (2, *x0.shape[:-1], num_heads) in the accumulation type, which the
-// backward takes back.
-std::tuple<at::Tensor, at::Tensor> fusion_forward(const at::Tensor& x0, const at::Tensor& x1,
-                                                  at::TensorList params, int64_t num_heads, StageRunner run);
+// params: the 14 tensors in FusionParams order. Returns y0, y1 and the gates
+// (2, *x0.shape[:-1], num_heads) in the accumulation type, which the backward takes back.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_forward(const at::Tensor& x0, const at::Tensor& x1,
+                                                              at::TensorList params, int64_t num_heads,
+                                                              StageRunner run);
 
 // Returns the gradients of x0, x1 and the 14 parameters, in that order. Recomputes every
 // intermediate from the inputs and the saved gates.
-std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y, const at::Tensor& x0, const at::Tensor& x1,
-                                        at::TensorList params, const at::Tensor& gate, int64_t num_heads,
-                                        StageRunner run);
+std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                        const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                        int64_t num_heads, StageRunner run);
 
 }  // namespace gk

@@ -38,14 +38,15 @@ void host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
                                   [&] { run_stage<scalar_t>(stage, b); });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params,
                                                int64_t num_heads) {
   return fusion_forward(x0, x1, params, num_heads, host_stage);
 }
 
-std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y, const at::Tensor& x0, const at::Tensor& x1,
-                                     at::TensorList params, const at::Tensor& gate, int64_t num_heads) {
-  return fusion_backward(grad_y, x0, x1, params, gate, num_heads, host_stage);
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                     const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                     int64_t num_heads) {
+  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, host_stage);
 }
 
 }  // namespace

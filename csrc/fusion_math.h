@@ -105,14 +105,17 @@ enum class Stage { HiddenForward, RelationForward, MixForward, MixBackward, Rela
 //   Wv_d applied to self:     g[d][:, 3C:4C]
 //   Wv_d applied to other:    g[1-d][:, 4C:5C]
 // grad_g has the layout of g and receives the gradients of those columns.
+//
+// Stages may run in place where marked: each element is read before it is written, by the thread
+// that writes it, and no row reads an element that another row writes. Fewer buffers matter on
+// CPU, where every fresh buffer costs a page fault per 4 KiB.
 struct FusionBuffers {
   int64_t pixels;  // M: pixels per direction (all leading dims flattened)
   int channels;    // C
   int heads;       // h; head width C / h
   double scale;    // 1 / sqrt(head width)
 
-  const void* x0;  // (M, C)
-  const void* x1;  // (M, C)
+  const void* x[2];  // x0, x1: (M, C)
   // parameters, each (C,) or (2, C) with row d for direction d
   const void* b1;       // fc1 bias (C,)
   const void* b2;       // fc2 bias (C,)
@@ -124,21 +127,21 @@ struct FusionBuffers {
 
   const void* g;    // (2, M, 5C) see above
   void* hidden;     // (2, M, C) GELU(fc1(...))
-  void* z;          // (2, M, C) fc2 output without bias; the backward overwrites it with d/dz
-  void* lse;        // (2, M) acc: log-sum-exp of z + b2, so the backward recomputes r exactly
+  void* z;          // (2, M, C) fc2 output without bias; RelationBackward overwrites it with d/dz
+  void* lse;        // (2, M) acc, or null: log-sum-exp of z + b2, so the backward recomputes r exactly
   void* e;          // (2, M, C) k_noise + s - s * r, the input of the key projection
   const void* dk;   // (2, M, C) e @ Wk^T: the per-channel key difference
   void* gate;       // (2, M, h) acc: a, the first two-way softmax weight of each head
   void* mixed;      // (2, M, C) the attention output before the output projection
-  void* y;          // (2, M, C) forward: s + bo, the residual the output GEMM accumulates into
+  void* y[2];       // y0, y1 (M, C): MixForward writes s + bo, the output GEMM accumulates into it
 
-  const void* grad_y;      // (2, M, C)
-  const void* grad_mixed;  // (2, M, C) grad_y @ Wo
-  void* grad_dk;           // (2, M, C)
-  const void* grad_e;      // (2, M, C) grad_dk @ Wk
-  const void* grad_hidden; // (2, M, C) d/dz @ W2
-  void* grad_g;            // (2, M, 5C)
-  void* grad_x;            // (2, M, C) the elementwise part of d/dx_d (residual and key delta)
+  const void* grad_y[2];    // (M, C) each
+  const void* grad_mixed;   // (2, M, C) grad_y @ Wo; MixBackward may write mixed over it
+  void* grad_dk;            // (2, M, C) may be dk
+  const void* grad_e[2];    // (M, C) each: grad_dk[d] @ Wk_d
+  const void* grad_hidden;  // (2, M, C) d/dz @ W2
+  void* grad_g;             // (2, M, 5C) may be g
+  void* grad_x[2];          // (M, C) each, may be grad_e: the elementwise part of d/dx_d (residual, key delta)
 };
 
 template <class T>
@@ -168,6 +171,10 @@ struct RowIndex {
 };
 
 // ---- forward stages ---------------------------------------------------------------------------
+
+// Whether a row's scratch values may be parked in a T buffer without losing precision.
+template <class T>
+GK_HD constexpr bool stores_accumulator() { return sizeof(T) == sizeof(typename Acc<T>::type); }
 
 // hidden = GELU(fc1 pre-activation)
 struct HiddenForward {
@@ -200,7 +207,7 @@ struct RelationForward {
     const RowIndex ix(r, b.pixels);
     const T* z = cptr<T>(b.z) + ix.row * C;
     const T* b2 = cptr<T>(b.b2);
-    const T* s = cptr<T>(ix.d == 0 ? b.x0 : b.x1) + ix.pixel * C;
+    const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
     const T* kn = cptr<T>(b.k_noise) + ix.d * C;
     T* e = mptr<T>(b.e) + ix.row * C;
 
@@ -209,15 +216,19 @@ struct RelationForward {
       top = max_(top, V::template load<A>(z[c]) + V::template load<A>(b2[c]));
     top = team.max(top);
     A total = 0;
-    for (int c = team.first(); c < C; c += team.stride())
-      total += exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
-    total = team.sum(total);
-    const A lse = top + log_(total);
     for (int c = team.first(); c < C; c += team.stride()) {
-      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
-      e[c] = V::template store<A>(key_delta(V::template load<A>(kn[c]), V::template load<A>(s[c]), rel));
+      const A p = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
+      if (stores_accumulator<T>()) e[c] = V::template store<A>(p);  // parked, to spare the second exp below
+      total += p;
     }
-    if (b.lse != nullptr && team.leader()) mptr<A>(b.lse)[ix.row] = lse;
+    total = team.sum(total);
+    const A inv_total = A(1) / total;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A p = stores_accumulator<T>() ? V::template load<A>(e[c])
+                                          : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
+      e[c] = V::template store<A>(key_delta(V::template load<A>(kn[c]), V::template load<A>(s[c]), p * inv_total));
+    }
+    if (b.lse != nullptr && team.leader()) mptr<A>(b.lse)[ix.row] = top + log_(total);
   }
 };
 
@@ -233,16 +244,16 @@ struct MixForward {
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
     const T* q_raw = cptr<T>(b.g) + ix.row * 5 * C + 2 * C;
-    const T* v_self = cptr<T>(b.g) + ix.row * 5 * C + 3 * C;      // Wv_d s
-    const T* v_other = cptr<T>(b.g) + ix.mirror * 5 * C + 4 * C;   // Wv_d o
+    const T* v_self = cptr<T>(b.g) + ix.row * 5 * C + 3 * C;     // Wv_d s
+    const T* v_other = cptr<T>(b.g) + ix.mirror * 5 * C + 4 * C;  // Wv_d o
     const T* dk = cptr<T>(b.dk) + ix.row * C;
-    const T* s = cptr<T>(ix.d == 0 ? b.x0 : b.x1) + ix.pixel * C;
+    const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
     const T* bq = cptr<T>(b.bq) + ix.d * C;
     const T* bv = cptr<T>(b.bv) + ix.d * C;
     const T* bo = cptr<T>(b.bo) + ix.d * C;
     const T* vn = cptr<T>(b.vn_proj) + ix.d * C;
     T* mixed = mptr<T>(b.mixed) + ix.row * C;
-    T* y = mptr<T>(b.y) + ix.row * C;
+    T* y = mptr<T>(b.y[ix.d]) + ix.pixel * C;
     A* gate = mptr<A>(b.gate) + ix.row * b.heads;
 
     for (int j = 0; j < b.heads; ++j) {
@@ -266,7 +277,8 @@ struct MixForward {
 // ---- backward stages --------------------------------------------------------------------------
 
 // From d/d mixed and the saved gates: the recomputed mixed (for d/dWo), d/d dk, and the gradients
-// of the query and value columns of g.
+// of the query and value columns of g. In place: mixed over grad_mixed, grad_dk over dk, grad_g
+// over g.
 struct MixBackward {
   GK_HD_TEMPLATE
   template <class Team, class T>
@@ -303,14 +315,16 @@ struct MixBackward {
       const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
         const A vo = V::template load<A>(v_other[c]);
-        const A v_cross = vo + V::template load<A>(bv[c]);
-        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - vo;
+        const A vs = V::template load<A>(v_self[c]);
         const A q = (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale;
+        const A k = V::template load<A>(dk[c]);
         const A gm = V::template load<A>(grad_mixed[c]);
+        const A v_cross = vo + V::template load<A>(bv[c]);
+        const A v_delta = V::template load<A>(vn[c]) + vs - vo;
         mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
         grad_dk[c] = V::template store<A>(grad_logit * q);
-        grad_q_raw[c] = V::template store<A>(grad_logit * V::template load<A>(dk[c]) * scale);
-        grad_v_self[c] = V::template store<A>(a * gm);         // v_delta carries +Wv s
+        grad_q_raw[c] = V::template store<A>(grad_logit * k * scale);
+        grad_v_self[c] = V::template store<A>(a * gm);            // v_delta carries +Wv s
         grad_v_other[c] = V::template store<A>((A(1) - a) * gm);  // v_cross +Wv o, v_delta -Wv o
       }
     }
@@ -318,7 +332,7 @@ struct MixBackward {
 };
 
 // From d/de: d/dz of the relation softmax (written over z) and the elementwise part of d/dx_d,
-// which is the residual's grad_y plus d/de * (1 - r).
+// which is the residual's grad_y plus d/de * (1 - r). In place: grad_x over grad_e.
 struct RelationBackward {
   GK_HD_TEMPLATE
   template <class Team, class T>
@@ -329,21 +343,23 @@ struct RelationBackward {
     const RowIndex ix(r, b.pixels);
     T* z = mptr<T>(b.z) + ix.row * C;  // in: z; out: d/dz
     const T* b2 = cptr<T>(b.b2);
-    const T* s = cptr<T>(ix.d == 0 ? b.x0 : b.x1) + ix.pixel * C;
-    const T* grad_e = cptr<T>(b.grad_e) + ix.row * C;
-    const T* grad_y = cptr<T>(b.grad_y) + ix.row * C;
-    T* grad_x = mptr<T>(b.grad_x) + ix.row * C;
+    const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
+    const T* grad_e = cptr<T>(b.grad_e[ix.d]) + ix.pixel * C;
+    const T* grad_y = cptr<T>(b.grad_y[ix.d]) + ix.pixel * C;
+    T* grad_x = mptr<T>(b.grad_x[ix.d]) + ix.pixel * C;
     const A lse = cptr<A>(b.lse)[ix.row];
 
-    // d/dr_c = -d/de_c * s_c; softmax backward needs sum_c r_c d/dr_c.
+    // d/dr_c = -d/de_c * s_c; the softmax backward needs sum_c r_c d/dr_c.
     A dot = 0;
     for (int c = team.first(); c < C; c += team.stride()) {
       const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
-      dot += rel * -V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
+      if (stores_accumulator<T>()) z[c] = V::template store<A>(rel);  // parked, to spare the second exp below
+      dot -= rel * V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
     }
     dot = team.sum(dot);
     for (int c = team.first(); c < C; c += team.stride()) {
-      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
+      const A rel = stores_accumulator<T>() ? V::template load<A>(z[c])
+                                            : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
       const A ge = V::template load<A>(grad_e[c]);
       const A grad_rel = -ge * V::template load<A>(s[c]);
       z[c] = V::template store<A>(rel * (grad_rel - dot));
@@ -352,7 +368,8 @@ struct RelationBackward {
   }
 };
 
-// d/du = d/dhidden * GELU'(u), written to both g columns that feed u (see FusionBuffers).
+// d/du = d/dhidden * GELU'(u), written to both g columns that feed u (see FusionBuffers). In
+// place: grad_g over g.
 struct HiddenBackward {
   GK_HD_TEMPLATE
   template <class Team, class T>

@@ -44,12 +44,11 @@ def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fusion_forward_fake(x0, x1, params, num_heads):
-    y = x0.new_empty((2, *x0.shape))
     gate = x0.new_empty((2, *x0.shape[:-1], num_heads), dtype=_gate_dtype(x0.dtype))
-    return y, gate
+    return x0.new_empty(x0.shape), x1.new_empty(x1.shape), gate
 
 
-def _fusion_backward_fake(grad_y, x0, x1, params, gate, num_heads):
+def _fusion_backward_fake(grad_y0, grad_y1, x0, x1, params, gate, num_heads):
     return [x0.new_empty(x0.shape), x1.new_empty(x1.shape), *(p.new_empty(p.shape) for p in params)]
 
 
@@ -75,15 +74,15 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 class _FusionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0, x1, num_heads, *params):
-        y, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), num_heads)
+        y0, y1, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), num_heads)
         ctx.save_for_backward(x0, x1, gate, *params)
         ctx.num_heads = num_heads
-        return y
+        return y0, y1
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y0, grad_y1):
         x0, x1, gate, *params = ctx.saved_tensors
-        grads = torch.ops.gemini_kernels.fusion_backward(grad_y, x0, x1, params, gate, ctx.num_heads)
+        grads = torch.ops.gemini_kernels.fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, ctx.num_heads)
         return grads[0], grads[1], None, *grads[2:]
 
 
@@ -97,7 +96,7 @@ def fusion(x0: torch.Tensor, x1: torch.Tensor, params: FusionParams, num_heads: 
         # kernels accumulate in float32), outputs in the dtype of the inputs.
         compute = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            y = _FusionFunction.apply(x0.to(compute), x1.to(compute), num_heads, *(p.to(compute) for p in params))
-        return y[0].to(x0.dtype), y[1].to(x0.dtype)
-    y = _FusionFunction.apply(x0, x1, num_heads, *params)
-    return y[0], y[1]
+            y0, y1 = _FusionFunction.apply(x0.to(compute), x1.to(compute), num_heads,
+                                           *(p.to(compute) for p in params))
+        return y0.to(x0.dtype), y1.to(x0.dtype)
+    return _FusionFunction.apply(x0, x1, num_heads, *params)
