@@ -16,6 +16,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXTENSION = "gemini_kernels._C"
 
 
+def _compiler_is_gcc() -> bool:
+    import shutil
+    import subprocess
+
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        return False
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    return "Free Software Foundation" in version and "clang" not in version
+
+
 def extension_build():
     try:
         import torch
@@ -33,7 +44,12 @@ def extension_build():
         os.path.relpath(p, HERE) for p in glob.glob(os.path.join(csrc, "*.cpp")) if not p.endswith("fusion_cuda.cpp")
     )
     # torch's CPU build runs at::parallel_for on OpenMP; the inline header needs -fopenmp to be parallel.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math and -fno-math-errno (torch's own flags) let the compiler if-convert and
+    # vectorize the per-pixel loops of the host path.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    if _compiler_is_gcc():
+        # The mix stages read and write a dozen rows; GCC's default of 10 alias checks keeps them scalar.
+        cxx_flags.append("--param=vect-max-version-for-alias-checks=40")
     link_flags = ["-fopenmp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:

@@ -3,7 +3,7 @@
 // Python module that loads them.
 //
 // Forward, for both directions d at once (shapes per direction, M pixels, C channels):
-//   g[d]    = x_d @ [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}]^T         two GEMMs (M, C) x (C, 5C)
+//   g[d]    = x_d @ [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}]^T         GEMM (M, C) x (C, 5C) per direction
 //   hidden  = GELU(g[d][:, :C] + g[1-d][:, C:2C] + b1)            stage HiddenForward
 //   z       = hidden @ W2^T                                       one GEMM over 2M rows
 //   e       = k_noise[d] + s - s * softmax(z + b2)                stage RelationForward
@@ -111,7 +111,8 @@ at::ScalarType accumulation_type(at::ScalarType t) {
 // The forward chain up to the key projection, shared by the forward and the backward's recompute.
 struct KeyChain {
   at::Tensor x[2];  // (M, C) contiguous
-  at::Tensor g, hidden, z, e, dk, lse;
+  at::Tensor g[2];  // (M, 5C) each
+  at::Tensor hidden, z, e, dk, lse;
   FusionBuffers buffers{};
 };
 
@@ -126,11 +127,7 @@ KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWei
   KeyChain k;
   k.x[0] = x0.contiguous().view({M, C});
   k.x[1] = x1.contiguous().view({M, C});
-  k.g = at::empty({2, M, 5 * C}, options);
-  for (int d = 0; d < 2; ++d) {
-    at::Tensor g_d = k.g[d];
-    at::mm_out(g_d, k.x[d], w.wx[d].t());
-  }
+  for (int d = 0; d < 2; ++d) k.g[d] = at::mm(k.x[d], w.wx[d].t());
   k.hidden = at::empty({2, M, C}, options);
   k.z = at::empty({2, M, C}, options);
   k.e = for_backward ? at::empty({2, M, C}, options) : k.hidden;  // hidden is dead once z is computed
@@ -150,7 +147,8 @@ KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWei
   b.bv = w.bv.const_data_ptr();
   b.vn_proj = w.vn_proj.const_data_ptr();
   b.bo = w.bo.const_data_ptr();
-  b.g = k.g.const_data_ptr();
+  b.g[0] = k.g[0].const_data_ptr();
+  b.g[1] = k.g[1].const_data_ptr();
   b.hidden = k.hidden.data_ptr();
   b.z = k.z.data_ptr();
   b.e = k.e.data_ptr();
@@ -228,7 +226,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   // In place (see FusionBuffers): mixed over grad_mixed, grad_dk over dk, grad_g over g.
   const at::Tensor& mixed = grad_mixed;
   const at::Tensor& grad_dk = k.dk;
-  const at::Tensor& grad_g = k.g;
+  const at::Tensor (&grad_g)[2] = k.g;
   FusionBuffers& b = k.buffers;
   b.gate = const_cast<void*>(gate_rows.const_data_ptr());  // only read by the backward stages
   b.grad_y[0] = gy[0].const_data_ptr();
@@ -236,7 +234,8 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   b.grad_mixed = grad_mixed.const_data_ptr();
   b.mixed = mixed.data_ptr();
   b.grad_dk = grad_dk.data_ptr();
-  b.grad_g = grad_g.data_ptr();
+  b.grad_g[0] = grad_g[0].data_ptr();
+  b.grad_g[1] = grad_g[1].data_ptr();
   run_stage(run, Stage::MixBackward, dtype, b);
 
   at::Tensor grad_wo[2], grad_x[2];
@@ -263,7 +262,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
     grad_x[d].addmm_(grad_g[d], w.wx[d]);
     grad_wx[d] = at::mm(grad_g[d].t(), k.x[d]);
   }
-  const at::Tensor grad_g_sum = grad_g.sum(1);  // (2, 5C): the bias gradients
+  const at::Tensor grad_g_sum[2] = {grad_g[0].sum(0), grad_g[1].sum(0)};  // (5C,): the bias gradients
 
   auto block = [C](const at::Tensor& t, int64_t i) { return t.narrow(0, i * C, C); };
   std::vector<at::Tensor> grads;
