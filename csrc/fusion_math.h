@@ -27,13 +27,15 @@
 #define GK_HD_TEMPLATE
 #endif
 
-// On the host, lets the compiler vectorize a loop that accumulates `var` (a float sum is otherwise
+// On the host, let the compiler vectorize a loop that accumulates `var` (a float sum is otherwise
 // kept in order, and the loop scalar). Needs -fopenmp or -fopenmp-simd; a no-op elsewhere.
 #if defined(_OPENMP) && !defined(__CUDACC__)
 #define GK_SIMD_SUM(var) _Pragma(GK_STRINGIFY(omp simd reduction(+ : var)))
+#define GK_SIMD_MAX(var) _Pragma(GK_STRINGIFY(omp simd reduction(max : var)))
 #define GK_STRINGIFY(x) #x
 #else
 #define GK_SIMD_SUM(var)
+#define GK_SIMD_MAX(var)
 #endif
 
 namespace gk {
@@ -108,8 +110,10 @@ GK_HD float erf_(float x) {
 GK_HD double erf_(double x) { return erf(x); }
 GK_HD float log_(float x) { return logf(x); }
 GK_HD double log_(double x) { return log(x); }
-GK_HD float max_(float a, float b) { return fmaxf(a, b); }
-GK_HD double max_(double a, double b) { return fmax(a, b); }
+// A comparison rather than fmax, which the host compiler can vectorize (NaNs still reach the softmax
+// through exp).
+template <class A>
+GK_HD A max_(A a, A b) { return a > b ? a : b; }
 
 // ---- elementwise math and its derivatives ----------------------------------------------------
 
@@ -266,6 +270,7 @@ struct RelationForward {
     T* e = mptr<T>(b.e) + ix.row * C;
 
     A top = -static_cast<A>(INFINITY);
+    GK_SIMD_MAX(top)
     for (int c = team.first(); c < C; c += team.stride())
       top = max_(top, V::template load<A>(z[c]) + V::template load<A>(b2[c]));
     top = team.max(top);
