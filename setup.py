@@ -52,6 +52,12 @@ def extension_build():
         cxx_flags.append("--param=vect-max-version-for-alias-checks=40")
     link_flags = ["-fopenmp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda and not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime_api.h")):
+        # torch takes CUDA_HOME from the nvcc on PATH, which may be a wrapper script outside the toolkit.
+        raise RuntimeError(
+            f"gemini-kernels: CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime_api.h; set "
+            "CUDA_HOME to the CUDA toolkit's root (e.g. CUDA_HOME=/usr/local/cuda) and build again"
+        )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources = host_sources + ["csrc/fusion_cuda.cpp"] + sorted(
