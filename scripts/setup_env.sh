@@ -41,7 +41,9 @@ if [ ${#need[@]} -gt 0 ]; then pip_install "${need[@]}"; fi
 # Build the package (and its C++ extension) against the torch installed above.
 if ! "$PY" -c "import gemini_kernels" 2>/dev/null || [ "${GK_REBUILD:-1}" = 1 ]; then
   echo "[setup] building gemini_kernels"
-  (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE '^\s*$|Warning|warn' || true)
+  # A failed build (e.g. a compile error in csrc/) stops here, with the compiler output above.
+  (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | { grep -vE '^\s*$|Warning|warn' || true; }) \
+    || { echo "[setup] building gemini_kernels failed; the build output is above" >&2; exit 1; }
   "$PY" -c "import gemini_kernels" || { echo "[setup] gemini_kernels failed to build or import" >&2; exit 1; }
 fi
 "$PY" -c "import torch, gemini_kernels as gk; print(f'[setup] torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, backends on cpu: {gk.available_backends(\"cpu\")}')"

@@ -51,8 +51,11 @@ def test_module_functional_and_oracle_agree():
     m = GeminiFusion(48, backend="torch").double()
     m.load_state_dict(params.state_dict())
     ref = gemini_fusion_reference(x0, x1, params)
-    for out in (m(x0, x1), gemini_fusion(x0, x1, params.state_dict()), gemini_fusion(x0, x1, params, backend="auto")):
+    for out in (m(x0, x1), gemini_fusion(x0, x1, params.state_dict(), backend="torch")):
         assert rel_err(out[0], ref[0]) == 0 and rel_err(out[1], ref[1]) == 0
+    # "auto" may pick a fused backend (e.g. the host C++ path on CPU), which rounds differently.
+    out = gemini_fusion(x0, x1, params, backend="auto")
+    assert rel_err(out[0], ref[0]) < 1e-12 and rel_err(out[1], ref[1]) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

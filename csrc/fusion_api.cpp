@@ -1,0 +1,312 @@
+// The fusion as GEMMs plus fused row stages, device-agnostic: the same code drives the host
+// stages on CPU tensors and the CUDA kernels on GPU tensors. Also defines the torch ops and the
+// Python module that loads them.
+//
+// Forward, for both directions d at once (shapes per direction, M pixels, C channels):
+//   g[d]    = x_d @ [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}]^T         GEMM (M, C) x (C, 5C) per direction
+//   hidden  = GELU(g[d][:, :C] + g[1-d][:, C:2C] + b1)            stage HiddenForward
+//   z       = hidden @ W2^T                                       one GEMM over 2M rows
+//   e       = k_noise[d] + s - s * softmax(z + b2)                stage RelationForward
+//   dk      = e @ Wk_d^T                                          batched GEMM
+//   mixed   = v_cross + a * v_delta, a = sigmoid(q . dk) per head stage MixForward (y = s + bo)
+//   y_d    += mixed[d] @ Wo_d^T                                   GEMM, in place
+// That is 8 C^2 multiply-adds per pixel and direction (SPEC §4), and the per-pixel work between
+// the GEMMs is one pass per stage. The backward recomputes up to dk from the inputs and the saved
+// gates, then runs the transposed chain; every weight gradient is a GEMM or a plain sum, so the
+// result is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "fusion_api.h"
+
+namespace gk {
+namespace {
+
+constexpr int kNumParams = 14;
+
+// The parameters rearranged for the batched GEMMs (a few C x C copies, small next to M x C).
+struct PackedWeights {
+  at::Tensor wx;       // (2, 5C, C): rows [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}] for direction d
+  at::Tensor w2;       // (C, C)
+  at::Tensor wk;       // (2, C, C)
+  at::Tensor wv;       // (2, C, C)
+  at::Tensor wo;       // (2, C, C)
+  at::Tensor b1, b2;   // (C,)
+  at::Tensor k_noise, v_noise, bq, bv, bo, vn_proj;  // (2, C)
+};
+
+PackedWeights pack_weights(at::TensorList p, int64_t C) {
+  const at::Tensor& fc1_weight = p[0];
+  const at::Tensor in_weight[2] = {p[6], p[10]};
+  const at::Tensor in_bias[2] = {p[7], p[11]};
+  const at::Tensor w1a = fc1_weight.narrow(1, 0, C), w1b = fc1_weight.narrow(1, C, C);
+  auto rows = [C](const at::Tensor& t, int64_t block) { return t.narrow(0, block * C, C); };
+  PackedWeights w;
+  w.wx = at::stack({at::cat({w1a, w1b, rows(in_weight[0], 0), rows(in_weight[0], 2), rows(in_weight[1], 2)}),
+                    at::cat({w1a, w1b, rows(in_weight[1], 0), rows(in_weight[1], 2), rows(in_weight[0], 2)})});
+  w.w2 = p[2];
+  w.wk = at::stack({rows(in_weight[0], 1), rows(in_weight[1], 1)});
+  w.wv = at::stack({rows(in_weight[0], 2), rows(in_weight[1], 2)});
+  w.wo = at::stack({p[8], p[12]});
+  w.b1 = p[1].contiguous();
+  w.b2 = p[3].contiguous();
+  w.k_noise = p[4].contiguous();
+  w.v_noise = p[5].contiguous();
+  w.bq = at::stack({rows(in_bias[0], 0), rows(in_bias[1], 0)});
+  w.bv = at::stack({rows(in_bias[0], 2), rows(in_bias[1], 2)});
+  w.bo = at::stack({p[9], p[13]});
+  // v_self - v_cross = Wv v_noise + Wv s - Wv o: the first term is the same for every pixel.
+  w.vn_proj = at::bmm(w.wv, w.v_noise.unsqueeze(2)).squeeze(2).contiguous();
+  return w;
+}
+
+// Kernels trust their pointers, so the op checks what would make them read out of bounds even when
+// called directly (torch.ops.gemini_kernels.*) rather than through the validating Python API.
+void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
+  TORCH_CHECK(x0.dim() >= 1 && x0.numel() > 0, "gemini_kernels: x0 must be a non-empty (..., C) tensor");
+  TORCH_CHECK(x1.sizes() == x0.sizes() && x1.dtype() == x0.dtype() && x1.device() == x0.device(),
+              "gemini_kernels: x1 must match x0 in shape, dtype and device");
+  const int64_t C = x0.size(-1);
+  TORCH_CHECK(num_heads >= 1 && C % num_heads == 0, "gemini_kernels: num_heads=", num_heads,
+              " must divide the channel count ", C);
+  TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams, " parameters, got ",
+              params.size());
+  const std::vector<int64_t> shapes[kNumParams] = {{C, 2 * C}, {C}, {C, C}, {C},         {2, C},
+                                                   {2, C},     {3 * C, C}, {3 * C}, {C, C}, {C},
+                                                   {3 * C, C}, {3 * C},    {C, C},  {C}};
+  for (int i = 0; i < kNumParams; ++i) {
+    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), "gemini_kernels: parameter ", i, " has shape ",
+                params[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
+    TORCH_CHECK(params[i].dtype() == x0.dtype() && params[i].device() == x0.device(), "gemini_kernels: parameter ",
+                i, " must have the dtype and device of x0");
+  }
+}
+
+const char* stage_name(Stage stage) {
+  switch (stage) {
+    case Stage::HiddenForward: return "gemini_kernels::hidden_forward";
+    case Stage::RelationForward: return "gemini_kernels::relation_forward";
+    case Stage::MixForward: return "gemini_kernels::mix_forward";
+    case Stage::MixBackward: return "gemini_kernels::mix_backward";
+    case Stage::RelationBackward: return "gemini_kernels::relation_backward";
+    case Stage::HiddenBackward: return "gemini_kernels::hidden_backward";
+  }
+  return "gemini_kernels::stage";
+}
+
+// Runs a stage under its own name in the torch profiler.
+void run_stage(StageRunner run, Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
+  RECORD_FUNCTION(stage_name(stage), std::vector<c10::IValue>());
+  run(stage, dtype, b);
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The forward chain up to the key projection, shared by the forward and the backward's recompute.
+struct KeyChain {
+  at::Tensor x[2];  // (M, C) contiguous
+  at::Tensor g[2];  // (M, 5C) each
+  at::Tensor hidden, z, e, dk, lse;
+  FusionBuffers buffers{};
+};
+
+// keep_hidden: the backward needs hidden (for d/dW2) and z after the keys; the forward lets e and dk
+// reuse their buffers.
+KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWeights& w, int64_t num_heads,
+                     bool for_backward, StageRunner run) {
+  const int64_t C = x0.size(-1);
+  const int64_t M = x0.numel() / C;
+  const auto dtype = x0.scalar_type();
+  const auto options = x0.options();
+  KeyChain k;
+  k.x[0] = x0.contiguous().view({M, C});
+  k.x[1] = x1.contiguous().view({M, C});
+  for (int d = 0; d < 2; ++d) k.g[d] = at::mm(k.x[d], w.wx[d].t());
+  k.hidden = at::empty({2, M, C}, options);
+  k.z = at::empty({2, M, C}, options);
+  k.e = for_backward ? at::empty({2, M, C}, options) : k.hidden;  // hidden is dead once z is computed
+  if (for_backward) k.lse = at::empty({2, M}, options.dtype(accumulation_type(dtype)));
+
+  FusionBuffers& b = k.buffers;
+  b.pixels = M;
+  b.channels = static_cast<int>(C);
+  b.heads = static_cast<int>(num_heads);
+  b.scale = 1.0 / std::sqrt(static_cast<double>(C / num_heads));
+  b.x[0] = k.x[0].const_data_ptr();
+  b.x[1] = k.x[1].const_data_ptr();
+  b.b1 = w.b1.const_data_ptr();
+  b.b2 = w.b2.const_data_ptr();
+  b.k_noise = w.k_noise.const_data_ptr();
+  b.bq = w.bq.const_data_ptr();
+  b.bv = w.bv.const_data_ptr();
+  b.vn_proj = w.vn_proj.const_data_ptr();
+  b.bo = w.bo.const_data_ptr();
+  b.g[0] = k.g[0].const_data_ptr();
+  b.g[1] = k.g[1].const_data_ptr();
+  b.hidden = k.hidden.data_ptr();
+  b.z = k.z.data_ptr();
+  b.e = k.e.data_ptr();
+  b.lse = for_backward ? k.lse.data_ptr() : nullptr;
+
+  run_stage(run, Stage::HiddenForward, dtype, b);
+  at::Tensor z_rows = k.z.view({2 * M, C});
+  at::mm_out(z_rows, k.hidden.view({2 * M, C}), w.w2.t());
+  run_stage(run, Stage::RelationForward, dtype, b);
+  if (for_backward) {
+    k.dk = at::bmm(k.e, w.wk.transpose(1, 2));
+  } else {
+    k.dk = k.z;  // z is dead once e is computed
+    at::bmm_out(k.dk, k.e, w.wk.transpose(1, 2));
+  }
+  b.dk = k.dk.const_data_ptr();
+  return k;
+}
+
+std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads) {
+  std::vector<int64_t> out{2};
+  out.insert(out.end(), x_shape.begin(), x_shape.end());
+  out.back() = num_heads;
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_forward(const at::Tensor& x0, const at::Tensor& x1,
+                                                              at::TensorList params, int64_t num_heads,
+                                                              StageRunner run) {
+  check_arguments(x0, x1, params, num_heads);
+  const int64_t C = x0.size(-1);
+  const PackedWeights w = pack_weights(params, C);
+  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/false, run);
+  const int64_t M = k.x[0].size(0);
+
+  at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
+  at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
+  const at::Tensor mixed = k.hidden;  // e, which shares hidden's buffer, is dead once dk is computed
+  FusionBuffers& b = k.buffers;
+  b.mixed = mixed.data_ptr();
+  b.y[0] = y[0].data_ptr();
+  b.y[1] = y[1].data_ptr();
+  b.gate = gate.data_ptr();
+  run_stage(run, Stage::MixForward, x0.scalar_type(), b);
+  for (int d = 0; d < 2; ++d) y[d].addmm_(mixed[d], w.wo[d].t());
+  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate};
+}
+
+std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                        const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                        int64_t num_heads, StageRunner run) {
+  check_arguments(x0, x1, params, num_heads);
+  const int64_t C = x0.size(-1);
+  const int64_t M = x0.numel() / C;
+  for (const at::Tensor& grad : {grad_y0, grad_y1}) {
+    TORCH_CHECK(grad.sizes() == x0.sizes() && grad.dtype() == x0.dtype() && grad.device() == x0.device(),
+                "gemini_kernels: grad_y0 and grad_y1 must have the shape, dtype and device of x0");
+  }
+  TORCH_CHECK(gate.numel() == 2 * M * num_heads && gate.scalar_type() == accumulation_type(x0.scalar_type()),
+              "gemini_kernels: gate must be the third output of fusion_forward");
+  const auto dtype = x0.scalar_type();
+  const auto options = x0.options();
+  const PackedWeights w = pack_weights(params, C);
+  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/true, run);
+
+  const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
+  const at::Tensor gate_rows = gate.contiguous();
+  at::Tensor grad_mixed = at::empty({2, M, C}, options);
+  for (int d = 0; d < 2; ++d) {
+    at::Tensor grad_mixed_d = grad_mixed[d];
+    at::mm_out(grad_mixed_d, gy[d], w.wo[d]);
+  }
+  // In place (see FusionBuffers): mixed over grad_mixed, grad_dk over dk, grad_g over g.
+  const at::Tensor& mixed = grad_mixed;
+  const at::Tensor& grad_dk = k.dk;
+  const at::Tensor (&grad_g)[2] = k.g;
+  FusionBuffers& b = k.buffers;
+  b.gate = const_cast<void*>(gate_rows.const_data_ptr());  // only read by the backward stages
+  b.grad_y[0] = gy[0].const_data_ptr();
+  b.grad_y[1] = gy[1].const_data_ptr();
+  b.grad_mixed = grad_mixed.const_data_ptr();
+  b.mixed = mixed.data_ptr();
+  b.grad_dk = grad_dk.data_ptr();
+  b.grad_g[0] = grad_g[0].data_ptr();
+  b.grad_g[1] = grad_g[1].data_ptr();
+  run_stage(run, Stage::MixBackward, dtype, b);
+
+  at::Tensor grad_wo[2], grad_x[2];
+  for (int d = 0; d < 2; ++d) grad_wo[d] = at::mm(gy[d].t(), mixed[d]);
+  const at::Tensor grad_wk = at::bmm(grad_dk.transpose(1, 2), k.e);
+  for (int d = 0; d < 2; ++d) {
+    grad_x[d] = at::mm(grad_dk[d], w.wk[d]);  // d/de, overwritten in place with the elementwise d/dx_d
+    b.grad_e[d] = grad_x[d].const_data_ptr();
+    b.grad_x[d] = grad_x[d].data_ptr();
+  }
+  const at::Tensor grad_k_noise = at::stack({grad_x[0].sum(0), grad_x[1].sum(0)});
+  run_stage(run, Stage::RelationBackward, dtype, b);  // k.z now holds d/dz
+
+  const at::Tensor grad_z = k.z.view({2 * M, C});
+  const at::Tensor hidden = k.hidden.view({2 * M, C});
+  const at::Tensor grad_w2 = at::mm(grad_z.t(), hidden);
+  at::Tensor grad_hidden = hidden;  // hidden is dead once d/dW2 is computed
+  at::mm_out(grad_hidden, grad_z, w.w2);
+  b.grad_hidden = grad_hidden.const_data_ptr();
+  run_stage(run, Stage::HiddenBackward, dtype, b);
+
+  at::Tensor grad_wx[2];
+  for (int d = 0; d < 2; ++d) {
+    grad_x[d].addmm_(grad_g[d], w.wx[d]);
+    grad_wx[d] = at::mm(grad_g[d].t(), k.x[d]);
+  }
+  const at::Tensor grad_g_sum[2] = {grad_g[0].sum(0), grad_g[1].sum(0)};  // (5C,): the bias gradients
+
+  auto block = [C](const at::Tensor& t, int64_t i) { return t.narrow(0, i * C, C); };
+  std::vector<at::Tensor> grads;
+  grads.reserve(2 + kNumParams);
+  grads.push_back(grad_x[0].view(x0.sizes()));
+  grads.push_back(grad_x[1].view(x1.sizes()));
+  // fc1: W1a and W1b are shared by the directions.
+  grads.push_back(at::cat({block(grad_wx[0], 0) + block(grad_wx[1], 0), block(grad_wx[0], 1) + block(grad_wx[1], 1)}, 1));
+  grads.push_back(block(grad_g_sum[0], 0) + block(grad_g_sum[1], 0));
+  grads.push_back(grad_w2);
+  grads.push_back(grad_z.sum(0));
+  grads.push_back(grad_k_noise);
+  at::Tensor grad_v_noise = at::empty({2, C}, options);
+  std::vector<at::Tensor> per_direction;
+  for (int d = 0; d < 2; ++d) {
+    // d/d(Wv_d v_noise[d]) is the sum of the v_self column gradients.
+    const at::Tensor grad_vn_proj = block(grad_g_sum[d], 3);
+    grad_v_noise[d].copy_(at::mv(w.wv[d].t(), grad_vn_proj));
+    const at::Tensor grad_wv = block(grad_wx[d], 3) + block(grad_wx[1 - d], 4) + at::outer(grad_vn_proj, w.v_noise[d]);
+    per_direction.push_back(at::cat({block(grad_wx[d], 2), grad_wk[d], grad_wv}));
+    // The key bias cancels in k_self - k_cross, so its gradient is exactly zero.
+    per_direction.push_back(at::cat({block(grad_g_sum[d], 2), at::zeros({C}, options),
+                                     block(grad_g_sum[d], 3) + block(grad_g_sum[1 - d], 4)}));
+    per_direction.push_back(grad_wo[d]);
+    per_direction.push_back(gy[d].sum(0));
+  }
+  grads.push_back(grad_v_noise);
+  grads.insert(grads.end(), per_direction.begin(), per_direction.end());
+  return grads;
+}
+
+}  // namespace gk
+
+TORCH_LIBRARY(gemini_kernels, m) {
+  m.def("fusion_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fusion_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
+      "int num_heads) -> Tensor[]");
+}
+
+// A plain module: importing it runs the static registrations above (and the CPU / CUDA impls).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "GeminiFusion host and CUDA kernels, registered as torch.ops.gemini_kernels", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

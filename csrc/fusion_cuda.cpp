@@ -1,0 +1,48 @@
+// The CUDA registration: dtype dispatch, device guard and current stream for the kernels of
+// fusion_kernels.cu. Compiled only in CUDA builds (setup.py), since it needs torch's CUDA headers.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fusion_api.h"
+#include "fusion_kernels.h"
+
+namespace gk {
+namespace {
+
+ScalarKind scalar_kind(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return ScalarKind::Float;
+    case at::kDouble: return ScalarKind::Double;
+    case at::kHalf: return ScalarKind::Half;
+    case at::kBFloat16: return ScalarKind::BFloat16;
+    default: TORCH_CHECK(false, "gemini_kernels: CUDA kernels support float32, float64, float16 and bfloat16; got ", dtype);
+  }
+}
+
+void cuda_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers) {
+  const cudaError_t status = launch_stage(stage, scalar_kind(dtype), buffers, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: CUDA kernel launch failed: ", cudaGetErrorString(status));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x0, const at::Tensor& x1,
+                                                            at::TensorList params, int64_t num_heads) {
+  const c10::cuda::CUDAGuard device_guard(x0.device());
+  return fusion_forward(x0, x1, params, num_heads, cuda_stage);
+}
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                      const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                      int64_t num_heads) {
+  const c10::cuda::CUDAGuard device_guard(x0.device());
+  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, cuda_stage);
+}
+
+}  // namespace
+}  // namespace gk
+
+TORCH_LIBRARY_IMPL(gemini_kernels, CUDA, m) {
+  m.impl("fusion_forward", &gk::forward_cuda);
+  m.impl("fusion_backward", &gk::backward_cuda);
+}

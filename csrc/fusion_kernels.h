@@ -1,0 +1,16 @@
+// Launchers of the CUDA row stages. Plain C++ and CUDA runtime types only, so that the torch-facing
+// fusion_cuda.cpp and the toolkit-only fusion_kernels.cu share it.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "fusion_math.h"
+
+namespace gk {
+
+enum class ScalarKind { Float, Double, Half, BFloat16 };
+
+// Queues `stage` over all 2 * buffers.pixels rows on `stream`; returns the launch error, if any.
+cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buffers, cudaStream_t stream);
+
+}  // namespace gk

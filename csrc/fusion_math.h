@@ -1,0 +1,459 @@
+// The per-pixel math of GeminiFusion (SPEC §1), written once for the host C++ path and the CUDA kernels.
+//
+// The projections are GEMMs done by the caller (fusion_api.cpp); what is left between them is
+// per pixel, and lives here as six row stages (forward: hidden, relation, mix; backward: mix,
+// relation, hidden). A "row" is one (direction, pixel) pair; rows are independent.
+//
+// Each stage is written against a Team: the threads that share one row. The host team is a
+// single thread walking the channels one by one; the CUDA team is a warp whose lanes stride over
+// the channels and reduce with shuffles. The team supplies the reductions (max, sum) and the
+// stride, the stage supplies the math, so every line of math below runs on CPU in the tests.
+//
+// This header includes only the C++ standard library, so that it compiles in a .cu file that sees
+// nothing but the CUDA toolkit and in a .cpp file that sees nothing of CUDA.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GK_HD __host__ __device__ __forceinline__
+// Stages are host-device templates that call a team's device-only shuffles when the team is the
+// warp; that instantiation only ever runs on the device.
+#define GK_HD_TEMPLATE _Pragma("nv_exec_check_disable")
+#else
+#define GK_HD inline
+#define GK_HD_TEMPLATE
+#endif
+
+// On the host, let the compiler vectorize a loop that accumulates `var` (a float sum is otherwise
+// kept in order, and the loop scalar). Needs -fopenmp or -fopenmp-simd; a no-op elsewhere.
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define GK_SIMD_SUM(var) _Pragma(GK_STRINGIFY(omp simd reduction(+ : var)))
+#define GK_SIMD_MAX(var) _Pragma(GK_STRINGIFY(omp simd reduction(max : var)))
+#define GK_STRINGIFY(x) #x
+#else
+#define GK_SIMD_SUM(var)
+#define GK_SIMD_MAX(var)
+#endif
+
+namespace gk {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <class T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Conversion between a storage type and its accumulation type. The CUDA file specialises it for
+// __half and __nv_bfloat16, whose implicit conversions torch's build flags switch off.
+template <class T>
+struct Convert {
+  template <class A>
+  GK_HD static A load(T x) { return static_cast<A>(x); }
+  template <class A>
+  GK_HD static T store(A v) { return static_cast<T>(v); }
+};
+
+// exp in float: the CUDA math library's expf on the device; on the host Cephes' expf (range
+// reduction to [-ln2/2, ln2/2], degree-6 polynomial; max relative error 8e-8 against exp, measured
+// on [-87, 87]), branch-free so that the compiler vectorizes it, which it cannot do with a libm call.
+GK_HD float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);  // keeps 2^n a normal float
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln2), 12582912 = 1.5 * 2^23
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;           // x - n ln2, ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  memcpy(&two_to_n, &exponent_bits, sizeof two_to_n);
+  return (p * r * r + r + 1.f) * two_to_n;
+#endif
+}
+GK_HD double exp_(double x) { return exp(x); }
+// erf in float: the CUDA math library's erff on the device; on the host a rational approximation
+// (Eigen's and XLA's; max abs error 4e-7 against erf, measured on [-6, 6]), branch-free so that the
+// compiler vectorizes it, and several times faster than glibc's erff, which dominated the GELU stages.
+GK_HD float erf_(float x) {
+#if defined(__CUDA_ARCH__)
+  return erff(x);
+#else
+  x = x < -4.f ? -4.f : (x > 4.f ? 4.f : x);  // erf(+-4) is +-1 in float
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p / q;
+#endif
+}
+GK_HD double erf_(double x) { return erf(x); }
+GK_HD float log_(float x) { return logf(x); }
+GK_HD double log_(double x) { return log(x); }
+// A comparison rather than fmax, which the host compiler can vectorize (NaNs still reach the softmax
+// through exp).
+template <class A>
+GK_HD A max_(A a, A b) { return a > b ? a : b; }
+
+// ---- elementwise math and its derivatives ----------------------------------------------------
+
+// GELU, exact (erf) form, as torch.nn.functional.gelu's default.
+template <class A>
+GK_HD A gelu(A u) {
+  return A(0.5) * u * (A(1) + erf_(u * A(0.70710678118654752440)));
+}
+template <class A>
+GK_HD A gelu_grad(A u) {
+  const A cdf = A(0.5) * (A(1) + erf_(u * A(0.70710678118654752440)));
+  const A pdf = exp_(A(-0.5) * u * u) * A(0.39894228040143267794);  // 1/sqrt(2 pi)
+  return cdf + u * pdf;
+}
+
+// The key difference of the two keys, before the key projection (the key bias cancels):
+// k_self - k_cross = Wk (k_noise + s - s * r).
+template <class A>
+GK_HD A key_delta(A k_noise, A s, A r) { return k_noise + s - s * r; }
+// Its derivative with respect to s (d/dr is -s, applied inline below).
+template <class A>
+GK_HD A key_delta_ds(A r) { return A(1) - r; }
+
+// The two-way softmax over (k_self, k_cross) of one head, as a sigmoid of the logit difference.
+template <class A>
+GK_HD A two_way_softmax(A logit_difference) { return A(1) / (A(1) + exp_(-logit_difference)); }
+template <class A>
+GK_HD A two_way_softmax_grad(A a) { return a * (A(1) - a); }
+
+// The value mix: a * v_self + (1 - a) * v_cross = v_cross + a * (v_self - v_cross).
+template <class A>
+GK_HD A value_mix(A v_cross, A v_delta, A a) { return v_cross + a * v_delta; }
+
+// The six row stages, in the order a forward then a backward runs them.
+enum class Stage { HiddenForward, RelationForward, MixForward, MixBackward, RelationBackward, HiddenBackward };
+
+// ---- buffers ----------------------------------------------------------------------------------
+
+// Every buffer the six stages read or write, as untyped pointers so that the same struct crosses
+// from the torch-facing C++ into the toolkit-only CUDA file. All are contiguous, row-major, in the
+// compute dtype T unless marked "acc" (the accumulation type, see Acc).
+//
+// Direction d has self x_d and other x_{1-d}. The first GEMMs give, for each d, the (pixels, 5C)
+// matrix g[d] = x_d @ [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}]^T, so that
+//   fc1 pre-activation of d:  g[d][:, 0:C] + g[1-d][:, C:2C] + b1
+//   raw query of d:           g[d][:, 2C:3C]          (+ bq_d, then / sqrt(dh))
+//   Wv_d applied to self:     g[d][:, 3C:4C]
+//   Wv_d applied to other:    g[1-d][:, 4C:5C]
+// grad_g has the layout of g and receives the gradients of those columns.
+//
+// Stages may run in place where marked: each element is read before it is written, by the thread
+// that writes it, and no row reads an element that another row writes. Fewer and smaller buffers
+// matter on CPU, where a fresh buffer costs a page fault per 4 KiB (glibc returns buffers over its
+// mmap threshold, at most 32 MiB, to the kernel when they are freed).
+struct FusionBuffers {
+  int64_t pixels;  // M: pixels per direction (all leading dims flattened)
+  int channels;    // C
+  int heads;       // h; head width C / h
+  double scale;    // 1 / sqrt(head width)
+
+  const void* x[2];  // x0, x1: (M, C)
+  // parameters, each (C,) or (2, C) with row d for direction d
+  const void* b1;       // fc1 bias (C,)
+  const void* b2;       // fc2 bias (C,)
+  const void* k_noise;  // (2, C)
+  const void* bq;       // (2, C) query bias
+  const void* bv;       // (2, C) value bias
+  const void* bo;       // (2, C) output bias
+  const void* vn_proj;  // (2, C) Wv_d v_noise[d]
+
+  const void* g[2];  // (M, 5C) each, see above; two buffers, as a single one would be twice as large
+  void* hidden;     // (2, M, C) GELU(fc1(...))
+  void* z;          // (2, M, C) fc2 output without bias; RelationBackward overwrites it with d/dz
+  void* lse;        // (2, M) acc, or null: log-sum-exp of z + b2, so the backward recomputes r exactly
+  void* e;          // (2, M, C) k_noise + s - s * r, the input of the key projection
+  const void* dk;   // (2, M, C) e @ Wk^T: the per-channel key difference
+  void* gate;       // (2, M, h) acc: a, the first two-way softmax weight of each head
+  void* mixed;      // (2, M, C) the attention output before the output projection
+  void* y[2];       // y0, y1 (M, C): MixForward writes s + bo, the output GEMM accumulates into it
+
+  const void* grad_y[2];    // (M, C) each
+  const void* grad_mixed;   // (2, M, C) grad_y @ Wo; MixBackward may write mixed over it
+  void* grad_dk;            // (2, M, C) may be dk
+  const void* grad_e[2];    // (M, C) each: grad_dk[d] @ Wk_d
+  const void* grad_hidden;  // (2, M, C) d/dz @ W2
+  void* grad_g[2];          // (M, 5C) each, may be g
+  void* grad_x[2];          // (M, C) each, may be grad_e: the elementwise part of d/dx_d (residual, key delta)
+};
+
+template <class T>
+GK_HD const T* cptr(const void* p) { return static_cast<const T*>(p); }
+template <class T>
+GK_HD T* mptr(void* p) { return static_cast<T*>(p); }
+
+// The serial team: one thread owns the row.
+struct SerialTeam {
+  GK_HD int first() const { return 0; }
+  GK_HD int stride() const { return 1; }
+  GK_HD bool leader() const { return true; }
+  template <class A>
+  GK_HD A sum(A v) const { return v; }
+  template <class A>
+  GK_HD A max(A v) const { return v; }
+};
+
+// Row coordinates shared by the stages.
+struct RowIndex {
+  int64_t d;       // direction
+  int64_t pixel;   // pixel within the direction
+  int64_t row;     // d * M + pixel: row of the (2, M, ·) buffers
+  int64_t other;   // 1 - d
+  GK_HD RowIndex(int64_t r, int64_t pixels) : d(r / pixels), pixel(r % pixels), row(r), other(1 - r / pixels) {}
+};
+
+// ---- forward stages ---------------------------------------------------------------------------
+
+// Whether a row's scratch values may be parked in a T buffer without losing precision.
+template <class T>
+GK_HD constexpr bool stores_accumulator() { return sizeof(T) == sizeof(typename Acc<T>::type); }
+
+// hidden = GELU(fc1 pre-activation)
+struct HiddenForward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    const T* own = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C;
+    const T* other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + C;
+    const T* b1 = cptr<T>(b.b1);
+    T* out = mptr<T>(b.hidden) + ix.row * C;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
+      out[c] = V::template store<A>(gelu(u));
+    }
+  }
+};
+
+// r = softmax_C(z + b2); e = k_noise + s - s * r; also the log-sum-exp when lse is set.
+struct RelationForward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    const T* z = cptr<T>(b.z) + ix.row * C;
+    const T* b2 = cptr<T>(b.b2);
+    const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
+    const T* kn = cptr<T>(b.k_noise) + ix.d * C;
+    T* e = mptr<T>(b.e) + ix.row * C;
+
+    A top = -static_cast<A>(INFINITY);
+    GK_SIMD_MAX(top)
+    for (int c = team.first(); c < C; c += team.stride())
+      top = max_(top, V::template load<A>(z[c]) + V::template load<A>(b2[c]));
+    top = team.max(top);
+    A total = 0;
+    GK_SIMD_SUM(total)
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A p = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
+      if (stores_accumulator<T>()) e[c] = V::template store<A>(p);  // parked, to spare the second exp below
+      total += p;
+    }
+    total = team.sum(total);
+    const A inv_total = A(1) / total;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A p = stores_accumulator<T>() ? V::template load<A>(e[c])
+                                          : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
+      e[c] = V::template store<A>(key_delta(V::template load<A>(kn[c]), V::template load<A>(s[c]), p * inv_total));
+    }
+    if (b.lse != nullptr && team.leader()) mptr<A>(b.lse)[ix.row] = top + log_(total);
+  }
+};
+
+// Per head: a = sigmoid(q . dk); mixed = v_cross + a * (v_self - v_cross); y = s + bo.
+struct MixForward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const int width = C / b.heads;
+    const A scale = static_cast<A>(b.scale);
+    const RowIndex ix(r, b.pixels);
+    const T* q_raw = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 2 * C;
+    const T* v_self = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 3 * C;     // Wv_d s
+    const T* v_other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + 4 * C;  // Wv_d o
+    const T* dk = cptr<T>(b.dk) + ix.row * C;
+    const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
+    const T* bq = cptr<T>(b.bq) + ix.d * C;
+    const T* bv = cptr<T>(b.bv) + ix.d * C;
+    const T* bo = cptr<T>(b.bo) + ix.d * C;
+    const T* vn = cptr<T>(b.vn_proj) + ix.d * C;
+    T* mixed = mptr<T>(b.mixed) + ix.row * C;
+    T* y = mptr<T>(b.y[ix.d]) + ix.pixel * C;
+    A* gate = mptr<A>(b.gate) + ix.row * b.heads;
+
+    for (int j = 0; j < b.heads; ++j) {
+      const int lo = j * width, hi = lo + width;
+      A logit = 0;
+      GK_SIMD_SUM(logit)
+      for (int c = lo + team.first(); c < hi; c += team.stride())
+        logit += (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale * V::template load<A>(dk[c]);
+      const A a = two_way_softmax(team.sum(logit));
+      if (team.leader()) gate[j] = a;
+      for (int c = lo + team.first(); c < hi; c += team.stride()) {
+        const A vo = V::template load<A>(v_other[c]);
+        const A v_cross = vo + V::template load<A>(bv[c]);
+        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - vo;
+        mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
+        y[c] = V::template store<A>(V::template load<A>(s[c]) + V::template load<A>(bo[c]));
+      }
+    }
+  }
+};
+
+// ---- backward stages --------------------------------------------------------------------------
+
+// From d/d mixed and the saved gates: the recomputed mixed (for d/dWo), d/d dk, and the gradients
+// of the query and value columns of g. In place: mixed over grad_mixed, grad_dk over dk, grad_g
+// over g.
+struct MixBackward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const int width = C / b.heads;
+    const A scale = static_cast<A>(b.scale);
+    const RowIndex ix(r, b.pixels);
+    const T* q_raw = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 2 * C;
+    const T* v_self = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 3 * C;
+    const T* v_other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + 4 * C;
+    const T* dk = cptr<T>(b.dk) + ix.row * C;
+    const T* bq = cptr<T>(b.bq) + ix.d * C;
+    const T* bv = cptr<T>(b.bv) + ix.d * C;
+    const T* vn = cptr<T>(b.vn_proj) + ix.d * C;
+    const T* grad_mixed = cptr<T>(b.grad_mixed) + ix.row * C;
+    const A* gate = cptr<A>(b.gate) + ix.row * b.heads;
+    T* mixed = mptr<T>(b.mixed) + ix.row * C;
+    T* grad_dk = mptr<T>(b.grad_dk) + ix.row * C;
+    T* grad_q_raw = mptr<T>(b.grad_g[ix.d]) + ix.pixel * 5 * C + 2 * C;
+    T* grad_v_self = mptr<T>(b.grad_g[ix.d]) + ix.pixel * 5 * C + 3 * C;
+    T* grad_v_other = mptr<T>(b.grad_g[ix.other]) + ix.pixel * 5 * C + 4 * C;
+
+    for (int j = 0; j < b.heads; ++j) {
+      const int lo = j * width, hi = lo + width;
+      const A a = gate[j];
+      A grad_a = 0;
+      GK_SIMD_SUM(grad_a)
+      for (int c = lo + team.first(); c < hi; c += team.stride()) {
+        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - V::template load<A>(v_other[c]);
+        grad_a += V::template load<A>(grad_mixed[c]) * v_delta;
+      }
+      const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
+      for (int c = lo + team.first(); c < hi; c += team.stride()) {
+        const A vo = V::template load<A>(v_other[c]);
+        const A vs = V::template load<A>(v_self[c]);
+        const A q = (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale;
+        const A k = V::template load<A>(dk[c]);
+        const A gm = V::template load<A>(grad_mixed[c]);
+        const A v_cross = vo + V::template load<A>(bv[c]);
+        const A v_delta = V::template load<A>(vn[c]) + vs - vo;
+        mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
+        grad_dk[c] = V::template store<A>(grad_logit * q);
+        grad_q_raw[c] = V::template store<A>(grad_logit * k * scale);
+        grad_v_self[c] = V::template store<A>(a * gm);            // v_delta carries +Wv s
+        grad_v_other[c] = V::template store<A>((A(1) - a) * gm);  // v_cross +Wv o, v_delta -Wv o
+      }
+    }
+  }
+};
+
+// From d/de: d/dz of the relation softmax (written over z) and the elementwise part of d/dx_d,
+// which is the residual's grad_y plus d/de * (1 - r). In place: grad_x over grad_e.
+struct RelationBackward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    T* z = mptr<T>(b.z) + ix.row * C;  // in: z; out: d/dz
+    const T* b2 = cptr<T>(b.b2);
+    const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
+    const T* grad_e = cptr<T>(b.grad_e[ix.d]) + ix.pixel * C;
+    const T* grad_y = cptr<T>(b.grad_y[ix.d]) + ix.pixel * C;
+    T* grad_x = mptr<T>(b.grad_x[ix.d]) + ix.pixel * C;
+    const A lse = cptr<A>(b.lse)[ix.row];
+
+    // d/dr_c = -d/de_c * s_c; the softmax backward needs sum_c r_c d/dr_c.
+    A dot = 0;
+    GK_SIMD_SUM(dot)
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
+      if (stores_accumulator<T>()) z[c] = V::template store<A>(rel);  // parked, to spare the second exp below
+      dot -= rel * V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
+    }
+    dot = team.sum(dot);
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A rel = stores_accumulator<T>() ? V::template load<A>(z[c])
+                                            : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
+      const A ge = V::template load<A>(grad_e[c]);
+      const A grad_rel = -ge * V::template load<A>(s[c]);
+      z[c] = V::template store<A>(rel * (grad_rel - dot));
+      grad_x[c] = V::template store<A>(V::template load<A>(grad_y[c]) + ge * key_delta_ds(rel));
+    }
+  }
+};
+
+// d/du = d/dhidden * GELU'(u), written to both g columns that feed u (see FusionBuffers). In
+// place: grad_g over g.
+struct HiddenBackward {
+  GK_HD_TEMPLATE
+  template <class Team, class T>
+  GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
+    using A = typename Acc<T>::type;
+    using V = Convert<T>;
+    const int C = b.channels;
+    const RowIndex ix(r, b.pixels);
+    const T* own = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C;
+    const T* other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + C;
+    const T* b1 = cptr<T>(b.b1);
+    const T* grad_hidden = cptr<T>(b.grad_hidden) + ix.row * C;
+    T* grad_own = mptr<T>(b.grad_g[ix.d]) + ix.pixel * 5 * C;
+    T* grad_other = mptr<T>(b.grad_g[ix.other]) + ix.pixel * 5 * C + C;
+    for (int c = team.first(); c < C; c += team.stride()) {
+      const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
+      const T gu = V::template store<A>(V::template load<A>(grad_hidden[c]) * gelu_grad(u));
+      grad_own[c] = gu;
+      grad_other[c] = gu;
+    }
+  }
+};
+
+}  // namespace gk

@@ -1,0 +1,102 @@
+"""The ``"cuda"`` backend: the compiled extension ``gemini_kernels._C`` (csrc/).
+
+On CUDA tensors it runs the CUDA kernels (csrc/fusion_kernels.cu) between cuBLAS GEMMs; on CPU
+tensors it runs the same per-pixel math as host C++ (csrc/fusion_host.cpp) between MKL GEMMs.
+
+The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
+this module gives them fake implementations (so ``torch.compile`` traces them) and wraps them in an
+autograd.Function that saves the inputs and the per-pixel, per-head gates, and recomputes the rest.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..params import FusionParams
+
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the repository, in an environment where "
+    "torch is importable (CUDA kernels are compiled in when torch has CUDA and nvcc is found)"
+)
+_load_error: Optional[str] = None
+_loaded = False
+
+
+def _load() -> bool:
+    """Imports the extension once and registers the fake implementations of its ops."""
+    global _loaded, _load_error
+    if _loaded or _load_error is not None:
+        return _loaded
+    try:
+        from .. import _C  # noqa: F401  (importing registers torch.ops.gemini_kernels.*)
+    except ImportError as exc:
+        _load_error = f"the compiled extension gemini_kernels._C is not importable ({exc}); {_BUILD_HINT}"
+        return False
+    torch.library.register_fake("gemini_kernels::fusion_forward")(_fusion_forward_fake)
+    torch.library.register_fake("gemini_kernels::fusion_backward")(_fusion_backward_fake)
+    _loaded = True
+    return True
+
+
+def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fusion_forward_fake(x0, x1, params, num_heads):
+    gate = x0.new_empty((2, *x0.shape[:-1], num_heads), dtype=_gate_dtype(x0.dtype))
+    return x0.new_empty(x0.shape), x1.new_empty(x1.shape), gate
+
+
+def _fusion_backward_fake(grad_y0, grad_y1, x0, x1, params, gate, num_heads):
+    return [x0.new_empty(x0.shape), x1.new_empty(x1.shape), *(p.new_empty(p.shape) for p in params)]
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gemini_kernels::fusion_forward", "CUDA")
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if not _load():
+        return _load_error
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if _has_cuda_kernels():
+            return None
+        return (
+            "the extension gemini_kernels._C was built without CUDA kernels (at build time torch had no CUDA "
+            f"or nvcc was not found); on a machine with the CUDA toolkit, {_BUILD_HINT}"
+        )
+    return f"it runs on CPU and CUDA tensors only; got a tensor on {device.type}"
+
+
+class _FusionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, x1, num_heads, *params):
+        y0, y1, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), num_heads)
+        ctx.save_for_backward(x0, x1, gate, *params)
+        ctx.num_heads = num_heads
+        return y0, y1
+
+    @staticmethod
+    def backward(ctx, grad_y0, grad_y1):
+        x0, x1, gate, *params = ctx.saved_tensors
+        grads = torch.ops.gemini_kernels.fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, ctx.num_heads)
+        return grads[0], grads[1], None, *grads[2:]
+
+
+def fusion(x0: torch.Tensor, x1: torch.Tensor, params: FusionParams, num_heads: int):
+    """``(y0, y1)``; inputs validated by the caller (functional.gemini_fusion)."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    device_type = x0.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As the oracle under autocast: products in the autocast dtype, softmaxes in float32 (the
+        # kernels accumulate in float32), outputs in the dtype of the inputs.
+        compute = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            y0, y1 = _FusionFunction.apply(x0.to(compute), x1.to(compute), num_heads,
+                                           *(p.to(compute) for p in params))
+        return y0.to(x0.dtype), y1.to(x0.dtype)
+    return _FusionFunction.apply(x0, x1, num_heads, *params)

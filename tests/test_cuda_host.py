@@ -1,0 +1,257 @@
+"""backend="cuda": the host C++ path on CPU tensors (always), and the CUDA kernels (marked gpu).
+
+Every output and every gradient (x0, x1 and all 14 parameters) is compared with the float64 oracle.
+The host path runs the same per-pixel math (csrc/fusion_math.h) as the CUDA kernels.
+"""
+import sys
+
+import pytest
+import torch
+
+import gemini_kernels
+
+from gemini_kernels import FusionParams, GeminiFusion, gemini_fusion
+from gemini_kernels.ops import cuda_fusion
+from gemini_kernels.reference import gemini_fusion_reference
+from helpers import GPU, make_case, rel_err
+
+GRAD_NAMES = ("x0", "x1", *FusionParams._fields)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def extension_built():
+    # The extension is part of the build (scripts/setup_env.sh); a missing one is a failure, not a skip.
+    reason = cuda_fusion.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.fail(reason)
+
+
+def _upstream(y0, y1, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(y0.shape, generator=g, dtype=torch.float64).to(y0),
+            torch.randn(y1.shape, generator=g, dtype=torch.float64).to(y1))
+
+
+def outputs_and_grads(fn, x0, x1, params, heads, seed=1):
+    """(y0, y1) and the gradients of <y0, g0> + <y1, g1> for fixed random g0, g1."""
+    inputs = [x0, x1, *params]
+    y0, y1 = fn(x0, x1, params, heads)
+    g0, g1 = _upstream(y0, y1, seed)
+    grads = torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), inputs)
+    return (y0, y1), grads
+
+
+def cuda_backend(x0, x1, params, heads):
+    return gemini_fusion(x0, x1, params, heads, backend="cuda")
+
+
+def oracle_float64(x0, x1, params, heads):
+    """The oracle in float64 on detached float64 copies, with their own leaves."""
+    x0, x1 = (x.detach().double().requires_grad_() for x in (x0, x1))
+    params = FusionParams(*(p.detach().double().requires_grad_() for p in params))
+    return outputs_and_grads(gemini_fusion_reference, x0, x1, params, heads)
+
+
+def assert_matches_oracle(x0, x1, params, heads, out_bound, grad_bound):
+    (y0, y1), grads = outputs_and_grads(cuda_backend, x0, x1, params, heads)
+    (r0, r1), ref_grads = oracle_float64(x0, x1, params, heads)
+    assert y0.dtype == x0.dtype and y0.shape == x0.shape and y1.shape == x1.shape
+    errors = {"y0": rel_err(y0, r0), "y1": rel_err(y1, r1)}
+    errors.update({f"grad {n}": rel_err(g, r) for n, g, r in zip(GRAD_NAMES, grads, ref_grads)})
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == x0.dtype, name
+    bad = {k: v for k, v in errors.items() if not v < (out_bound if k in ("y0", "y1") else grad_bound)}
+    assert not bad, f"errors over the bound ({out_bound:g} outputs, {grad_bound:g} gradients): {bad}"
+
+
+# (leading shape, dim, heads): head widths 3, 4, 5, 8, 12, 16, 40, 192; odd pixel counts; several leading dims.
+WIDTH_CASES = [
+    ((2, 5), 24, 8),
+    ((3, 3, 3), 32, 8),
+    ((7,), 40, 8),
+    ((1, 13), 64, 8),
+    ((3,), 96, 8),
+    ((5,), 128, 8),
+    ((1, 3), 320, 8),
+    ((2,), 1536, 8),
+    ((9,), 30, 1),
+    ((11,), 12, 3),
+]
+
+
+@pytest.mark.parametrize("shape,dim,heads", WIDTH_CASES, ids=lambda v: str(v))
+def test_float64_matches_oracle(shape, dim, heads):
+    x0, x1, params = make_case(shape, dim, requires_grad=True, seed=dim + heads)
+    assert_matches_oracle(x0, x1, params, heads, out_bound=1e-12, grad_bound=1e-11)
+
+
+def test_gradcheck_float64():
+    x0, x1, params = make_case((3,), 4, requires_grad=True, seed=5)
+
+    def f(x0, x1, *params):
+        return gemini_fusion(x0, x1, FusionParams(*params), 2, backend="cuda")
+
+    assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_non_contiguous_inputs_and_params():
+    x0, x1, params = make_case((6, 10), 48, seed=11)
+    # Every other pixel of a wider map, channels last by transposition: neither is contiguous.
+    x0 = x0.transpose(0, 1)[::2].requires_grad_()
+    x1 = x1.transpose(0, 1)[::2].detach().requires_grad_()
+    params = FusionParams(*(p.t().contiguous().t() if p.dim() == 2 else p for p in params))
+    assert not x0.is_contiguous() and not params.fc1_weight.is_contiguous()
+    for p in params:
+        p.requires_grad_()
+    assert_matches_oracle(x0, x1, params, 8, out_bound=1e-12, grad_bound=1e-11)
+
+
+@pytest.mark.parametrize("shape,dim", [((2, 37), 64), ((1, 23), 128)], ids=str)
+def test_float32_bounds(shape, dim):
+    x0, x1, params = make_case(shape, dim, dtype=torch.float32, requires_grad=True, seed=3)
+    assert_matches_oracle(x0, x1, params, 8, out_bound=1e-5, grad_bound=1e-4)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)], ids=str)
+def test_half_precision_on_host(dtype, bound):
+    x0, x1, params = make_case((2, 9), 64, dtype=dtype, requires_grad=True, seed=4)
+    assert_matches_oracle(x0, x1, params, 8, out_bound=bound, grad_bound=2 * bound)
+
+
+def test_deterministic():
+    x0, x1, params = make_case((3, 17), 64, dtype=torch.float32, requires_grad=True, seed=6)
+    first = outputs_and_grads(cuda_backend, x0, x1, params, 8)
+    second = outputs_and_grads(cuda_backend, x0, x1, params, 8)
+    for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+def test_one_output_unused():
+    x0, x1, params = make_case((5,), 16, requires_grad=True, seed=7)
+    inputs = [x0, x1, *params]
+    y0, _ = gemini_fusion(x0, x1, params, 4, backend="cuda")
+    r0, _ = gemini_fusion_reference(x0, x1, params, 4)
+    grads = torch.autograd.grad(y0.square().sum(), inputs)
+    ref = torch.autograd.grad(r0.square().sum(), inputs, allow_unused=True)
+    for name, g, r in zip(GRAD_NAMES, grads, ref):
+        r = torch.zeros_like(g) if r is None else r
+        assert (g - r).norm() <= 1e-11 * max(r.norm(), 1.0), name
+
+
+def test_autocast_follows_the_oracle():
+    x0, x1, params = make_case((2, 7), 32, dtype=torch.float32, seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0, y1 = gemini_fusion(x0, x1, params, 8, backend="cuda")
+        r0, r1 = gemini_fusion_reference(x0, x1, params, 8)
+    assert y0.dtype == r0.dtype == torch.float32 and y1.dtype == r1.dtype
+    assert rel_err(y0, r0) < 2e-2 and rel_err(y1, r1) < 2e-2
+
+
+def test_module_backend_cuda_matches_torch_backend():
+    torch.manual_seed(9)
+    fused = GeminiFusion(40, backend="cuda").double()
+    plain = GeminiFusion(40, backend="torch").double()
+    plain.load_state_dict(fused.state_dict())
+    x0, x1 = torch.randn(2, 5, 40, dtype=torch.float64), torch.randn(2, 5, 40, dtype=torch.float64)
+    for a, b in zip(fused(x0, x1), plain(x0, x1)):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_ops_pass_opcheck():
+    x0, x1, params = make_case((2, 3), 16, seed=10)
+    params = list(params)
+    y0, y1, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, params, 4)
+    torch.library.opcheck(torch.ops.gemini_kernels.fusion_forward.default, (x0, x1, params, 4))
+    torch.library.opcheck(torch.ops.gemini_kernels.fusion_backward.default,
+                          (torch.randn_like(y0), torch.randn_like(y1), x0, x1, params, gate, 4))
+
+
+def test_compiles_with_torch_compile():
+    # The backend entry point (the public gemini_fusion adds the registry's lazy import, which
+    # dynamo does not trace under fullgraph=True).
+    x0, x1, params = make_case((2, 5), 16, dtype=torch.float32, requires_grad=True, seed=12)
+
+    def loss(x0, x1, *params):
+        y0, y1 = cuda_fusion.fusion(x0, x1, FusionParams(*params), 4)
+        return (y0 * y1).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    inputs = [x0, x1, *params]
+    eager_grads = torch.autograd.grad(loss(*inputs), inputs)
+    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
+
+
+def test_unavailable_reasons(monkeypatch):
+    assert "CPU and CUDA tensors only" in cuda_fusion.unavailable_reason(torch.device("meta"))
+    if not cuda_fusion._has_cuda_kernels():
+        assert "without CUDA kernels" in cuda_fusion.unavailable_reason(torch.device("cuda"))
+    # Without the compiled module: the reason says how to build it, and the backend raises it.
+    monkeypatch.setattr(cuda_fusion, "_loaded", False)
+    monkeypatch.setattr(cuda_fusion, "_load_error", None)
+    monkeypatch.setitem(sys.modules, "gemini_kernels._C", None)
+    monkeypatch.delattr(gemini_kernels, "_C")
+    reason = cuda_fusion.unavailable_reason(torch.device("cpu"))
+    assert "pip install --no-build-isolation -e ." in reason
+    x0, x1, params = make_case((2,), 8)
+    with pytest.raises(RuntimeError, match="no-build-isolation"):
+        gemini_fusion(x0, x1, params, 2, backend="cuda")
+
+
+# ---- GPU: the CUDA kernels ----------------------------------------------------------------------
+
+GPU_BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# NYUDv2 480x640 stages (SPEC §4) at batch 2, and odd shapes (odd pixel counts, head widths 3 to 192).
+GPU_CASES = [
+    ((2, 19200), 64, 8),
+    ((2, 4800), 128, 8),
+    ((2, 1200), 320, 8),
+    ((2, 300), 512, 8),
+    ((3, 1001), 24, 8),
+    ((7, 33), 40, 8),
+    ((1, 257), 96, 8),
+    ((5,), 1536, 8),
+]
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(GPU_BOUNDS), ids=str)
+@pytest.mark.parametrize("shape,dim,heads", GPU_CASES, ids=str)
+def test_gpu_matches_oracle(shape, dim, heads, dtype, no_tf32):
+    reason = cuda_fusion.unavailable_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.fail(reason)
+    x0, x1, params = make_case(shape, dim, dtype=dtype, device="cuda", requires_grad=True, seed=dim)
+    bound = GPU_BOUNDS[dtype]
+    assert_matches_oracle(x0, x1, params, heads, out_bound=bound, grad_bound=bound)
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    x0, x1, params = make_case((2, 4800), 128, dtype=torch.bfloat16, device="cuda", requires_grad=True, seed=2)
+    first = outputs_and_grads(cuda_backend, x0, x1, params, 8)
+    second = outputs_and_grads(cuda_backend, x0, x1, params, 8)
+    for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_autocast_follows_the_oracle():
+    x0, x1, params = make_case((2, 300), 64, dtype=torch.float32, device="cuda", seed=3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y0, y1 = gemini_fusion(x0, x1, params, 8, backend="cuda")
+        r0, r1 = gemini_fusion_reference(x0, x1, params, 8)
+    assert y0.dtype == r0.dtype == torch.float32
+    assert rel_err(y0, r0) < 2e-2 and rel_err(y1, r1) < 2e-2
