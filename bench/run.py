@@ -451,8 +451,13 @@ def _main(args, extra_variants) -> dict:
     bench_report.write_json(json_path, meta, rows)
     outputs = {"json": json_path}
     if not args.no_plot:
-        outputs["png"] = args.out_dir / f"{stamp}.png"
-        bench_report.plot(outputs["png"], rows, f"GeminiFusion on {env['device_name']}, torch {env['torch']}")
+        try:
+            import matplotlib  # noqa: F401  (optional: an offline GPU image may lack it)
+        except ImportError:
+            print("no plot: matplotlib is not installed", file=sys.stderr)
+        else:
+            outputs["png"] = args.out_dir / f"{stamp}.png"
+            bench_report.plot(outputs["png"], rows, f"GeminiFusion on {env['device_name']}, torch {env['torch']}")
     if not args.no_results_md:
         bench_report.append_markdown(args.results_md, bench_report.markdown_section(
             meta, rows, outputs["png"].name if "png" in outputs else ""))

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one command, for whoever has an NVIDIA GPU (an H100 is the target):
+#
+#   bash scripts/gpu_checks.sh                 # all steps below, in order
+#   bash scripts/gpu_checks.sh tests sanitizer # only some (each step fits in a 10-minute call)
+#
+# steps:
+#   tests      the GPU tests (pytest -m gpu): every backend's outputs and gradients against the float64
+#              oracle in fp32 (TF32 off) / bf16 / fp16 on NYUDv2 stage shapes and odd shapes
+#   sanitizer  compute-sanitizer memcheck over the CUDA backend's GPU tests
+#   bench      the benchmark harness, NYUDv2 stages, bf16, batch 8 and 32 (appends to bench/RESULTS.md);
+#              bench8 / bench32: one batch size each, where one call may run 10 minutes at most
+#   model      MiT-B3 480x640 batch 8 bf16 training step / inference: fused vs no fusion vs published loop
+#
+# Logs, bench/RESULTS.md and the JSON/PNG outputs go to $OUT when set (the device tool), else to
+# bench/out/gpu_checks/. summary.txt gives each step's exit code; the script's exit code is non-zero
+# when any step failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/include ]; then export CUDA_HOME=/usr/local/cuda; fi
+source scripts/setup_env.sh || exit 1
+set +e
+OUTDIR="${OUT:-bench/out/gpu_checks}"
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_checks.log"
+export PYTHONUNBUFFERED=1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name())" \
+  || { echo "gpu_checks: no CUDA device; nothing to do" >&2; exit 1; }
+
+failed=0
+step() {
+  local name=$1; shift
+  echo "== $name: $*" | tee -a "$LOG"
+  local start=$SECONDS
+  "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc ($((SECONDS - start)) s)" | tee -a "$OUTDIR/summary.txt"
+  [ "$rc" = 0 ] || failed=1
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests sanitizer bench model)
+for s in "${steps[@]}"; do
+  case "$s" in
+    tests) step tests "$PY" -m pytest tests -m gpu -ra -q ;;
+    sanitizer)
+      step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q -k "gpu_matches_oracle" ;;
+    bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" ;;
+    bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" ;;
+    model) step model "$PY" models/bench_speed.py --json "$OUTDIR/model_speed.json" ;;
+    *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model)" >&2; failed=1 ;;
+  esac
+done
+cp bench/RESULTS.md "$OUTDIR/RESULTS.md" 2>/dev/null
+exit $failed
