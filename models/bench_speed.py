@@ -28,63 +28,21 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gemini_kernels as gk
 from gemini_kernels import GeminiFusion
+from gemini_kernels.baselines import PublishedFusion
 from gemini_seg import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- models/bench_speed.py: begin -->", "<!-- models/bench_speed.py: end -->"
 
 
-class _JudgerMlp(nn.Module):
-    """The published Mlp_2 (fc1, GELU, fc2) under its parameter names."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.fc1 = nn.Linear(2 * dim, dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class PublishedLoopFusion(nn.Module):
-    """The fusion step of the published Attention.forward, verbatim in structure: a loop over the batch,
-    two sequence-first ``nn.MultiheadAttention`` calls per sample. Loads a GeminiFusion state_dict."""
-
-    def __init__(self, dim, heads=8):
-        super().__init__()
-        self.cross_attn_0_to_1 = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=False)
-        self.cross_attn_1_to_0 = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=False)
-        self.relation_judger = nn.Sequential(_JudgerMlp(dim), nn.Softmax(dim=-1))
-        self.k_noise = nn.Embedding(2, dim)
-        self.v_noise = nn.Embedding(2, dim)
-
-    def _direction(self, s, o, row, attn):
-        relation = self.relation_judger(torch.cat([s, o], dim=-1))
-        k = torch.cat([self.k_noise.weight[row] + s, torch.mul(s, relation)], dim=0)
-        v = torch.cat([self.v_noise.weight[row] + s, o], dim=0)
-        return s.squeeze(0) + attn(s, k, v)[0].squeeze(0)
-
-    def forward(self, x0, x1):
-        y0, y1 = [], []
-        for b in range(x0.shape[0]):
-            s0, s1 = x0[b].unsqueeze(0), x1[b].unsqueeze(0)
-            y0.append(self._direction(s0, s1, 0, self.cross_attn_0_to_1))
-            y1.append(self._direction(s1, s0, 1, self.cross_attn_1_to_0))
-        return torch.stack(y0), torch.stack(y1)
-
-
 def with_published_loop(model):
     for module in model.encoder.modules():
         fusion = getattr(module, "fusion", None)
         if isinstance(fusion, GeminiFusion):
-            loop = PublishedLoopFusion(fusion.dim, fusion.num_heads).to(fusion.k_noise.weight.device)
-            loop.load_state_dict(fusion.state_dict(), strict=True)
-            module.fusion = loop
+            module.fusion = PublishedFusion.from_params(fusion.fusion_params(), fusion.num_heads)
     return model
 
 
