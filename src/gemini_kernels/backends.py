@@ -4,8 +4,9 @@ A backend is a function ``(x0, x1, params: FusionParams, num_heads) -> (y0, y1)`
 autograd. Each lives in its own module and is imported lazily, so the package imports on machines
 without Triton or without the compiled extension; a backend that cannot run says why, and how to fix it.
 
-``"auto"`` picks, per device, the first available backend of ``AUTO_ORDER``. The order is a
-measurement, not a preference: see bench/RESULTS.md.
+``"auto"`` picks, per device, the first available backend of ``AUTO_ORDER``. On CPU the order comes
+from bench/cpu_host_vs_oracle.py; on CUDA it is the design's expectation (fused Triton kernels first)
+until the GPU benchmark of bench/RESULTS.md confirms or reorders it.
 """
 from __future__ import annotations
 
