@@ -5,7 +5,8 @@
 
 One NYUDv2 MiT-B1 stage-3 shape (N=1200, C=320) at batch 2 in float32, forward and forward + backward,
 for every backend available on the CPU and the published loop, token exchange and cross-attention.
-Each benchmark first checks its variant (GeminiFusion variants against the float64 oracle).
+The forward benchmarks first check the GeminiFusion variants' outputs against the float64 oracle (the
+test suite checks every gradient); the forward + backward ones check that the gradients are finite.
 """
 import pytest
 import torch

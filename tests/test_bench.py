@@ -11,6 +11,7 @@ from helpers import GPU
 
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def test_tiny_run_writes_table_json_markdown_and_plot(bench_run, tmp_path, capsy
     assert "torch" in saved["meta"]["backends"]
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert "| custom | 24 | 16 | 2 | float32 | fwd+bwd | xattn |" in markdown and "torch 2." in markdown
-    assert result["outputs"]["png"].read_bytes()[:4] == b"\x89PNG"
+    if HAVE_MATPLOTLIB:  # optional: an offline GPU image may lack it, and the run then says so
+        assert result["outputs"]["png"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_guard_reports_a_wrong_variant_and_does_not_time_it(bench_run, tmp_path):
@@ -124,4 +126,5 @@ def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench
         if row["variant"] in gk.available_backends("cuda") + ["compile", "published", "exchange", "xattn"]:
             assert row["status"] == "ok", row
             assert row["peak_mib"] > 0 and row["ms"] > 0
-    assert result["meta"]["env"]["driver"] and result["outputs"]["png"].exists()
+    assert result["meta"]["env"]["driver"]
+    assert not HAVE_MATPLOTLIB or result["outputs"]["png"].exists()

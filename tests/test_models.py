@@ -433,8 +433,8 @@ def test_folder_loaders_published_layout(tmp_path, dataset):
 @GPU
 @pytest.mark.gpu
 def test_gpu_bf16_training_step_every_backend_matches_oracle():
-    """MiT-B0 on CUDA under bf16 autocast: every CUDA backend's logits and first-step loss agree with
-    the oracle backend's."""
+    """MiT-B0 on CUDA under bf16 autocast: every CUDA backend's logits, loss and parameter gradients
+    agree with the oracle backend's."""
     torch.manual_seed(0)
     model = build_model("mit_b0", num_classes=40, fusion_backend="torch", drop_path_rate=0.0,
                         decoder_dropout=0.0).cuda()
@@ -450,9 +450,11 @@ def test_gpu_bf16_training_step_every_backend_matches_oracle():
         loss = sum(torch.nn.functional.cross_entropy(
             torch.nn.functional.interpolate(o.float(), size=(128, 128), mode="bilinear"), target) for o in out)
         loss.backward()
-        results[backend] = (out[0].float().detach(), loss.item())
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        results[backend] = (out[0].float().detach(), loss.item(), grads)
         model.zero_grad(set_to_none=True)
-    ref_logits, ref_loss = results["torch"]
-    for backend, (logits, loss) in results.items():
+    ref_logits, ref_loss, ref_grads = results["torch"]
+    for backend, (logits, loss, grads) in results.items():
         assert rel_err(logits, ref_logits) < 2e-2, backend
         assert abs(loss - ref_loss) / ref_loss < 1e-2, backend
+        assert grads.shape == ref_grads.shape and rel_err(grads, ref_grads) < 5e-2, backend

@@ -262,3 +262,25 @@ def test_gpu_torch_compile_inductor_fullgraph(dim):
     assert torch.equal(y0, e0) and torch.equal(y1, e1)
     (y0.float().sum() + y1.float().sum()).backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, fragment",
+    [
+        (lambda x0, x1, p, h: (x0, x1[:-1], p, h), ValueError, "x1 has shape"),
+        (lambda x0, x1, p, h: (x0, x1, p, 0), ValueError, "num_heads must be positive"),
+        (lambda x0, x1, p, h: (x0, x1, p, 5), ValueError, "is not divisible by num_heads=5"),
+        (lambda x0, x1, p, h: (x0, x1, [*p[:6], p[6][:-1], *p[7:]], h), ValueError,
+         r"params\['cross_attn_0_to_1.in_proj_weight'\] has shape"),
+        (lambda x0, x1, p, h: (x0, x1, [t.float() for t in p], h), TypeError, "has dtype torch.float32"),
+    ],
+    ids=["x1 rows", "zero heads", "heads do not divide", "short weight", "param dtype"],
+)
+def test_custom_op_called_directly_validates_its_arguments(mutate, exc, fragment):
+    """torch.ops.gemini_kernels.triton_fusion_fwd is public: bad arguments raise, never reach a kernel."""
+    x0, x1, params = make_case((3, 4), 16)
+    args = mutate(x0, x1, list(params), 4)
+    with pytest.raises(exc, match=fragment):
+        torch.ops.gemini_kernels.triton_fusion_fwd(*args)
+    y = torch.ops.gemini_kernels.triton_fusion_fwd(x0[:0], x1[:0], list(params), 4)
+    assert y[0].shape == (0, 4, 16)

@@ -5,7 +5,7 @@ import torch
 
 from .backends import get_fusion, resolve_backend
 from .params import ParamsLike, as_fusion_params
-from .validation import check_inputs, check_params, check_width
+from .validation import check_call
 
 
 def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_heads: int = 8,
@@ -24,16 +24,7 @@ def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_he
         ``(y0, y1)``, each of the shape and dtype of ``x0``.
     """
     params = as_fusion_params(params)
-    width = params.fc2_weight
-    if not isinstance(width, torch.Tensor) or width.dim() != 2 or width.shape[0] != width.shape[1]:
-        raise ValueError(
-            f"params['relation_judger.0.fc2.weight'] must be a (dim, dim) tensor, which sets the width; "
-            f"got {getattr(width, 'shape', type(width).__name__)}"
-        )
-    dim = width.shape[0]
-    check_width(dim, num_heads)
-    check_inputs(x0, x1, dim)
-    check_params(params, x0)
+    check_call(x0, x1, params, num_heads)
     name = resolve_backend(backend, x0.device)
     if x0.numel() == 0:
         # Kernels may assume at least one pixel; the oracle returns empty outputs (and zero gradients).

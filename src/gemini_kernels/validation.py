@@ -66,3 +66,18 @@ def check_params(params: FusionParams, x: Tensor) -> None:
                 f"params[{name!r}] has dtype {tensor.dtype} but x0 has {x.dtype}; expected the same dtype "
                 f"(convert the module with .to({x.dtype}) or run under torch.autocast)"
             )
+
+
+def check_call(x0, x1, params: FusionParams, num_heads) -> None:
+    """Everything a fusion call needs: the width (set by the parameters), the heads, both inputs and
+    every parameter. Used by the public API and by the backends' custom ops, which are public too."""
+    width = params.fc2_weight
+    if not isinstance(width, Tensor) or width.dim() != 2 or width.shape[0] != width.shape[1]:
+        raise ValueError(
+            f"params['relation_judger.0.fc2.weight'] must be a (dim, dim) tensor, which sets the width; "
+            f"got {getattr(width, 'shape', type(width).__name__)}"
+        )
+    dim = width.shape[0]
+    check_width(dim, num_heads)
+    check_inputs(x0, x1, dim)
+    check_params(params, x0)

@@ -91,9 +91,10 @@ def fusion(x0: torch.Tensor, x1: torch.Tensor, params: FusionParams, num_heads: 
     if not _load():
         raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
     device_type = x0.device.type
-    if torch.is_autocast_enabled(device_type):
+    if x0.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         # As the oracle under autocast: products in the autocast dtype, softmaxes in float32 (the
-        # kernels accumulate in float32), outputs in the dtype of the inputs.
+        # kernels accumulate in float32), outputs in the dtype of the inputs. Autocast leaves
+        # float64 alone, and so does this.
         compute = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             y0, y1 = _FusionFunction.apply(x0.to(compute), x1.to(compute), num_heads,

@@ -57,6 +57,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..params import FusionParams
+from ..validation import check_call
 
 # The interpreter is chosen when @triton.jit runs (at import), from TRITON_INTERPRET at that moment.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -72,6 +73,9 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 def unavailable_reason(device) -> Optional[str]:
     device = torch.device(device)
     if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # bf16 tl.dot and the tile shapes of the fused kernel need Ampere or newer
+            return f"the Triton kernels need compute capability 8.0 or newer; {device} has {major}.{minor}"
         return None
     if device.type == "cpu":
         if _INTERPRETED:
@@ -355,8 +359,9 @@ class FusedConfig(NamedTuple):
 
 def _row_config(width: int) -> RowConfig:
     # ~2048 elements per program keeps the 4-6 live tiles of the widest row kernel within the
-    # register file with no spills, even at one row of 2048 lanes (dim 1536).
-    return RowConfig(block_m=max(1, min(64, 2048 // width)), num_warps=4 if width <= 512 else 8)
+    # register file with no spills, even at one row of 2048 lanes (dim 1536). From 256 lanes on, 8
+    # warps: float32 relation_bwd at (8 rows, 256 lanes, 4 warps) spills on sm_90a (sm90_check).
+    return RowConfig(block_m=max(1, min(64, 2048 // width)), num_warps=4 if width < 256 else 8)
 
 
 def head_layout(dim: int, num_heads: int):
@@ -386,7 +391,12 @@ def split_configs(dim: int, num_heads: int):
     return {"row": _row_config(triton.next_power_of_2(dim)), "head": _row_config(h_pad * dh_pad)}
 
 
-def config_table(dims: Sequence[int] = (24, 32, 64, 96, 320, 512, 1536), num_heads: int = 8,
+# Representative widths: every MiT stage width (32, 64, 128, 160, 256, 320, 512), the fused path's
+# smallest (16), odd head widths (24 -> 3, 96 -> 12) and Swin-L's widest (1536).
+CHECKED_WIDTHS = (16, 24, 32, 64, 96, 128, 160, 256, 320, 512, 1536)
+
+
+def config_table(dims: Sequence[int] = CHECKED_WIDTHS, num_heads: int = 8,
                  dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)):
     """Every distinct (kernel, constexprs, launch options) the launchers pick for these widths and
     dtypes: what the sm_90a compile check enumerates."""
@@ -604,6 +614,9 @@ def _rows(t: Tensor, dim: int) -> Tensor:
 @torch.library.custom_op("gemini_kernels::triton_fusion_fwd", mutates_args=())
 def fusion_fwd_op(x0: Tensor, x1: Tensor, params: List[Tensor], num_heads: int) -> List[Tensor]:
     """(y0, y1) for ``(..., C)`` inputs; parameters in FusionParams order, all of the inputs' dtype."""
+    check_call(x0, x1, FusionParams(*params), num_heads)  # the op is public: torch.ops.gemini_kernels
+    if x0.numel() == 0:
+        return [x0.new_empty(x0.shape), x1.new_empty(x1.shape)]
     dim = x0.shape[-1]
     p = FusionParams(*(t.contiguous() for t in params))
     with torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext():
@@ -620,6 +633,13 @@ def _(x0, x1, params, num_heads):
 def fusion_bwd_op(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, params: List[Tensor],
                   num_heads: int) -> List[Tensor]:
     """``[gx0, gx1, *param_grads]``: the gradients of ``fusion_fwd_op`` for output gradients gy0, gy1."""
+    check_call(x0, x1, FusionParams(*params), num_heads)
+    for name, g, x in (("gy0", gy0, x0), ("gy1", gy1, x1)):
+        if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+            raise ValueError(f"{name} must match x{name[-1]} ({tuple(x.shape)}, {x.dtype}, {x.device}); "
+                             f"got ({tuple(g.shape)}, {g.dtype}, {g.device})")
+    if x0.numel() == 0:
+        return [torch.zeros_like(x0), torch.zeros_like(x1), *(torch.zeros_like(t) for t in params)]
     dim = x0.shape[-1]
     p = FusionParams(*(t.contiguous() for t in params))
     with torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext():
