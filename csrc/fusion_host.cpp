@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fusion_api.h"
@@ -31,20 +32,33 @@ namespace {
 
 // ---- row stages -------------------------------------------------------------------------------
 
-template <class StageT, class T>
+template <class StageT>
+constexpr bool loops_over_heads() {
+  return std::is_same_v<StageT, MixForward> || std::is_same_v<StageT, MixBackward>;
+}
+
+// One row; the mix stages with the head width as a compile-time constant (see fusion_math.h).
+template <class StageT, class T, int kHeadWidth>
+inline void run_row(const FusionBuffers& b, int64_t row) {
+  if constexpr (loops_over_heads<StageT>()) {
+    StageT::template run<SerialTeam, T, kHeadWidth>(SerialTeam{}, b, row);
+  } else {
+    StageT::template run<SerialTeam, T>(SerialTeam{}, b, row);
+  }
+}
+
+template <class StageT, class T, int kHeadWidth>
 void rows_baseline(const FusionBuffers& b, int64_t begin, int64_t end) {
-  const SerialTeam team;
-  for (int64_t row = begin; row < end; ++row) StageT::template run<SerialTeam, T>(team, b, row);
+  for (int64_t row = begin; row < end; ++row) run_row<StageT, T, kHeadWidth>(b, row);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GK_HAVE_AVX2_ROWS 1
 // The same loop for CPUs with AVX2 and FMA: GCC inlines the stage (compiled for the baseline ISA,
 // a subset of this one) and vectorizes its channel loops eight floats wide.
-template <class StageT, class T>
+template <class StageT, class T, int kHeadWidth>
 __attribute__((target("avx2,fma"))) void rows_avx2(const FusionBuffers& b, int64_t begin, int64_t end) {
-  const SerialTeam team;
-  for (int64_t row = begin; row < end; ++row) StageT::template run<SerialTeam, T>(team, b, row);
+  for (int64_t row = begin; row < end; ++row) run_row<StageT, T, kHeadWidth>(b, row);
 }
 #endif
 
@@ -58,13 +72,29 @@ bool use_avx2() {
 #endif
 }
 
-template <class StageT, class T>
-void run_rows(const FusionBuffers& b, int64_t begin, int64_t end) {
+template <class StageT, class T, int kHeadWidth>
+void run_rows_of_width(const FusionBuffers& b, int64_t begin, int64_t end) {
 #if defined(GK_HAVE_AVX2_ROWS)
   static const bool avx2 = use_avx2();
-  if (avx2) return rows_avx2<StageT, T>(b, begin, end);
+  if (avx2) return rows_avx2<StageT, T, kHeadWidth>(b, begin, end);
 #endif
-  rows_baseline<StageT, T>(b, begin, end);
+  rows_baseline<StageT, T, kHeadWidth>(b, begin, end);
+}
+
+template <class StageT, class T>
+void run_rows(const FusionBuffers& b, int64_t begin, int64_t end) {
+  if constexpr (loops_over_heads<StageT>()) {
+    // The head widths of the usual configurations (C = 64 to 512, 1 to 8 heads, or width 32/64).
+    switch (b.channels / b.heads) {
+      case 8: return run_rows_of_width<StageT, T, 8>(b, begin, end);
+      case 16: return run_rows_of_width<StageT, T, 16>(b, begin, end);
+      case 32: return run_rows_of_width<StageT, T, 32>(b, begin, end);
+      case 40: return run_rows_of_width<StageT, T, 40>(b, begin, end);
+      case 64: return run_rows_of_width<StageT, T, 64>(b, begin, end);
+      default: break;
+    }
+  }
+  run_rows_of_width<StageT, T, 0>(b, begin, end);
 }
 
 // The untiled chain's runner: rows spread over the intra-op threads.
@@ -143,7 +173,7 @@ void add_column_sums(int64_t rows, int64_t n, const T* a, int64_t lda, T* sums) 
 // Pixels per tile: the forward's intermediates of a tile (2 x 5C for g, 2 x 2C more) take about
 // 56 C bytes per pixel in float, so 128 pixels at C=64 are about 460 KiB, within one core's L2.
 int64_t tile_pixels(int64_t C, int64_t per_pixel_elements, size_t element_size) {
-  constexpr int64_t kTileBytes = 384 * 1024;
+  static const int64_t kTileBytes = getenv("GK_TILE_KB") ? atoi(getenv("GK_TILE_KB")) * 1024 : 384 * 1024;
   const int64_t pixels = kTileBytes / (per_pixel_elements * C * static_cast<int64_t>(element_size));
   return std::max<int64_t>(16, pixels / 16 * 16);
 }
