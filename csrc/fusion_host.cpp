@@ -1,13 +1,14 @@
 // The host C++ path: serves `backend="cuda"` for CPU tensors.
 //
 // float32 and float64 run the whole chain of fusion_api.cpp (GEMMs and row stages) on tiles of a few
-// dozen pixels, one tile at a time per intra-op thread, so that every intermediate stays in the
-// core's L2 cache: with the untiled chain the GEMMs at C=64 are bound by memory, not arithmetic, and
-// each row stage is another pass over DRAM. The tile GEMMs call BLAS directly (cpublas, MKL in torch's
-// builds) with the thread's own buffers; the row stages are those of fusion_math.h, compiled twice,
-// for the x86-64 baseline and for AVX2+FMA, and picked at run time by torch's own CPU capability
-// (so ATEN_CPU_CAPABILITY=default selects the baseline code). The backward sums the weight gradients
-// of its tiles per thread, then over threads in thread order: deterministic for a given thread count.
+// hundred pixels (about 1 MiB of intermediates), a contiguous run of tiles per intra-op thread, so
+// that a GEMM's output is read by the next row stage while it is still in cache: with the untiled
+// chain the GEMMs at C=64 are bound by memory, not arithmetic, and each row stage is another pass
+// over DRAM. The tile GEMMs are at::mm_out / addmm_ on views of the thread's own buffers; the row
+// stages are those of fusion_math.h, compiled twice, for the x86-64 baseline and for AVX2+FMA, and
+// picked at run time by torch's own CPU capability (so ATEN_CPU_CAPABILITY=default selects the
+// baseline code). The backward sums the weight gradients of its tiles per thread, then over threads
+// in thread order: deterministic for a given thread count.
 //
 // float16 and bfloat16 take the untiled chain of fusion_api.cpp, whose GEMMs round each product once
 // rather than once per tile.
@@ -117,9 +118,9 @@ void run_stage(Stage stage, const FusionBuffers& b) {
   }
 }
 
+// Only float16 and bfloat16 take the untiled chain (see forward_cpu).
 void host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gemini_kernels_host_stage",
-                                  [&] { run_stage<scalar_t>(stage, b); });
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "gemini_kernels_host_stage", [&] { run_stage<scalar_t>(stage, b); });
 }
 
 // ---- tile GEMMs: at::mm_out / addmm_ on views of the tile buffers (so MKL's sgemm, single-threaded
