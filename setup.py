@@ -46,7 +46,9 @@ def extension_build():
     # torch's CPU build runs at::parallel_for on OpenMP; the inline header needs -fopenmp to be parallel.
     # -fno-trapping-math and -fno-math-errno (torch's own flags) let the compiler if-convert and
     # vectorize the per-pixel loops of the host path.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    # -fno-wrapv undoes the -fwrapv of Python's own CFLAGS, which setuptools passes first: with wrapping
+    # signed ints GCC cannot count the iterations of the channel loops and leaves some of them scalar.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"]
     if _compiler_is_gcc():
         # The mix stages read and write a dozen rows; GCC's default of 10 alias checks keeps them scalar.
         cxx_flags.append("--param=vect-max-version-for-alias-checks=40")

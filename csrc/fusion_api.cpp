@@ -24,20 +24,6 @@
 #include "fusion_api.h"
 
 namespace gk {
-namespace {
-
-constexpr int kNumParams = 14;
-
-// The parameters rearranged for the batched GEMMs (a few C x C copies, small next to M x C).
-struct PackedWeights {
-  at::Tensor wx;       // (2, 5C, C): rows [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}] for direction d
-  at::Tensor w2;       // (C, C)
-  at::Tensor wk;       // (2, C, C)
-  at::Tensor wv;       // (2, C, C)
-  at::Tensor wo;       // (2, C, C)
-  at::Tensor b1, b2;   // (C,)
-  at::Tensor k_noise, v_noise, bq, bv, bo, vn_proj;  // (2, C)
-};
 
 PackedWeights pack_weights(at::TensorList p, int64_t C) {
   const at::Tensor& fc1_weight = p[0];
@@ -86,6 +72,19 @@ void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList 
   }
 }
 
+void check_backward_arguments(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                              const at::Tensor& gate, int64_t num_heads) {
+  const int64_t M = x0.numel() / x0.size(-1);
+  for (const at::Tensor& grad : {grad_y0, grad_y1}) {
+    TORCH_CHECK(grad.sizes() == x0.sizes() && grad.dtype() == x0.dtype() && grad.device() == x0.device(),
+                "gemini_kernels: grad_y0 and grad_y1 must have the shape, dtype and device of x0");
+  }
+  TORCH_CHECK(gate.numel() == 2 * M * num_heads && gate.scalar_type() == accumulation_type(x0.scalar_type()),
+              "gemini_kernels: gate must be the third output of fusion_forward");
+}
+
+namespace {
+
 const char* stage_name(Stage stage) {
   switch (stage) {
     case Stage::HiddenForward: return "gemini_kernels::hidden_forward";
@@ -102,10 +101,6 @@ const char* stage_name(Stage stage) {
 void run_stage(StageRunner run, Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
   RECORD_FUNCTION(stage_name(stage), std::vector<c10::IValue>());
   run(stage, dtype, b);
-}
-
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The forward chain up to the key projection, shared by the forward and the backward's recompute.
@@ -168,6 +163,8 @@ KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWei
   return k;
 }
 
+}  // namespace
+
 std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads) {
   std::vector<int64_t> out{2};
   out.insert(out.end(), x_shape.begin(), x_shape.end());
@@ -175,7 +172,9 @@ std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads) {
   return out;
 }
 
-}  // namespace
+at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_forward(const at::Tensor& x0, const at::Tensor& x1,
                                                               at::TensorList params, int64_t num_heads,
@@ -205,12 +204,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   check_arguments(x0, x1, params, num_heads);
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
-  for (const at::Tensor& grad : {grad_y0, grad_y1}) {
-    TORCH_CHECK(grad.sizes() == x0.sizes() && grad.dtype() == x0.dtype() && grad.device() == x0.device(),
-                "gemini_kernels: grad_y0 and grad_y1 must have the shape, dtype and device of x0");
-  }
-  TORCH_CHECK(gate.numel() == 2 * M * num_heads && gate.scalar_type() == accumulation_type(x0.scalar_type()),
-              "gemini_kernels: gate must be the third output of fusion_forward");
+  check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
   const PackedWeights w = pack_weights(params, C);
@@ -262,19 +256,39 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
     grad_x[d].addmm_(grad_g[d], w.wx[d]);
     grad_wx[d] = at::mm(grad_g[d].t(), k.x[d]);
   }
-  const at::Tensor grad_g_sum[2] = {grad_g[0].sum(0), grad_g[1].sum(0)};  // (5C,): the bias gradients
+  WeightGradients r;
+  for (int d = 0; d < 2; ++d) {
+    r.grad_x[d] = grad_x[d];
+    r.grad_wx[d] = grad_wx[d];
+    r.grad_g_sum[d] = grad_g[d].sum(0);
+    r.grad_wo[d] = grad_wo[d];
+    r.grad_bo[d] = gy[d].sum(0);
+  }
+  r.grad_w2 = grad_w2;
+  r.grad_b2 = grad_z.sum(0);
+  r.grad_k_noise = grad_k_noise;
+  r.grad_wk = grad_wk;
+  return assemble_gradients(r, w, x0, x1);
+}
+
+std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const PackedWeights& w, const at::Tensor& x0,
+                                           const at::Tensor& x1) {
+  const int64_t C = x0.size(-1);
+  const auto options = x0.options();
+  const at::Tensor (&grad_wx)[2] = r.grad_wx;
+  const at::Tensor (&grad_g_sum)[2] = r.grad_g_sum;
 
   auto block = [C](const at::Tensor& t, int64_t i) { return t.narrow(0, i * C, C); };
   std::vector<at::Tensor> grads;
   grads.reserve(2 + kNumParams);
-  grads.push_back(grad_x[0].view(x0.sizes()));
-  grads.push_back(grad_x[1].view(x1.sizes()));
+  grads.push_back(r.grad_x[0].view(x0.sizes()));
+  grads.push_back(r.grad_x[1].view(x1.sizes()));
   // fc1: W1a and W1b are shared by the directions.
   grads.push_back(at::cat({block(grad_wx[0], 0) + block(grad_wx[1], 0), block(grad_wx[0], 1) + block(grad_wx[1], 1)}, 1));
   grads.push_back(block(grad_g_sum[0], 0) + block(grad_g_sum[1], 0));
-  grads.push_back(grad_w2);
-  grads.push_back(grad_z.sum(0));
-  grads.push_back(grad_k_noise);
+  grads.push_back(r.grad_w2);
+  grads.push_back(r.grad_b2);
+  grads.push_back(r.grad_k_noise);
   at::Tensor grad_v_noise = at::empty({2, C}, options);
   std::vector<at::Tensor> per_direction;
   for (int d = 0; d < 2; ++d) {
@@ -282,12 +296,12 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
     const at::Tensor grad_vn_proj = block(grad_g_sum[d], 3);
     grad_v_noise[d].copy_(at::mv(w.wv[d].t(), grad_vn_proj));
     const at::Tensor grad_wv = block(grad_wx[d], 3) + block(grad_wx[1 - d], 4) + at::outer(grad_vn_proj, w.v_noise[d]);
-    per_direction.push_back(at::cat({block(grad_wx[d], 2), grad_wk[d], grad_wv}));
+    per_direction.push_back(at::cat({block(grad_wx[d], 2), r.grad_wk[d], grad_wv}));
     // The key bias cancels in k_self - k_cross, so its gradient is exactly zero.
     per_direction.push_back(at::cat({block(grad_g_sum[d], 2), at::zeros({C}, options),
                                      block(grad_g_sum[d], 3) + block(grad_g_sum[1 - d], 4)}));
-    per_direction.push_back(grad_wo[d]);
-    per_direction.push_back(gy[d].sum(0));
+    per_direction.push_back(r.grad_wo[d]);
+    per_direction.push_back(r.grad_bo[d]);
   }
   grads.push_back(grad_v_noise);
   grads.insert(grads.end(), per_direction.begin(), per_direction.end());

@@ -12,6 +12,51 @@
 
 namespace gk {
 
+constexpr int kNumParams = 14;
+
+// The parameters rearranged for the batched GEMMs (a few C x C copies, small next to M x C).
+struct PackedWeights {
+  at::Tensor wx;       // (2, 5C, C): rows [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}] for direction d
+  at::Tensor w2;       // (C, C)
+  at::Tensor wk;       // (2, C, C)
+  at::Tensor wv;       // (2, C, C)
+  at::Tensor wo;       // (2, C, C)
+  at::Tensor b1, b2;   // (C,)
+  at::Tensor k_noise, v_noise, bq, bv, bo, vn_proj;  // (2, C)
+};
+
+PackedWeights pack_weights(at::TensorList params, int64_t C);
+
+// Checks what the kernels would otherwise read out of bounds.
+void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads);
+
+// Checks the backward's extra arguments against x0 (after check_arguments).
+void check_backward_arguments(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                              const at::Tensor& gate, int64_t num_heads);
+
+// float for float/half/bfloat16, double for double: the dtype of the gates and the log-sum-exps.
+at::ScalarType accumulation_type(at::ScalarType t);
+
+// (2, *x_shape[:-1], num_heads)
+std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads);
+
+// The reduced gradients of a backward, before they are rearranged into the parameters' layout.
+struct WeightGradients {
+  at::Tensor grad_x[2];      // (M, C): d/dx_d
+  at::Tensor grad_wx[2];     // (5C, C): d/dwx[d]
+  at::Tensor grad_g_sum[2];  // (5C,): column sums of d/dg[d]
+  at::Tensor grad_w2;        // (C, C)
+  at::Tensor grad_b2;        // (C,)
+  at::Tensor grad_k_noise;   // (2, C)
+  at::Tensor grad_wk;        // (2, C, C)
+  at::Tensor grad_wo[2];     // (C, C)
+  at::Tensor grad_bo[2];     // (C,): column sums of grad_y[d]
+};
+
+// The gradients of x0, x1 and the 14 parameters, in that order, from the reduced ones.
+std::vector<at::Tensor> assemble_gradients(const WeightGradients& reduced, const PackedWeights& w, const at::Tensor& x0,
+                                           const at::Tensor& x1);
+
 // Runs `stage` over every row of `buffers`, whose tensors have dtype `dtype` and live on the device
 // the runner serves; returns when the work is queued (CUDA) or done (host).
 using StageRunner = void (*)(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers);

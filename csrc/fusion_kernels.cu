@@ -37,6 +37,8 @@ struct WarpTeam {
   __device__ __forceinline__ int first() const { return lane; }
   __device__ __forceinline__ int stride() const { return kWarpSize; }
   __device__ __forceinline__ bool leader() const { return lane == 0; }
+  // Orders the lanes' memory accesses: what one lane wrote before it, the others read after it.
+  __device__ __forceinline__ void sync() const { __syncwarp(kFullMask); }
   template <class A>
   __device__ __forceinline__ A sum(A v) const {
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);

@@ -28,12 +28,15 @@
 #endif
 
 // On the host, let the compiler vectorize a loop that accumulates `var` (a float sum is otherwise
-// kept in order, and the loop scalar). Needs -fopenmp or -fopenmp-simd; a no-op elsewhere.
+// kept in order, and the loop scalar). GK_SIMD marks the elementwise loops, whose iteration c reads
+// and writes index c only (also in place), so that they vectorize without run-time alias checks. Needs -fopenmp or -fopenmp-simd; a no-op elsewhere.
 #if defined(_OPENMP) && !defined(__CUDACC__)
+#define GK_SIMD _Pragma("omp simd")
 #define GK_SIMD_SUM(var) _Pragma(GK_STRINGIFY(omp simd reduction(+ : var)))
 #define GK_SIMD_MAX(var) _Pragma(GK_STRINGIFY(omp simd reduction(max : var)))
 #define GK_STRINGIFY(x) #x
 #else
+#define GK_SIMD
 #define GK_SIMD_SUM(var)
 #define GK_SIMD_MAX(var)
 #endif
@@ -213,6 +216,7 @@ struct SerialTeam {
   GK_HD int first() const { return 0; }
   GK_HD int stride() const { return 1; }
   GK_HD bool leader() const { return true; }
+  GK_HD void sync() const {}
   template <class A>
   GK_HD A sum(A v) const { return v; }
   template <class A>
@@ -228,7 +232,11 @@ struct RowIndex {
   GK_HD RowIndex(int64_t r, int64_t pixels) : d(r / pixels), pixel(r % pixels), row(r), other(1 - r / pixels) {}
 };
 
-// ---- forward stages ---------------------------------------------------------------------------
+// ---- forward stages ----
+//
+// The mix stages take the head width as an optional compile-time constant (kHeadWidth, 0 for "read
+// it from the buffers"): the host instantiates them for common widths, so that the loops over one
+// head have a known trip count and the compiler vectorizes them without remainder loops.-----------------------------------------------------------------------
 
 // Whether a row's scratch values may be parked in a T buffer without losing precision.
 template <class T>
@@ -283,6 +291,7 @@ struct RelationForward {
     }
     total = team.sum(total);
     const A inv_total = A(1) / total;
+    GK_SIMD
     for (int c = team.first(); c < C; c += team.stride()) {
       const A p = stores_accumulator<T>() ? V::template load<A>(e[c])
                                           : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
@@ -295,12 +304,12 @@ struct RelationForward {
 // Per head: a = sigmoid(q . dk); mixed = v_cross + a * (v_self - v_cross); y = s + bo.
 struct MixForward {
   GK_HD_TEMPLATE
-  template <class Team, class T>
+  template <class Team, class T, int kHeadWidth = 0>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
     using V = Convert<T>;
     const int C = b.channels;
-    const int width = C / b.heads;
+    const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
     const T* q_raw = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 2 * C;
@@ -316,14 +325,25 @@ struct MixForward {
     T* y = mptr<T>(b.y[ix.d]) + ix.pixel * C;
     A* gate = mptr<A>(b.gate) + ix.row * b.heads;
 
+    // The logits of all heads, then their gates, then the mix: on the host the exp and the division
+    // of one head's gate then overlap with the other heads' instead of stalling each head's mix.
     for (int j = 0; j < b.heads; ++j) {
       const int lo = j * width, hi = lo + width;
       A logit = 0;
       GK_SIMD_SUM(logit)
       for (int c = lo + team.first(); c < hi; c += team.stride())
         logit += (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale * V::template load<A>(dk[c]);
-      const A a = two_way_softmax(team.sum(logit));
-      if (team.leader()) gate[j] = a;
+      logit = team.sum(logit);
+      if (team.leader()) gate[j] = logit;
+    }
+    team.sync();
+    GK_SIMD
+    for (int j = team.first(); j < b.heads; j += team.stride()) gate[j] = two_way_softmax(gate[j]);
+    team.sync();
+    for (int j = 0; j < b.heads; ++j) {
+      const int lo = j * width, hi = lo + width;
+      const A a = gate[j];
+      GK_SIMD
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
         const A vo = V::template load<A>(v_other[c]);
         const A v_cross = vo + V::template load<A>(bv[c]);
@@ -342,12 +362,12 @@ struct MixForward {
 // over g.
 struct MixBackward {
   GK_HD_TEMPLATE
-  template <class Team, class T>
+  template <class Team, class T, int kHeadWidth = 0>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
     using V = Convert<T>;
     const int C = b.channels;
-    const int width = C / b.heads;
+    const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
     const T* q_raw = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 2 * C;
@@ -375,6 +395,7 @@ struct MixBackward {
         grad_a += V::template load<A>(grad_mixed[c]) * v_delta;
       }
       const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
+      GK_SIMD
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
         const A vo = V::template load<A>(v_other[c]);
         const A vs = V::template load<A>(v_self[c]);
@@ -420,6 +441,7 @@ struct RelationBackward {
       dot -= rel * V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
     }
     dot = team.sum(dot);
+    GK_SIMD
     for (int c = team.first(); c < C; c += team.stride()) {
       const A rel = stores_accumulator<T>() ? V::template load<A>(z[c])
                                             : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);

@@ -126,6 +126,27 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
+# Pixel counts over the host path's tile size (about 1 MiB of intermediates: 576 / 400 pixels at
+# C=16 in float64, 288 / 192 at C=64 in float32, forward / backward), with a partial last tile, on
+# two threads: the tiles, their offsets and the per-thread gradient sums all take part.
+@pytest.mark.parametrize("shape,dim,heads,dtype,out_bound,grad_bound", [
+    ((3, 1001), 16, 4, torch.float64, 1e-12, 1e-11),
+    ((2, 1111), 64, 8, torch.float32, 1e-5, 1e-4),
+], ids=str)
+def test_many_tiles_on_two_threads(shape, dim, heads, dtype, out_bound, grad_bound):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x0, x1, params = make_case(shape, dim, dtype=dtype, requires_grad=True, seed=8)
+        assert_matches_oracle(x0, x1, params, heads, out_bound=out_bound, grad_bound=grad_bound)
+        first = outputs_and_grads(cuda_backend, x0, x1, params, heads)
+        second = outputs_and_grads(cuda_backend, x0, x1, params, heads)
+        for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_one_output_unused():
     x0, x1, params = make_case((5,), 16, requires_grad=True, seed=7)
     inputs = [x0, x1, *params]
