@@ -53,34 +53,56 @@ PackedWeights pack_weights(at::TensorList p, int64_t C) {
 // Kernels trust their pointers, so the op checks what would make them read out of bounds even when
 // called directly (torch.ops.gemini_kernels.*) rather than through the validating Python API.
 void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  TORCH_CHECK(x0.dim() >= 1 && x0.numel() > 0, "gemini_kernels: x0 must be a non-empty (..., C) tensor");
-  TORCH_CHECK(x1.sizes() == x0.sizes() && x1.dtype() == x0.dtype() && x1.device() == x0.device(),
-              "gemini_kernels: x1 must match x0 in shape, dtype and device");
+  TORCH_CHECK(x0.dim() >= 1 && x0.numel() > 0, "gemini_kernels: x0 must be a non-empty (..., C) tensor; got shape ",
+              x0.sizes());
+  TORCH_CHECK(at::isFloatingType(x0.scalar_type()), "gemini_kernels: x0 must be a floating-point tensor; got ",
+              x0.scalar_type());
+  TORCH_CHECK(x1.sizes() == x0.sizes(), "gemini_kernels: x1 has shape ", x1.sizes(), " but x0 has ", x0.sizes(),
+              "; expected the same shape");
+  TORCH_CHECK(x1.scalar_type() == x0.scalar_type(), "gemini_kernels: x1 has dtype ", x1.scalar_type(),
+              " but x0 has ", x0.scalar_type(), "; expected the same dtype");
+  TORCH_CHECK(x1.device() == x0.device(), "gemini_kernels: x1 is on ", x1.device(), " but x0 is on ", x0.device(),
+              "; expected the same device");
   const int64_t C = x0.size(-1);
   TORCH_CHECK(num_heads >= 1 && C % num_heads == 0, "gemini_kernels: num_heads=", num_heads,
-              " must divide the channel count ", C);
-  TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams, " parameters, got ",
-              params.size());
+              " must be positive and divide the channel count C=", C);
+  TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams,
+              " parameters in FusionParams order, got ", params.size());
+  static const char* const names[kNumParams] = {
+      "relation_judger.0.fc1.weight",      "relation_judger.0.fc1.bias",       "relation_judger.0.fc2.weight",
+      "relation_judger.0.fc2.bias",        "k_noise.weight",                   "v_noise.weight",
+      "cross_attn_0_to_1.in_proj_weight",  "cross_attn_0_to_1.in_proj_bias",   "cross_attn_0_to_1.out_proj.weight",
+      "cross_attn_0_to_1.out_proj.bias",   "cross_attn_1_to_0.in_proj_weight", "cross_attn_1_to_0.in_proj_bias",
+      "cross_attn_1_to_0.out_proj.weight", "cross_attn_1_to_0.out_proj.bias"};
   const std::vector<int64_t> shapes[kNumParams] = {{C, 2 * C}, {C}, {C, C}, {C},         {2, C},
                                                    {2, C},     {3 * C, C}, {3 * C}, {C, C}, {C},
                                                    {3 * C, C}, {3 * C},    {C, C},  {C}};
   for (int i = 0; i < kNumParams; ++i) {
-    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), "gemini_kernels: parameter ", i, " has shape ",
-                params[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]));
-    TORCH_CHECK(params[i].dtype() == x0.dtype() && params[i].device() == x0.device(), "gemini_kernels: parameter ",
-                i, " must have the dtype and device of x0");
+    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), "gemini_kernels: params['", names[i],
+                "'] has shape ", params[i].sizes(), "; expected ", at::IntArrayRef(shapes[i]), " for C=", C);
+    TORCH_CHECK(params[i].scalar_type() == x0.scalar_type() && params[i].device() == x0.device(),
+                "gemini_kernels: params['", names[i], "'] is ", params[i].scalar_type(), " on ", params[i].device(),
+                "; expected x0's ", x0.scalar_type(), " on ", x0.device());
   }
 }
 
 void check_backward_arguments(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                               const at::Tensor& gate, int64_t num_heads) {
   const int64_t M = x0.numel() / x0.size(-1);
-  for (const at::Tensor& grad : {grad_y0, grad_y1}) {
-    TORCH_CHECK(grad.sizes() == x0.sizes() && grad.dtype() == x0.dtype() && grad.device() == x0.device(),
-                "gemini_kernels: grad_y0 and grad_y1 must have the shape, dtype and device of x0");
+  const char* const names[2] = {"grad_y0", "grad_y1"};
+  const at::Tensor* grads[2] = {&grad_y0, &grad_y1};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& grad = *grads[i];
+    TORCH_CHECK(grad.sizes() == x0.sizes() && grad.scalar_type() == x0.scalar_type() && grad.device() == x0.device(),
+                "gemini_kernels: ", names[i], " is ", grad.scalar_type(), grad.sizes(), " on ", grad.device(),
+                "; expected x0's ", x0.scalar_type(), x0.sizes(), " on ", x0.device());
   }
-  TORCH_CHECK(gate.numel() == 2 * M * num_heads && gate.scalar_type() == accumulation_type(x0.scalar_type()),
-              "gemini_kernels: gate must be the third output of fusion_forward");
+  const auto gate_type = accumulation_type(x0.scalar_type());
+  TORCH_CHECK(gate.numel() == 2 * M * num_heads && gate.scalar_type() == gate_type && gate.device() == x0.device() &&
+                  gate.is_contiguous(),
+              "gemini_kernels: gate must be the third output of fusion_forward: a contiguous ", gate_type,
+              " tensor of ", 2 * M * num_heads, " elements on ", x0.device(), "; got ", gate.scalar_type(), " ",
+              gate.sizes(), " on ", gate.device());
 }
 
 namespace {

@@ -222,7 +222,7 @@ def test_unavailable_reasons(monkeypatch):
 
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
-GPU_BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # NYUDv2 480x640 stages (SPEC §4) at batch 2, and odd shapes (odd pixel counts, head widths 3 to 192).
 GPU_CASES = [
     ((2, 19200), 64, 8),
@@ -276,3 +276,46 @@ def test_gpu_autocast_follows_the_oracle():
         r0, r1 = gemini_fusion_reference(x0, x1, params, 8)
     assert y0.dtype == r0.dtype == torch.float32
     assert rel_err(y0, r0) < 2e-2 and rel_err(y1, r1) < 2e-2
+
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda x0, x1, p, h: (x0, x1[:-1], p, h), r"x1 has shape \[2, 16\] but x0 has \[3, 16\]"),
+        (lambda x0, x1, p, h: (x0, x1.float(), p, h), "x1 has dtype Float but x0 has Double"),
+        (lambda x0, x1, p, h: (x0, x1, p, 3), "num_heads=3 must be positive and divide the channel count C=16"),
+        (lambda x0, x1, p, h: (x0, x1, [*p[:6], p[6][:-1], *p[7:]], h),
+         r"params\['cross_attn_0_to_1.in_proj_weight'\] has shape \[47, 16\]; expected \[48, 16\]"),
+        (lambda x0, x1, p, h: (x0, x1, [*p[:4], p[4].float(), *p[5:]], h), r"params\['k_noise.weight'\] is Float"),
+        (lambda x0, x1, p, h: (x0.long(), x1.long(), p, h), "x0 must be a floating-point tensor"),
+    ],
+    ids=["x1 shape", "x1 dtype", "heads", "param shape", "param dtype", "integer input"],
+)
+def test_ops_called_directly_validate_their_arguments(mutate, fragment):
+    """torch.ops.gemini_kernels.fusion_forward is public: bad arguments raise before any kernel runs."""
+    x0, x1, params = make_case((3,), 16)
+    with pytest.raises(RuntimeError, match=fragment):
+        torch.ops.gemini_kernels.fusion_forward(*mutate(x0, x1, list(params), 4))
+
+
+def test_backward_op_checks_the_gate():
+    x0, x1, params = make_case((3,), 16)
+    y0, y1, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4)
+    for bad in (gate.to(torch.float32), gate.flatten()[:-1]):
+        with pytest.raises(RuntimeError, match="gate must be the third output of fusion_forward"):
+            torch.ops.gemini_kernels.fusion_backward(y0, y1, x0, x1, list(params), bad, 4)
+
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dim,heads", [((2, 5), 24, 8), ((7,), 40, 4)], ids=str)
+def test_gpu_gradcheck_float64(shape, dim, heads):
+    """The CUDA kernels (warp reductions in double included) under gradcheck, every input and parameter."""
+    x0, x1, params = make_case(shape, dim, device="cuda", requires_grad=True, seed=dim)
+
+    def f(x0, x1, *params):
+        return cuda_backend(x0, x1, FusionParams(*params), heads)
+
+    assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
