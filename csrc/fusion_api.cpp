@@ -52,6 +52,21 @@ PackedWeights pack_weights(at::TensorList p, int64_t C) {
 
 // Kernels trust their pointers, so the op checks what would make them read out of bounds even when
 // called directly (torch.ops.gemini_kernels.*) rather than through the validating Python API.
+FusionBuffers parameter_buffers(const PackedWeights& w, int64_t C, int64_t num_heads) {
+  FusionBuffers b{};
+  b.channels = static_cast<int>(C);
+  b.heads = static_cast<int>(num_heads);
+  b.scale = 1.0 / std::sqrt(static_cast<double>(C / num_heads));
+  b.b1 = w.b1.const_data_ptr();
+  b.b2 = w.b2.const_data_ptr();
+  b.k_noise = w.k_noise.const_data_ptr();
+  b.bq = w.bq.const_data_ptr();
+  b.bv = w.bv.const_data_ptr();
+  b.vn_proj = w.vn_proj.const_data_ptr();
+  b.bo = w.bo.const_data_ptr();
+  return b;
+}
+
 void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
   TORCH_CHECK(x0.dim() >= 1 && x0.numel() > 0, "gemini_kernels: x0 must be a non-empty (..., C) tensor; got shape ",
               x0.sizes());
@@ -151,19 +166,10 @@ KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWei
   if (for_backward) k.lse = at::empty({2, M}, options.dtype(accumulation_type(dtype)));
 
   FusionBuffers& b = k.buffers;
+  b = parameter_buffers(w, C, num_heads);
   b.pixels = M;
-  b.channels = static_cast<int>(C);
-  b.heads = static_cast<int>(num_heads);
-  b.scale = 1.0 / std::sqrt(static_cast<double>(C / num_heads));
   b.x[0] = k.x[0].const_data_ptr();
   b.x[1] = k.x[1].const_data_ptr();
-  b.b1 = w.b1.const_data_ptr();
-  b.b2 = w.b2.const_data_ptr();
-  b.k_noise = w.k_noise.const_data_ptr();
-  b.bq = w.bq.const_data_ptr();
-  b.bv = w.bv.const_data_ptr();
-  b.vn_proj = w.vn_proj.const_data_ptr();
-  b.bo = w.bo.const_data_ptr();
   b.g[0] = k.g[0].const_data_ptr();
   b.g[1] = k.g[1].const_data_ptr();
   b.hidden = k.hidden.data_ptr();

@@ -26,6 +26,9 @@ struct PackedWeights {
 };
 
 PackedWeights pack_weights(at::TensorList params, int64_t C);
+// The per-layer fields of FusionBuffers (sizes, scale, bias and noise pointers); the caller adds the
+// per-call activation pointers.
+FusionBuffers parameter_buffers(const PackedWeights& w, int64_t C, int64_t num_heads);
 
 // Checks what the kernels would otherwise read out of bounds.
 void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads);
