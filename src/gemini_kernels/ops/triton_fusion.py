@@ -124,6 +124,17 @@ def _head_tile(pid, n_rows, C, head_dim, num_heads,
 
 
 @triton.jit
+def _fc1_preactivation(p_ptr, b1_ptr, rows, cols, mask, n_pix, C, ACC: tl.constexpr):
+    """fc1(concat(self, other)) of rows g of both directions, from p = [x0; x1] @ [W1a; W1b]^T (2N, 2C):
+    row g's self part plus its partner row's (g +- N: the other stream) other part, plus b1."""
+    partner = tl.where(rows < n_pix, rows + n_pix, rows - n_pix)
+    p_self = tl.load(p_ptr + rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :], mask=mask, other=0.0)
+    p_other = tl.load(p_ptr + partner.to(tl.int64)[:, None] * (2 * C) + C + cols[None, :], mask=mask, other=0.0)
+    b1 = tl.load(b1_ptr + cols, mask=cols < C, other=0.0)
+    return p_self.to(ACC) + p_other.to(ACC) + b1.to(ACC)[None, :]
+
+
+@triton.jit
 def _gelu_fwd_kernel(p_ptr, b1_ptr, h_ptr, n_pix, C,
                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """h[g] = GELU(p[g, :C] + p[partner(g), C:] + b1) for the 2N rows g of both directions.
@@ -134,11 +145,7 @@ def _gelu_fwd_kernel(p_ptr, b1_ptr, h_ptr, n_pix, C,
     """
     pid = tl.program_id(0)
     rows, cols, offs, mask = _row_tile(pid, 2 * n_pix, C, BLOCK_M, BLOCK_C)
-    partner = tl.where(rows < n_pix, rows + n_pix, rows - n_pix)
-    p_self = tl.load(p_ptr + rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :], mask=mask, other=0.0)
-    p_other = tl.load(p_ptr + partner.to(tl.int64)[:, None] * (2 * C) + C + cols[None, :], mask=mask, other=0.0)
-    b1 = tl.load(b1_ptr + cols, mask=cols < C, other=0.0)
-    pre = p_self.to(ACC) + p_other.to(ACC) + b1.to(ACC)[None, :]
+    pre = _fc1_preactivation(p_ptr, b1_ptr, rows, cols, mask, n_pix, C, ACC)
     tl.store(h_ptr + offs, _gelu(pre).to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -148,11 +155,7 @@ def _gelu_bwd_kernel(p_ptr, b1_ptr, gh_ptr, gpre_ptr, n_pix, C,
     """gpre = gh * GELU'(pre), the pre-activation recomputed as in ``_gelu_fwd_kernel``."""
     pid = tl.program_id(0)
     rows, cols, offs, mask = _row_tile(pid, 2 * n_pix, C, BLOCK_M, BLOCK_C)
-    partner = tl.where(rows < n_pix, rows + n_pix, rows - n_pix)
-    p_self = tl.load(p_ptr + rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :], mask=mask, other=0.0)
-    p_other = tl.load(p_ptr + partner.to(tl.int64)[:, None] * (2 * C) + C + cols[None, :], mask=mask, other=0.0)
-    b1 = tl.load(b1_ptr + cols, mask=cols < C, other=0.0)
-    pre = p_self.to(ACC) + p_other.to(ACC) + b1.to(ACC)[None, :]
+    pre = _fc1_preactivation(p_ptr, b1_ptr, rows, cols, mask, n_pix, C, ACC)
     gh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
     tl.store(gpre_ptr + offs, (gh * _gelu_grad(pre)).to(gpre_ptr.dtype.element_ty), mask=mask)
 
