@@ -12,8 +12,9 @@
 //   y_d    += mixed[d] @ Wo_d^T                                   GEMM, in place
 // That is 8 C^2 multiply-adds per pixel and direction (SPEC §4), and the per-pixel work between
 // the GEMMs is one pass per stage. The backward recomputes up to dk from the inputs and the saved
-// gates, then runs the transposed chain; every weight gradient is a GEMM or a plain sum, so the
-// result is deterministic.
+// gates (or, when the forward saved its activations, only the row stages: 7 C^2 fewer multiply-adds
+// per pixel and direction), then runs the transposed chain; every weight gradient is a GEMM or a
+// plain sum, so the result is deterministic.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <Python.h>
@@ -120,6 +121,25 @@ void check_backward_arguments(const at::Tensor& grad_y0, const at::Tensor& grad_
               gate.sizes(), " on ", gate.device());
 }
 
+void check_activations(at::TensorList activations, const at::Tensor& x0) {
+  if (activations.empty()) return;
+  const int64_t C = x0.size(-1);
+  const int64_t M = x0.numel() / C;
+  TORCH_CHECK(activations.size() == kNumActivations, "gemini_kernels: activations must be empty or the ",
+              kNumActivations, " tensors fusion_forward returns with save_activations=True; got ", activations.size());
+  static const char* const names[kNumActivations] = {"g0", "g1", "z", "dk"};
+  const std::vector<int64_t> shapes[kNumActivations] = {{M, 5 * C}, {M, 5 * C}, {2, M, C}, {2, M, C}};
+  for (int i = 0; i < kNumActivations; ++i) {
+    const at::Tensor& a = activations[i];
+    TORCH_CHECK(a.sizes() == at::IntArrayRef(shapes[i]) && a.scalar_type() == x0.scalar_type() &&
+                    a.device() == x0.device() && a.is_contiguous(),
+                "gemini_kernels: activations[", i, "] (", names[i], ") is ", a.scalar_type(), a.sizes(), " on ",
+                a.device(), (a.is_contiguous() ? "" : ", not contiguous"), "; expected a contiguous ",
+                x0.scalar_type(), at::IntArrayRef(shapes[i]), " on ", x0.device(),
+                " as fusion_forward returns it for x0");
+  }
+}
+
 namespace {
 
 const char* stage_name(Stage stage) {
@@ -148,20 +168,23 @@ struct KeyChain {
   FusionBuffers buffers{};
 };
 
-// keep_hidden: the backward needs hidden (for d/dW2) and z after the keys; the forward lets e and dk
-// reuse their buffers.
+// for_backward: the backward needs hidden (for d/dW2), z, e and the lse after the keys; the forward
+// lets e and dk reuse their buffers unless it saves z and dk for the backward. saved: the forward's
+// activations (check_activations), whose GEMM outputs are taken instead of recomputed; z is copied,
+// since the backward overwrites it with d/dz.
 KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWeights& w, int64_t num_heads,
-                     bool for_backward, StageRunner run) {
+                     bool for_backward, at::TensorList saved, StageRunner run) {
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
+  const bool resume = !saved.empty();
   KeyChain k;
   k.x[0] = x0.contiguous().view({M, C});
   k.x[1] = x1.contiguous().view({M, C});
-  for (int d = 0; d < 2; ++d) k.g[d] = at::mm(k.x[d], w.wx[d].t());
+  for (int d = 0; d < 2; ++d) k.g[d] = resume ? saved[d] : at::mm(k.x[d], w.wx[d].t());
   k.hidden = at::empty({2, M, C}, options);
-  k.z = at::empty({2, M, C}, options);
+  k.z = resume ? saved[2].clone() : at::empty({2, M, C}, options);
   k.e = for_backward ? at::empty({2, M, C}, options) : k.hidden;  // hidden is dead once z is computed
   if (for_backward) k.lse = at::empty({2, M}, options.dtype(accumulation_type(dtype)));
 
@@ -178,10 +201,14 @@ KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWei
   b.lse = for_backward ? k.lse.data_ptr() : nullptr;
 
   run_stage(run, Stage::HiddenForward, dtype, b);
-  at::Tensor z_rows = k.z.view({2 * M, C});
-  at::mm_out(z_rows, k.hidden.view({2 * M, C}), w.w2.t());
+  if (!resume) {
+    at::Tensor z_rows = k.z.view({2 * M, C});
+    at::mm_out(z_rows, k.hidden.view({2 * M, C}), w.w2.t());
+  }
   run_stage(run, Stage::RelationForward, dtype, b);
-  if (for_backward) {
+  if (resume) {
+    k.dk = saved[3];
+  } else if (for_backward) {
     k.dk = at::bmm(k.e, w.wk.transpose(1, 2));
   } else {
     k.dk = k.z;  // z is dead once e is computed
@@ -204,18 +231,18 @@ at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_forward(const at::Tensor& x0, const at::Tensor& x1,
-                                                              at::TensorList params, int64_t num_heads,
-                                                              StageRunner run) {
+ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                             bool save_activations, StageRunner run) {
   check_arguments(x0, x1, params, num_heads);
   const int64_t C = x0.size(-1);
   const PackedWeights w = pack_weights(params, C);
-  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/false, run);
+  // Saving keeps z and dk in buffers of their own (the lse and e it computes on the way are dropped).
+  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/save_activations, {}, run);
   const int64_t M = k.x[0].size(0);
 
   at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
-  const at::Tensor mixed = k.hidden;  // e, which shares hidden's buffer, is dead once dk is computed
+  const at::Tensor mixed = k.hidden;  // hidden (and e, when it shares hidden's buffer) is dead once dk is computed
   FusionBuffers& b = k.buffers;
   b.mixed = mixed.data_ptr();
   b.y[0] = y[0].data_ptr();
@@ -223,20 +250,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_forward(const at::Tensor& 
   b.gate = gate.data_ptr();
   run_stage(run, Stage::MixForward, x0.scalar_type(), b);
   for (int d = 0; d < 2; ++d) y[d].addmm_(mixed[d], w.wo[d].t());
-  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate};
+  std::vector<at::Tensor> activations;
+  if (save_activations) activations = {k.g[0], k.g[1], k.z, k.dk};
+  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate, activations};
 }
 
 std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                         const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                        int64_t num_heads, StageRunner run) {
+                                        at::TensorList activations, int64_t num_heads, StageRunner run) {
   check_arguments(x0, x1, params, num_heads);
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
   check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
+  check_activations(activations, x0);
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
   const PackedWeights w = pack_weights(params, C);
-  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/true, run);
+  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/true, activations, run);
+  const bool resumed = !activations.empty();
 
   const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
   const at::Tensor gate_rows = gate.contiguous();
@@ -245,10 +276,11 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
     at::Tensor grad_mixed_d = grad_mixed[d];
     at::mm_out(grad_mixed_d, gy[d], w.wo[d]);
   }
-  // In place (see FusionBuffers): mixed over grad_mixed, grad_dk over dk, grad_g over g.
+  // In place (see FusionBuffers): mixed over grad_mixed, and, unless they are the forward's saved
+  // activations, grad_dk over dk and grad_g over g.
   const at::Tensor& mixed = grad_mixed;
-  const at::Tensor& grad_dk = k.dk;
-  const at::Tensor (&grad_g)[2] = k.g;
+  const at::Tensor grad_dk = resumed ? at::empty_like(k.dk) : k.dk;
+  const at::Tensor grad_g[2] = {resumed ? at::empty_like(k.g[0]) : k.g[0], resumed ? at::empty_like(k.g[1]) : k.g[1]};
   FusionBuffers& b = k.buffers;
   b.gate = const_cast<void*>(gate_rows.const_data_ptr());  // only read by the backward stages
   b.grad_y[0] = gy[0].const_data_ptr();
@@ -339,10 +371,12 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
 }  // namespace gk
 
 TORCH_LIBRARY(gemini_kernels, m) {
-  m.def("fusion_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fusion_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads, bool save_activations=False) -> "
+      "(Tensor, Tensor, Tensor, Tensor[])");
   m.def(
       "fusion_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
-      "int num_heads) -> Tensor[]");
+      "Tensor[] activations, int num_heads) -> Tensor[]");
 }
 
 // A plain module: importing it runs the static registrations above (and the CPU / CUDA impls).

@@ -64,16 +64,28 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& reduced, const
 // the runner serves; returns when the work is queued (CUDA) or done (host).
 using StageRunner = void (*)(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers);
 
-// params: the 14 tensors in FusionParams order. Returns y0, y1 and the gates
-// (2, *x0.shape[:-1], num_heads) in the accumulation type, which the backward takes back.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_forward(const at::Tensor& x0, const at::Tensor& x1,
-                                                              at::TensorList params, int64_t num_heads,
-                                                              StageRunner run);
+// What a forward may keep for its backward, so that the backward does not recompute them: the GEMM
+// outputs g[0], g[1] (M, 5C), z (2, M, C) and dk (2, M, C), in that order (see FusionBuffers). They
+// spare the backward 7 of its 23 C^2 multiply-adds per pixel and direction and cost 14 C values of
+// memory per pixel; an empty list means "recompute".
+constexpr int kNumActivations = 4;
+
+// Checks saved activations against x0 (after check_arguments): empty, or the four tensors above.
+void check_activations(at::TensorList activations, const at::Tensor& x0);
+
+// y0, y1, the gates (2, *x0.shape[:-1], num_heads) in the accumulation type, and the saved
+// activations (empty unless asked for); the backward takes back the last two.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// params: the 14 tensors in FusionParams order.
+ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                             bool save_activations, StageRunner run);
 
 // Returns the gradients of x0, x1 and the 14 parameters, in that order. Recomputes every
-// intermediate from the inputs and the saved gates.
+// intermediate the forward did not save from the inputs and the gates; never writes to `activations`
+// (a graph kept with retain_graph runs its backward again).
 std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                         const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                        int64_t num_heads, StageRunner run);
+                                        at::TensorList activations, int64_t num_heads, StageRunner run);
 
 }  // namespace gk

@@ -26,17 +26,17 @@ void cuda_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers)
   TORCH_CHECK(status == cudaSuccess, "gemini_kernels: CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x0, const at::Tensor& x1,
-                                                            at::TensorList params, int64_t num_heads) {
+ForwardResult forward_cuda(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                           bool save_activations) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
-  return fusion_forward(x0, x1, params, num_heads, cuda_stage);
+  return fusion_forward(x0, x1, params, num_heads, save_activations, cuda_stage);
 }
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                      int64_t num_heads) {
+                                      at::TensorList activations, int64_t num_heads) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
-  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, cuda_stage);
+  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, cuda_stage);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // The host C++ path: serves `backend="cuda"` for CPU tensors.
 //
-// float32 and float64 run the whole chain of fusion_api.cpp (GEMMs and row stages) on tiles of a few
-// hundred pixels (about 1 MiB of intermediates), a contiguous run of tiles per intra-op thread, so
+// float32 and float64 at narrow layers (C < 256, see tiled()) run the whole chain of fusion_api.cpp
+// (GEMMs and row stages) on tiles of a few hundred pixels (about 1 MiB of intermediates), a contiguous run of tiles per intra-op thread, so
 // that a GEMM's output is read by the next row stage while it is still in cache: with the untiled
 // chain the GEMMs at C=64 are bound by memory, not arithmetic, and each row stage is another pass
 // over DRAM. The tile GEMMs are at::mm_out / addmm_ on views of the thread's own buffers; the row
@@ -10,8 +10,12 @@
 // baseline code). The backward sums the weight gradients of its tiles per thread, then over threads
 // in thread order: deterministic for a given thread count.
 //
-// float16 and bfloat16 take the untiled chain of fusion_api.cpp, whose GEMMs round each product once
-// rather than once per tile.
+// Wide layers take the untiled chain of fusion_api.cpp (whole-tensor GEMMs, row stages spread over
+// the threads), and so do float16 and bfloat16, whose GEMMs then round each product once rather than
+// once per tile.
+//
+// When asked, the forward also returns its GEMM outputs (csrc/fusion_api.h, "activations"), and the
+// backward then reads them instead of recomputing them; both chains store them in the same layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -118,9 +122,10 @@ void run_stage(Stage stage, const FusionBuffers& b) {
   }
 }
 
-// Only float16 and bfloat16 take the untiled chain (see forward_cpu).
+// The untiled chain's stages (see tiled()).
 void host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "gemini_kernels_host_stage", [&] { run_stage<scalar_t>(stage, b); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gemini_kernels_host_stage",
+                                  [&] { run_stage<scalar_t>(stage, b); });
 }
 
 // ---- tile GEMMs: at::mm_out / addmm_ on views of the tile buffers (so MKL's sgemm, single-threaded
@@ -176,12 +181,17 @@ void add_column_sums(int64_t rows, int64_t n, const T* a, int64_t lda, T* sums) 
 // slower than 1 MiB ones, whose longer GEMMs amortise MKL's packing of the weights; 2 MiB and more
 // are slower again. At least kMinTilePixels, though: each tile GEMM repacks its C x C weights, work
 // that only a long enough tile amortises (at C=512 a 1 MiB tile would be 16 pixels, and the backward
-// ran 2.3x slower than the oracle's untiled GEMMs).
-int64_t tile_pixels(int64_t C, int64_t per_pixel_elements, size_t element_size) {
+// ran 2.3x slower than the oracle's untiled GEMMs). Then shrunk so that the tile count is a multiple
+// of the thread count: a tile is one thread's work, and at C=512, N=600 three tiles on two threads
+// left one idle half of the time (2 threads were 0.65x the oracle's speed).
+int64_t tile_pixels(int64_t M, int64_t C, int64_t per_pixel_elements, size_t element_size) {
   constexpr int64_t kTileBytes = 1024 * 1024;
   constexpr int64_t kMinTilePixels = 256;
-  const int64_t pixels = kTileBytes / (per_pixel_elements * C * static_cast<int64_t>(element_size));
-  return std::max<int64_t>(kMinTilePixels, pixels / 16 * 16);
+  const int64_t cache_pixels = kTileBytes / (per_pixel_elements * C * static_cast<int64_t>(element_size));
+  const int64_t most = std::max<int64_t>(kMinTilePixels, cache_pixels / 16 * 16);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tiles = ((M + most - 1) / most + threads - 1) / threads * threads;
+  return std::max<int64_t>(16, ((M + tiles - 1) / tiles + 15) / 16 * 16);
 }
 
 template <class T>
@@ -191,9 +201,17 @@ const T* rows_of(const at::Tensor& t, int64_t p0, int64_t C) {
 
 // ---- tiled forward ----------------------------------------------------------------------------
 
+// Copies the rows [p0, p0 + n) of both directions between a (2, n, C) tile and a (2, M, C) tensor.
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward(const at::Tensor& x0, const at::Tensor& x1,
-                                                             at::TensorList params, int64_t num_heads) {
+void copy_tile_rows(T* to, int64_t to_direction_stride, const T* from, int64_t from_direction_stride, int64_t n,
+                    int64_t C) {
+  for (int d = 0; d < 2; ++d)
+    std::memcpy(to + d * to_direction_stride, from + d * from_direction_stride, n * C * sizeof(T));
+}
+
+template <class T>
+ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                            bool save_activations) {
   using A = typename Acc<T>::type;
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
@@ -203,20 +221,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward(const at::Tensor& x
   const at::Tensor w2 = w.w2.contiguous();
   at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), H), x0.options().dtype(accumulation_type(x0.scalar_type())));
+  std::vector<at::Tensor> saved;  // g[0], g[1], z, dk (check_activations); the tiles write g there directly
+  if (save_activations)
+    saved = {at::empty({M, 5 * C}, x0.options()), at::empty({M, 5 * C}, x0.options()),
+             at::empty({2, M, C}, x0.options()), at::empty({2, M, C}, x0.options())};
   const FusionBuffers base = parameter_buffers(w, C, H);
   const T* wx = w.wx.const_data_ptr<T>();
   const T* wk = w.wk.const_data_ptr<T>();
   const T* wo = w.wo.const_data_ptr<T>();
   A* gate_out = gate.data_ptr<A>();
 
-  const int64_t P = tile_pixels(C, 14, sizeof(T));
+  const int64_t P = tile_pixels(M, C, 14, sizeof(T));
   const int64_t tiles = (M + P - 1) / P;
   at::parallel_for(0, tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
     const c10::InferenceMode inference_mode;
     // g[0], g[1] (P, 5C); hidden, then e, then mixed (2, P, C); z, then dk (2, P, C); gates (2, P, H)
     std::vector<T> scratch(P * (14 * C));
     std::vector<A> gate_tile(2 * P * H);
-    T* g[2] = {scratch.data(), scratch.data() + P * 5 * C};
     T* hidden = scratch.data() + P * 10 * C;
     T* z = hidden + 2 * P * C;
     for (int64_t tile = first_tile; tile < end_tile; ++tile) {
@@ -225,10 +246,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward(const at::Tensor& x
       FusionBuffers b = base;
       b.pixels = n;
       for (int d = 0; d < 2; ++d) {
+        T* g = save_activations ? saved[d].data_ptr<T>() + p0 * 5 * C : scratch.data() + d * P * 5 * C;
         b.x[d] = rows_of<T>(x[d], p0, C);
-        b.g[d] = g[d];
+        b.g[d] = g;
         b.y[d] = y[d].data_ptr<T>() + p0 * C;
-        gemm_abt<T>(n, 5 * C, C, rows_of<T>(x[d], p0, C), C, wx + d * 5 * C * C, C, T(0), g[d], 5 * C);
+        gemm_abt<T>(n, 5 * C, C, rows_of<T>(x[d], p0, C), C, wx + d * 5 * C * C, C, T(0), g, 5 * C);
       }
       b.hidden = hidden;
       b.z = z;
@@ -236,9 +258,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward(const at::Tensor& x
       b.lse = nullptr;
       run_rows<HiddenForward, T>(b, 0, 2 * n);
       gemm_abt<T>(2 * n, C, C, hidden, C, w2.const_data_ptr<T>(), C, T(0), z, C);
+      if (save_activations) copy_tile_rows(saved[2].data_ptr<T>() + p0 * C, M * C, z, n * C, n, C);
       run_rows<RelationForward, T>(b, 0, 2 * n);
       for (int d = 0; d < 2; ++d)  // dk over z, which is dead once e is computed
         gemm_abt<T>(n, C, C, hidden + d * n * C, C, wk + d * C * C, C, T(0), z + d * n * C, C);
+      if (save_activations) copy_tile_rows(saved[3].data_ptr<T>() + p0 * C, M * C, z, n * C, n, C);
       b.dk = z;
       b.mixed = hidden;  // e is dead once dk is computed
       b.gate = gate_tile.data();
@@ -249,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_forward(const at::Tensor& x
       }
     }
   });
-  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate};
+  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate, saved};
 }
 
 // ---- tiled backward ---------------------------------------------------------------------------
@@ -265,7 +289,7 @@ struct GradientSums {
 template <class T>
 std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                        const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                       int64_t num_heads) {
+                                       at::TensorList saved, int64_t num_heads) {
   using A = typename Acc<T>::type;
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
@@ -283,7 +307,13 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   const T* wo = w.wo.const_data_ptr<T>();
   const A* gate_in = gate_rows.const_data_ptr<A>();
 
-  const int64_t P = tile_pixels(C, 20, sizeof(T));
+  // The forward's activations (check_activations), read in place of the GEMMs that recompute them.
+  const bool resume = !saved.empty();
+  const T* saved_g[2] = {resume ? saved[0].const_data_ptr<T>() : nullptr, resume ? saved[1].const_data_ptr<T>() : nullptr};
+  const T* saved_z = resume ? saved[2].const_data_ptr<T>() : nullptr;
+  const T* saved_dk = resume ? saved[3].const_data_ptr<T>() : nullptr;
+
+  const int64_t P = tile_pixels(M, C, 20, sizeof(T));
   const int64_t tiles = (M + P - 1) / P;
   // One contiguous run of tiles per thread, each with its own sums, so that the order of the
   // additions depends on the thread count only.
@@ -309,21 +339,29 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
       const int64_t n = std::min(P, M - p0);
       FusionBuffers b = base;
       b.pixels = n;
-      // The forward chain up to the keys, as in the forward, keeping hidden, e and the lse.
+      // The forward chain up to the keys, as in the forward, keeping hidden, e and the lse; the GEMMs
+      // only when the forward saved nothing. g is then read from the saved rows and the tile's g
+      // buffers take its gradient; z and dk are copied, as the stages below overwrite them.
       for (int d = 0; d < 2; ++d) {
         b.x[d] = rows_of<T>(x[d], p0, C);
-        b.g[d] = g[d];
-        gemm_abt<T>(n, 5 * C, C, rows_of<T>(x[d], p0, C), C, wx + d * 5 * C * C, C, T(0), g[d], 5 * C);
+        b.g[d] = resume ? saved_g[d] + p0 * 5 * C : g[d];
+        if (!resume)
+          gemm_abt<T>(n, 5 * C, C, rows_of<T>(x[d], p0, C), C, wx + d * 5 * C * C, C, T(0), g[d], 5 * C);
       }
       b.hidden = hidden;
       b.z = z;
       b.e = e;
       b.lse = lse.data();
       run_rows<HiddenForward, T>(b, 0, 2 * n);
-      gemm_abt<T>(2 * n, C, C, hidden, C, w2.const_data_ptr<T>(), C, T(0), z, C);
+      if (resume) {
+        copy_tile_rows(z, n * C, saved_z + p0 * C, M * C, n, C);
+      } else {
+        gemm_abt<T>(2 * n, C, C, hidden, C, w2.const_data_ptr<T>(), C, T(0), z, C);
+      }
       run_rows<RelationForward, T>(b, 0, 2 * n);
+      if (resume) copy_tile_rows(dk, n * C, saved_dk + p0 * C, M * C, n, C);
       for (int d = 0; d < 2; ++d) {
-        gemm_abt<T>(n, C, C, e + d * n * C, C, wk + d * C * C, C, T(0), dk + d * n * C, C);
+        if (!resume) gemm_abt<T>(n, C, C, e + d * n * C, C, wk + d * C * C, C, T(0), dk + d * n * C, C);
         gemm_ab<T>(n, C, C, rows_of<T>(gy[d], p0, C), C, wo + d * C * C, C, T(0), grad_mixed + d * n * C, C);
         std::memcpy(gate_tile.data() + d * n * H, gate_in + (d * M + p0) * H, n * H * sizeof(A));
       }
@@ -399,27 +437,39 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   return assemble_gradients(r, w, x0, x1);
 }
 
-bool tiled(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
+// Tiles pay at narrow layers, where the row stages are a large part of the work and would
+// otherwise each stream the intermediates through DRAM; at wide ones the GEMMs dominate, and MKL
+// runs them faster over all pixels (threaded by itself) than one tile per thread. Measured on a
+// 2-core EPYC, float32, batch 2, forward + backward (bench/RESULTS.md): tiled / untiled speed-up
+// over the oracle 2.07x / 1.37x at C=64, 1.31x / 1.14x at C=160, 1.19x / 1.20x at C=256, 1.13x /
+// 1.21x at C=320, 0.99x / 1.10x at C=512.
+constexpr int64_t kUntiledFromWidth = 256;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x0, const at::Tensor& x1,
-                                                           at::TensorList params, int64_t num_heads) {
-  if (!tiled(x0.scalar_type())) return fusion_forward(x0, x1, params, num_heads, host_stage);
+bool tiled(const at::Tensor& x0) {
+  return (x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble) && x0.size(-1) < kUntiledFromWidth;
+}
+
+ForwardResult forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                          bool save_activations) {
+  if (!tiled(x0)) return fusion_forward(x0, x1, params, num_heads, save_activations, host_stage);
   check_arguments(x0, x1, params, num_heads);
   RECORD_FUNCTION("gemini_kernels::tiled_forward", std::vector<c10::IValue>());
-  return AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "gemini_kernels_tiled_forward",
-                                    [&] { return tiled_forward<scalar_t>(x0, x1, params, num_heads); });
+  return AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "gemini_kernels_tiled_forward", [&] {
+    return tiled_forward<scalar_t>(x0, x1, params, num_heads, save_activations);
+  });
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                      const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                     int64_t num_heads) {
-  if (!tiled(x0.scalar_type()))
-    return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, host_stage);
+                                     at::TensorList activations, int64_t num_heads) {
+  if (!tiled(x0))
+    return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, host_stage);
   check_arguments(x0, x1, params, num_heads);
   check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
+  check_activations(activations, x0);
   RECORD_FUNCTION("gemini_kernels::tiled_backward", std::vector<c10::IValue>());
   return AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "gemini_kernels_tiled_backward", [&] {
-    return tiled_backward<scalar_t>(grad_y0, grad_y1, x0, x1, params, gate, num_heads);
+    return tiled_backward<scalar_t>(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads);
   });
 }
 

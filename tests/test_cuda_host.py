@@ -26,6 +26,18 @@ def extension_built():
         pytest.fail(reason)
 
 
+# The two ways the host backward gets the forward's intermediates: recomputed from the inputs and
+# the gates, or read from the activations the forward saved (csrc/fusion_api.h); the library picks
+# by width (cuda_fusion.saves_activations), the tests force each.
+SAVE_MODES = {"recompute": False, "saved": True}
+
+
+@pytest.fixture(params=list(SAVE_MODES))
+def save_mode(request, monkeypatch):
+    monkeypatch.setattr(cuda_fusion, "SAVE_ACTIVATIONS_ON_CPU", SAVE_MODES[request.param])
+    return request.param
+
+
 def _upstream(y0, y1, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(y0.shape, generator=g, dtype=torch.float64).to(y0),
@@ -80,12 +92,12 @@ WIDTH_CASES = [
 
 
 @pytest.mark.parametrize("shape,dim,heads", WIDTH_CASES, ids=lambda v: str(v))
-def test_float64_matches_oracle(shape, dim, heads):
+def test_float64_matches_oracle(shape, dim, heads, save_mode):
     x0, x1, params = make_case(shape, dim, requires_grad=True, seed=dim + heads)
     assert_matches_oracle(x0, x1, params, heads, out_bound=1e-12, grad_bound=1e-11)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(save_mode):
     x0, x1, params = make_case((3,), 4, requires_grad=True, seed=5)
 
     def f(x0, x1, *params):
@@ -94,7 +106,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-def test_non_contiguous_inputs_and_params():
+def test_non_contiguous_inputs_and_params(save_mode):
     x0, x1, params = make_case((6, 10), 48, seed=11)
     # Every other pixel of a wider map, channels last by transposition: neither is contiguous.
     x0 = x0.transpose(0, 1)[::2].requires_grad_()
@@ -107,18 +119,18 @@ def test_non_contiguous_inputs_and_params():
 
 
 @pytest.mark.parametrize("shape,dim", [((2, 37), 64), ((1, 23), 128)], ids=str)
-def test_float32_bounds(shape, dim):
+def test_float32_bounds(shape, dim, save_mode):
     x0, x1, params = make_case(shape, dim, dtype=torch.float32, requires_grad=True, seed=3)
     assert_matches_oracle(x0, x1, params, 8, out_bound=1e-5, grad_bound=1e-4)
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)], ids=str)
-def test_half_precision_on_host(dtype, bound):
+def test_half_precision_on_host(dtype, bound, save_mode):
     x0, x1, params = make_case((2, 9), 64, dtype=dtype, requires_grad=True, seed=4)
     assert_matches_oracle(x0, x1, params, 8, out_bound=bound, grad_bound=2 * bound)
 
 
-def test_deterministic():
+def test_deterministic(save_mode):
     x0, x1, params = make_case((3, 17), 64, dtype=torch.float32, requires_grad=True, seed=6)
     first = outputs_and_grads(cuda_backend, x0, x1, params, 8)
     second = outputs_and_grads(cuda_backend, x0, x1, params, 8)
@@ -127,13 +139,15 @@ def test_deterministic():
 
 
 # Pixel counts over the host path's tile size (about 1 MiB of intermediates: 576 / 400 pixels at
-# C=16 in float64, 288 / 192 at C=64 in float32, forward / backward), with a partial last tile, on
-# two threads: the tiles, their offsets and the per-thread gradient sums all take part.
+# C=16 in float64, 288 / 192 at C=64 in float32, forward / backward, at least 256, then evened out
+# to a multiple of the thread count: 512 / 384, 288 / 192 and 160 here), with a partial last tile,
+# on two threads: the tiles, their offsets and the per-thread gradient sums all take part.
 @pytest.mark.parametrize("shape,dim,heads,dtype,out_bound,grad_bound", [
     ((3, 1001), 16, 4, torch.float64, 1e-12, 1e-11),
     ((2, 1111), 64, 8, torch.float32, 1e-5, 1e-4),
+    ((1, 300), 128, 8, torch.float64, 1e-12, 1e-11),
 ], ids=str)
-def test_many_tiles_on_two_threads(shape, dim, heads, dtype, out_bound, grad_bound):
+def test_many_tiles_on_two_threads(shape, dim, heads, dtype, out_bound, grad_bound, save_mode):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -178,46 +192,70 @@ def test_module_backend_cuda_matches_torch_backend():
         assert rel_err(a, b) < 1e-12
 
 
-def test_ops_pass_opcheck():
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
+def test_ops_pass_opcheck(save):
     x0, x1, params = make_case((2, 3), 16, seed=10)
     params = list(params)
-    y0, y1, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, params, 4)
-    torch.library.opcheck(torch.ops.gemini_kernels.fusion_forward.default, (x0, x1, params, 4))
+    y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, params, 4, save)
+    assert len(activations) == (4 if save else 0)
+    torch.library.opcheck(torch.ops.gemini_kernels.fusion_forward.default, (x0, x1, params, 4, save))
     torch.library.opcheck(torch.ops.gemini_kernels.fusion_backward.default,
-                          (torch.randn_like(y0), torch.randn_like(y1), x0, x1, params, gate, 4))
+                          (torch.randn_like(y0), torch.randn_like(y1), x0, x1, params, gate, activations, 4))
 
 
-def test_compiles_with_torch_compile():
-    # The backend entry point (the public gemini_fusion adds the registry's lazy import, which
-    # dynamo does not trace under fullgraph=True).
-    x0, x1, params = make_case((2, 5), 16, dtype=torch.float32, requires_grad=True, seed=12)
-
-    def loss(x0, x1, *params):
-        y0, y1 = cuda_fusion.fusion(x0, x1, FusionParams(*params), 4)
-        return (y0 * y1).sum()
-
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    inputs = [x0, x1, *params]
-    eager_grads = torch.autograd.grad(loss(*inputs), inputs)
-    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
-    for a, b in zip(eager_grads, compiled_grads):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_saved_activations_match_the_recomputed_ones_and_stay_unwritten(dtype):
+    """float64 takes the tiled host chain, bfloat16 the untiled one that the CUDA build shares."""
+    x0, x1, params = make_case((2, 333), 24, dtype=dtype, seed=13)
+    params = list(params)
+    op_forward, op_backward = torch.ops.gemini_kernels.fusion_forward, torch.ops.gemini_kernels.fusion_backward
+    y0, y1, gate, none = op_forward(x0, x1, params, 8, False)
+    s0, s1, saved_gate, activations = op_forward(x0, x1, params, 8, True)
+    assert none == [] and torch.equal(y0, s0) and torch.equal(y1, s1) and torch.equal(gate, saved_gate)
+    m = x0.numel() // 24
+    assert [tuple(a.shape) for a in activations] == [(m, 120), (m, 120), (2, m, 24), (2, m, 24)]
+    kept = [a.clone() for a in activations]
+    grad_y0, grad_y1 = torch.randn_like(y0), torch.randn_like(y1)
+    recomputed = op_backward(grad_y0, grad_y1, x0, x1, params, gate, [], 8)
+    for _ in range(2):  # as autograd runs a retained graph's backward again
+        resumed = op_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, 8)
+        for name, a, b in zip(GRAD_NAMES, recomputed, resumed):
+            assert torch.equal(a, b), name
+    for a, b in zip(activations, kept):
         assert torch.equal(a, b)
 
 
-def test_unavailable_reasons(monkeypatch):
-    assert "CPU and CUDA tensors only" in cuda_fusion.unavailable_reason(torch.device("meta"))
-    if not cuda_fusion._has_cuda_kernels():
-        assert "without CUDA kernels" in cuda_fusion.unavailable_reason(torch.device("cuda"))
-    # Without the compiled module: the reason says how to build it, and the backend raises it.
-    monkeypatch.setattr(cuda_fusion, "_loaded", False)
-    monkeypatch.setattr(cuda_fusion, "_load_error", None)
-    monkeypatch.setitem(sys.modules, "gemini_kernels._C", None)
-    monkeypatch.delattr(gemini_kernels, "_C")
-    reason = cuda_fusion.unavailable_reason(torch.device("cpu"))
-    assert "pip install --no-build-isolation -e ." in reason
-    x0, x1, params = make_case((2,), 8)
-    with pytest.raises(RuntimeError, match="no-build-isolation"):
-        gemini_fusion(x0, x1, params, 2, backend="cuda")
+def test_retained_graph_backward_twice_with_saved_activations(monkeypatch):
+    monkeypatch.setattr(cuda_fusion, "SAVE_ACTIVATIONS_ON_CPU", True)
+    x0, x1, params = make_case((4, 9), 32, requires_grad=True, seed=14)
+    inputs = [x0, x1, *params]
+    y0, y1 = cuda_backend(x0, x1, params, 8)
+    loss = (y0 * y1).sum()
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_activations_are_saved_only_for_a_differentiated_cpu_forward(monkeypatch, switch):
+    calls = []
+    real_forward = torch.ops.gemini_kernels.fusion_forward
+
+    def spy(x0, x1, params, num_heads, save_activations):
+        calls.append(save_activations)
+        return real_forward(x0, x1, params, num_heads, save_activations)
+
+    monkeypatch.setattr(cuda_fusion, "SAVE_ACTIVATIONS_ON_CPU", switch)
+    monkeypatch.setattr(torch.ops.gemini_kernels, "fusion_forward", spy)
+    for grad in (True, False):
+        x0, x1, params = make_case((2, 3), 16, requires_grad=grad, seed=15)
+        cuda_backend(x0, x1, params, 8)
+        with torch.no_grad():
+            cuda_backend(x0, x1, params, 8)
+        assert calls == [switch and grad, False], grad
+        calls.clear()
+    assert not cuda_fusion.saves_activations(torch.empty(2, 16, device="meta"))
 
 
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
@@ -255,6 +293,17 @@ def test_gpu_matches_oracle(shape, dim, heads, dtype, no_tf32):
     x0, x1, params = make_case(shape, dim, dtype=dtype, device="cuda", requires_grad=True, seed=dim)
     bound = GPU_BOUNDS[dtype]
     assert_matches_oracle(x0, x1, params, heads, out_bound=bound, grad_bound=bound)
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_gpu_saved_activations_match_the_oracle(monkeypatch, dtype, no_tf32):
+    """The op's save_activations path on CUDA, which the library leaves off there by default."""
+    monkeypatch.setattr(cuda_fusion, "saves_activations", lambda x0: True)
+    x0, x1, params = make_case((2, 1200), 320, dtype=dtype, device="cuda", requires_grad=True, seed=16)
+    bound = GPU_BOUNDS[dtype]
+    assert_matches_oracle(x0, x1, params, 8, out_bound=bound, grad_bound=bound)
 
 
 @GPU
@@ -301,10 +350,25 @@ def test_ops_called_directly_validate_their_arguments(mutate, fragment):
 
 def test_backward_op_checks_the_gate():
     x0, x1, params = make_case((3,), 16)
-    y0, y1, gate = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4)
+    y0, y1, gate, _ = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4)
     for bad in (gate.to(torch.float32), gate.flatten()[:-1]):
         with pytest.raises(RuntimeError, match="gate must be the third output of fusion_forward"):
-            torch.ops.gemini_kernels.fusion_backward(y0, y1, x0, x1, list(params), bad, 4)
+            torch.ops.gemini_kernels.fusion_backward(y0, y1, x0, x1, list(params), bad, [], 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda a: a[:3], "activations must be empty or the 4 tensors"),
+    (lambda a: [a[0][:-1], *a[1:]], r"activations\[0\] \(g0\) is \w+\[2, 80\]"),
+    (lambda a: [*a[:2], a[2].float() if a[2].dtype != torch.float32 else a[2].double(), a[3]],
+     r"activations\[2\] \(z\) is"),
+    (lambda a: [*a[:3], a[3].transpose(1, 2).contiguous().transpose(1, 2)], r"activations\[3\] \(dk\).*not contiguous"),
+], ids=["count", "shape", "dtype", "layout"])
+def test_backward_op_checks_the_activations(mutate, fragment, dtype):
+    x0, x1, params = make_case((3,), 16, dtype=dtype)
+    y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4, True)
+    with pytest.raises(RuntimeError, match=fragment):
+        torch.ops.gemini_kernels.fusion_backward(y0, y1, x0, x1, list(params), gate, mutate(activations), 4)
 
 
 
