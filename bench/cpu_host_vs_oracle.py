@@ -2,48 +2,74 @@
 
 float32, batch 2, NYUDv2 stage 1 (N=19200, C=64) and stage 2 (N=4800, C=128), 8 heads, the given
 thread count (2 by default); forward (no grad) and forward + backward (all 16 gradients). Prints the
-median of --repeats runs after --warmup runs, the two backends interleaved so that both see the
-same machine load, and the ratio from that one run; the minimum of each is printed too, as the
-figure least disturbed by other processes on a shared machine.
+median of --repeats runs after --warmup runs, the variants interleaved so that all see the same
+machine load, and the ratio from that one run; the minimum of each is printed too, as the figure
+least disturbed by other processes on a shared machine. With --recompute, forward + backward is
+also timed with the backward recomputing the forward's GEMM outputs instead of reading the ones the
+forward saved (cuda_fusion.SAVE_ACTIVATIONS_ON_CPU off). The minor page faults per run of
+each variant are printed too: what a variant costs depends on whether the allocator hands it fresh
+memory, and interleaved runs reuse each other's. --blocks runs each variant's runs back to back
+instead, the way one layer's steps repeat in a training loop.
 
-    python bench/cpu_host_vs_oracle.py [--threads 2] [--repeats 7] [--stages 1 2]
+    python bench/cpu_host_vs_oracle.py [--threads 2] [--repeats 15] [--stages 1 2] [--recompute] [--blocks]
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
 import torch
 
 import gemini_kernels as gk
+from gemini_kernels.ops import cuda_fusion
 
 NYUDV2_STAGES = {1: (19200, 64), 2: (4800, 128), 3: (1200, 320), 4: (300, 512)}
 
 
-def forward(x0, x1, params, backend):
+# variant: (backend, whether a differentiated host forward saves its activations; None: the default)
+VARIANTS = {"oracle": ("torch", None), "host": ("cuda", None), "recompute": ("cuda", False)}
+
+
+def forward(x0, x1, params, variant):
     with torch.no_grad():
-        gk.gemini_fusion(x0, x1, params, 8, backend=backend)
+        gk.gemini_fusion(x0, x1, params, 8, backend=VARIANTS[variant][0])
 
 
-def forward_backward(x0, x1, params, backend):
-    inputs = [x0, x1, *params]
-    y0, y1 = gk.gemini_fusion(x0, x1, params, 8, backend=backend)
-    torch.autograd.grad((y0.sum(), y1.sum()), inputs)
+def forward_backward(x0, x1, params, variant):
+    backend, save = VARIANTS[variant]
+    default = cuda_fusion.SAVE_ACTIVATIONS_ON_CPU
+    cuda_fusion.SAVE_ACTIVATIONS_ON_CPU = default if save is None else save
+    try:
+        inputs = [x0, x1, *params]
+        y0, y1 = gk.gemini_fusion(x0, x1, params, 8, backend=backend)
+        torch.autograd.grad((y0.sum(), y1.sum()), inputs)
+    finally:
+        cuda_fusion.SAVE_ACTIVATIONS_ON_CPU = default
 
 
-def measure(step, cases, warmup, repeats):
-    """(median, min) seconds per backend, runs interleaved across backends."""
-    for _ in range(warmup):
-        for backend, args in cases.items():
-            step(*args, backend)
-    times = {backend: [] for backend in cases}
-    for _ in range(repeats):
-        for backend, args in cases.items():
-            start = time.perf_counter()
-            step(*args, backend)
-            times[backend].append(time.perf_counter() - start)
-    return {backend: (statistics.median(t), min(t)) for backend, t in times.items()}
+def measure(step, variants, args, warmup, repeats, blocks):
+    """(median s, min s, minor page faults per run) per variant; runs interleaved across variants, or
+    each variant's back to back with blocks."""
+    times = {variant: [] for variant in variants}
+    faults = dict.fromkeys(variants, 0)
+
+    def timed(variant):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        step(*args, variant)
+        times[variant].append(time.perf_counter() - start)
+        faults[variant] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    schedule = ([[v] * (warmup + repeats) for v in variants] if blocks
+                else [list(variants)] * (warmup + repeats))
+    for runs in schedule:
+        for variant in runs:
+            timed(variant)
+    for variant in variants:  # drop the warm-up runs
+        del times[variant][:warmup]
+    return {v: (statistics.median(t), min(t), faults[v] / (warmup + repeats)) for v, t in times.items()}
 
 
 def main():
@@ -53,6 +79,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=sorted(NYUDV2_STAGES))
+    parser.add_argument("--recompute", action="store_true",
+                        help="also time forward + backward with the backward recomputing the activations")
+    parser.add_argument("--blocks", action="store_true",
+                        help="run each variant's runs back to back rather than interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reason = gk.backends.BACKENDS["cuda"].unavailable_reason(torch.device("cpu"))
@@ -60,9 +90,11 @@ def main():
         raise SystemExit(f"backend='cuda' is not available on CPU: {reason}")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}, 8 heads, "
-          f"median of {args.repeats} after {args.warmup} warm-up runs")
+          f"median of {args.repeats} after {args.warmup} warm-up runs, "
+          + ("each variant's runs back to back" if args.blocks else "variants interleaved"))
     print(f"{'stage':>5} {'N':>6} {'C':>4} {'pass':>16} {'oracle ms':>10} {'host ms':>10} {'speed-up':>9}"
-          f" {'(min: oracle':>13} {'host':>8} {'speed-up)':>10}")
+          f" {'(min: oracle':>13} {'host':>8} {'speed-up)':>10} {'faults/run: oracle':>19} {'host':>6}"
+          + (f" {'recompute ms':>13} {'speed-up':>9} {'faults':>7}" if args.recompute else ""))
     for stage in args.stages:
         n, c = NYUDV2_STAGES[stage]
         g = torch.Generator().manual_seed(stage)
@@ -71,15 +103,20 @@ def main():
         params = gk.random_params(c, generator=g)
         grad_x0, grad_x1 = x0.clone().requires_grad_(), x1.clone().requires_grad_()
         grad_params = gk.FusionParams(*(p.clone().requires_grad_() for p in params))
-        for name, step, inputs in (
-            ("forward", forward, (x0, x1, params)),
-            ("forward+backward", forward_backward, (grad_x0, grad_x1, grad_params)),
+        for name, step, inputs, variants in (
+            ("forward", forward, (x0, x1, params), ["oracle", "host"]),
+            ("forward+backward", forward_backward, (grad_x0, grad_x1, grad_params),
+             ["oracle", "host", "recompute"] if args.recompute else ["oracle", "host"]),
         ):
-            t = measure(step, {"torch": inputs, "cuda": inputs}, args.warmup, args.repeats)
-            (oracle, oracle_min), (host, host_min) = t["torch"], t["cuda"]
-            print(f"{stage:>5} {n:>6} {c:>4} {name:>16} {oracle * 1e3:>10.1f} {host * 1e3:>10.1f} "
-                  f"{oracle / host:>8.2f}x {oracle_min * 1e3:>13.1f} {host_min * 1e3:>8.1f} "
-                  f"{oracle_min / host_min:>9.2f}x", flush=True)
+            t = measure(step, variants, inputs, args.warmup, args.repeats, args.blocks)
+            (oracle, oracle_min, oracle_faults), (host, host_min, host_faults) = t["oracle"], t["host"]
+            line = (f"{stage:>5} {n:>6} {c:>4} {name:>16} {oracle * 1e3:>10.1f} {host * 1e3:>10.1f} "
+                    f"{oracle / host:>8.2f}x {oracle_min * 1e3:>13.1f} {host_min * 1e3:>8.1f} "
+                    f"{oracle_min / host_min:>9.2f}x {oracle_faults:>19.0f} {host_faults:>6.0f}")
+            if "recompute" in t:
+                recompute, _, recompute_faults = t["recompute"]
+                line += f" {recompute * 1e3:>13.1f} {oracle / recompute:>8.2f}x {recompute_faults:>7.0f}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

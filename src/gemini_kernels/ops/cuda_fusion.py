@@ -81,8 +81,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 # Whether a CPU forward that autograd will differentiate keeps its GEMM outputs g, z and dk for the
 # backward (14 C values per pixel, under half of what the oracle's autograd keeps) instead of
 # letting the backward recompute them (7 of its 23 C^2 multiply-adds per pixel and direction).
-# Measured on a 2-core EPYC, float32, batch 2, forward + backward (bench/RESULTS.md): keeping them
-# is 1.18x to 1.27x faster at every width from C=64 to C=512.
+# Measured on a 2-core EPYC VM, float32, batch 2 (bench/RESULTS.md): a training-like stack of eight
+# layers (MiT-B1 widths, NYUDv2 shapes, forward through all, then backward) runs 1.13x-1.50x faster
+# with it, and single layers 1.07x-1.27x faster from C=64 to C=512. Only a process whose allocator
+# must fetch fresh pages for the activations (about 3 us a page fault on that VM) lost at C=64
+# (1.15x slower).
 SAVE_ACTIVATIONS_ON_CPU = True
 
 
