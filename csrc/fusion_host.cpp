@@ -1,8 +1,9 @@
 // The host C++ path: serves `backend="cuda"` for CPU tensors.
 //
 // float32 and float64 at narrow layers (C < 256, see tiled()) run the whole chain of fusion_api.cpp
-// (GEMMs and row stages) on tiles of a few hundred pixels (about 1 MiB of intermediates), a contiguous run of tiles per intra-op thread, so
-// that a GEMM's output is read by the next row stage while it is still in cache: with the untiled
+// (GEMMs and row stages) on tiles of a few hundred pixels (about 1 MiB of intermediates), a
+// contiguous run of tiles per intra-op thread, so that a GEMM's output is read by the next row
+// stage while it is still in cache: with the untiled
 // chain the GEMMs at C=64 are bound by memory, not arithmetic, and each row stage is another pass
 // over DRAM. The tile GEMMs are at::mm_out / addmm_ on views of the thread's own buffers; the row
 // stages are those of fusion_math.h, compiled twice, for the x86-64 baseline and for AVX2+FMA, and
@@ -449,10 +450,11 @@ bool tiled(const at::Tensor& x0) {
   return (x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble) && x0.size(-1) < kUntiledFromWidth;
 }
 
+// Both chains check their arguments first: tiled() reads x0's last dimension.
 ForwardResult forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                           bool save_activations) {
-  if (!tiled(x0)) return fusion_forward(x0, x1, params, num_heads, save_activations, host_stage);
   check_arguments(x0, x1, params, num_heads);
+  if (!tiled(x0)) return fusion_forward(x0, x1, params, num_heads, save_activations, host_stage);
   RECORD_FUNCTION("gemini_kernels::tiled_forward", std::vector<c10::IValue>());
   return AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "gemini_kernels_tiled_forward", [&] {
     return tiled_forward<scalar_t>(x0, x1, params, num_heads, save_activations);
@@ -462,9 +464,9 @@ ForwardResult forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::Tensor
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                      const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
                                      at::TensorList activations, int64_t num_heads) {
+  check_arguments(x0, x1, params, num_heads);
   if (!tiled(x0))
     return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, host_stage);
-  check_arguments(x0, x1, params, num_heads);
   check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
   check_activations(activations, x0);
   RECORD_FUNCTION("gemini_kernels::tiled_backward", std::vector<c10::IValue>());

@@ -338,8 +338,10 @@ def test_gpu_autocast_follows_the_oracle():
          r"params\['cross_attn_0_to_1.in_proj_weight'\] has shape \[47, 16\]; expected \[48, 16\]"),
         (lambda x0, x1, p, h: (x0, x1, [*p[:4], p[4].float(), *p[5:]], h), r"params\['k_noise.weight'\] is Float"),
         (lambda x0, x1, p, h: (x0.long(), x1.long(), p, h), "x0 must be a floating-point tensor"),
+        (lambda x0, x1, p, h: (x0[0, 0], x1[0, 0], p, h), r"x0 must be a non-empty \(..., C\) tensor; got shape \[\]"),
+        (lambda x0, x1, p, h: (x0[:0], x1[:0], p, h), r"x0 must be a non-empty \(..., C\) tensor; got shape \[0, 16\]"),
     ],
-    ids=["x1 shape", "x1 dtype", "heads", "param shape", "param dtype", "integer input"],
+    ids=["x1 shape", "x1 dtype", "heads", "param shape", "param dtype", "integer input", "0-d input", "empty input"],
 )
 def test_ops_called_directly_validate_their_arguments(mutate, fragment):
     """torch.ops.gemini_kernels.fusion_forward is public: bad arguments raise before any kernel runs."""
