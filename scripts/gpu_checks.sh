@@ -45,7 +45,8 @@ for s in "${steps[@]}"; do
     tests) step tests "$PY" -m pytest tests -m gpu -ra -q ;;
     sanitizer)
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q -k "gpu_matches_oracle and (300 or 33 or 1536)" ;;
+        "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q \
+        -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations" ;;
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" ;;
     model) step model "$PY" models/bench_speed.py --json "$OUTDIR/model_speed.json" ;;
