@@ -168,17 +168,21 @@ struct KeyChain {
   FusionBuffers buffers{};
 };
 
-// for_backward: the backward needs hidden (for d/dW2), z, e and the lse after the keys; the forward
-// lets e and dk reuse their buffers unless it saves z and dk for the backward. saved: the forward's
-// activations (check_activations), whose GEMM outputs are taken instead of recomputed; z is copied,
-// since the backward overwrites it with d/dz.
+// What run_to_keys keeps: the forward lets e and dk reuse the buffers of hidden and z; a forward that
+// saves its activations keeps z and dk in buffers of their own; the backward needs hidden (for
+// d/dW2), z, e and the lse after the keys.
+enum class KeyChainUse { Forward, SavingForward, Backward };
+
+// saved: the forward's activations (check_activations), for the backward, whose GEMM outputs are
+// taken instead of recomputed; z is copied, since the backward overwrites it with d/dz.
 KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWeights& w, int64_t num_heads,
-                     bool for_backward, at::TensorList saved, StageRunner run) {
+                     KeyChainUse use, at::TensorList saved, StageRunner run) {
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
   const bool resume = !saved.empty();
+  const bool for_backward = use == KeyChainUse::Backward;
   KeyChain k;
   k.x[0] = x0.contiguous().view({M, C});
   k.x[1] = x1.contiguous().view({M, C});
@@ -208,7 +212,7 @@ KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWei
   run_stage(run, Stage::RelationForward, dtype, b);
   if (resume) {
     k.dk = saved[3];
-  } else if (for_backward) {
+  } else if (use != KeyChainUse::Forward) {
     k.dk = at::bmm(k.e, w.wk.transpose(1, 2));
   } else {
     k.dk = k.z;  // z is dead once e is computed
@@ -236,13 +240,13 @@ ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::Ten
   check_arguments(x0, x1, params, num_heads);
   const int64_t C = x0.size(-1);
   const PackedWeights w = pack_weights(params, C);
-  // Saving keeps z and dk in buffers of their own (the lse and e it computes on the way are dropped).
-  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/save_activations, {}, run);
+  KeyChain k = run_to_keys(x0, x1, w, num_heads,
+                           save_activations ? KeyChainUse::SavingForward : KeyChainUse::Forward, {}, run);
   const int64_t M = k.x[0].size(0);
 
   at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
-  const at::Tensor mixed = k.hidden;  // hidden (and e, when it shares hidden's buffer) is dead once dk is computed
+  const at::Tensor mixed = k.hidden;  // hidden and e, which shares its buffer, are dead once dk is computed
   FusionBuffers& b = k.buffers;
   b.mixed = mixed.data_ptr();
   b.y[0] = y[0].data_ptr();
@@ -266,7 +270,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
   const PackedWeights w = pack_weights(params, C);
-  KeyChain k = run_to_keys(x0, x1, w, num_heads, /*for_backward=*/true, activations, run);
+  KeyChain k = run_to_keys(x0, x1, w, num_heads, KeyChainUse::Backward, activations, run);
   const bool resumed = !activations.empty();
 
   const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};

@@ -181,18 +181,20 @@ void add_column_sums(int64_t rows, int64_t n, const T* a, int64_t lda, T* sums) 
 // Measured on a 2-core EPYC (512 KiB L2 per core, 32 MiB L3): 384 KiB tiles, which fit L2, run 10-15%
 // slower than 1 MiB ones, whose longer GEMMs amortise MKL's packing of the weights; 2 MiB and more
 // are slower again. At least kMinTilePixels, though: each tile GEMM repacks its C x C weights, work
-// that only a long enough tile amortises (at C=512 a 1 MiB tile would be 16 pixels, and the backward
-// ran 2.3x slower than the oracle's untiled GEMMs). Then shrunk so that the tile count is a multiple
-// of the thread count: a tile is one thread's work, and at C=512, N=600 three tiles on two threads
-// left one idle half of the time (2 threads were 0.65x the oracle's speed).
+// that only a long enough tile amortises (when wide layers were tiled too, 16-pixel tiles at C=512
+// made the backward 2.3x slower than the oracle's untiled GEMMs). Then shortened so that every
+// thread gets about as many tiles as the others (three 256-pixel tiles on two threads left one idle
+// a third of the time), but not below kMinEvenedPixels: with many threads and few pixels, an idle
+// thread costs less than tiles too short to amortise the packing.
 int64_t tile_pixels(int64_t M, int64_t C, int64_t per_pixel_elements, size_t element_size) {
   constexpr int64_t kTileBytes = 1024 * 1024;
   constexpr int64_t kMinTilePixels = 256;
+  constexpr int64_t kMinEvenedPixels = 64;
   const int64_t cache_pixels = kTileBytes / (per_pixel_elements * C * static_cast<int64_t>(element_size));
   const int64_t most = std::max<int64_t>(kMinTilePixels, cache_pixels / 16 * 16);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t tiles = ((M + most - 1) / most + threads - 1) / threads * threads;
-  return std::max<int64_t>(16, ((M + tiles - 1) / tiles + 15) / 16 * 16);
+  return std::max<int64_t>(kMinEvenedPixels, ((M + tiles - 1) / tiles + 15) / 16 * 16);
 }
 
 template <class T>
@@ -236,10 +238,12 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
   const int64_t tiles = (M + P - 1) / P;
   at::parallel_for(0, tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
     const c10::InferenceMode inference_mode;
-    // g[0], g[1] (P, 5C); hidden, then e, then mixed (2, P, C); z, then dk (2, P, C); gates (2, P, H)
-    std::vector<T> scratch(P * (14 * C));
+    // g[0], g[1] (P, 5C) unless saved; hidden, then e, then mixed (2, P, C); z, then dk (2, P, C);
+    // gates (2, P, H)
+    const int64_t g_elements = save_activations ? 0 : P * 10 * C;
+    std::vector<T> scratch(g_elements + P * 4 * C);
     std::vector<A> gate_tile(2 * P * H);
-    T* hidden = scratch.data() + P * 10 * C;
+    T* hidden = scratch.data() + g_elements;
     T* z = hidden + 2 * P * C;
     for (int64_t tile = first_tile; tile < end_tile; ++tile) {
       const int64_t p0 = tile * P;

@@ -128,6 +128,15 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
 
 
+def test_second_derivatives_raise():
+    """The backward is not itself differentiable: asking for it raises, instead of returning zeros."""
+    x0, x1, params = make_case((3,), 16, device=DEVICE, requires_grad=True)
+    y0, y1 = gemini_fusion(x0, x1, params, num_heads=4, backend="triton")
+    (grad_x0,) = torch.autograd.grad((y0 * y1).sum(), [x0], create_graph=True)
+    with pytest.raises(RuntimeError, match="cannot differentiate twice"):
+        torch.autograd.grad(grad_x0.sum(), [x0])
+
+
 def test_non_contiguous_inputs_and_leading_dims():
     x0, x1, params = make_case((3, 2, 5), 40, dtype=torch.float32, device=DEVICE, seed=3)
     t0 = x0.transpose(0, 2).contiguous().transpose(0, 2)

@@ -107,6 +107,7 @@ class _FusionFunction(torch.autograd.Function):
         return y0, y1
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives raise rather than read as zero
     def backward(ctx, grad_y0, grad_y1):
         x0, x1, gate, *rest = ctx.saved_tensors
         activations, params = rest[:ctx.num_activations], rest[ctx.num_activations:]

@@ -671,6 +671,16 @@ def _backward(ctx, grads):
 fusion_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, grads):
+    raise RuntimeError("gemini_kernels: the Triton backward is not differentiable: it cannot differentiate twice "
+                       "(second derivatives of GeminiFusion are available from backend='torch')")
+
+
+# Without an autograd formula a custom op's outputs read as constants, and a second derivative
+# through the backward would come out as zeros.
+fusion_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def fusion(x0: Tensor, x1: Tensor, params: FusionParams, num_heads: int):
     """The backend entry point: ``(y0, y1)`` for validated ``(..., C)`` inputs, differentiable.
 
