@@ -6,7 +6,8 @@ median of --repeats runs after --warmup runs, the variants interleaved so that a
 machine load, and the ratio from that one run; the minimum of each is printed too, as the figure
 least disturbed by other processes on a shared machine. With --recompute, forward + backward is
 also timed with the backward recomputing the forward's GEMM outputs instead of reading the ones the
-forward saved (cuda_fusion.SAVE_ACTIVATIONS_ON_CPU off). The minor page faults per run of
+forward saved, and with it reading them (whichever cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH picks by
+default). The minor page faults per run of
 each variant are printed too: what a variant costs depends on whether the allocator hands it fresh
 memory, and interleaved runs reuse each other's. --blocks runs each variant's runs back to back
 instead, the way one layer's steps repeat in a training loop.
@@ -28,8 +29,9 @@ from gemini_kernels.ops import cuda_fusion
 NYUDV2_STAGES = {1: (19200, 64), 2: (4800, 128), 3: (1200, 320), 4: (300, 512)}
 
 
-# variant: (backend, whether a differentiated host forward saves its activations; None: the default)
-VARIANTS = {"oracle": ("torch", None), "host": ("cuda", None), "recompute": ("cuda", False)}
+# variant: (backend, the channel count from which a differentiated host forward saves its activations;
+# None: the library's default)
+VARIANTS = {"oracle": ("torch", None), "host": ("cuda", None), "saved": ("cuda", 0), "recompute": ("cuda", 1 << 30)}
 
 
 def forward(x0, x1, params, variant):
@@ -39,14 +41,14 @@ def forward(x0, x1, params, variant):
 
 def forward_backward(x0, x1, params, variant):
     backend, save = VARIANTS[variant]
-    default = cuda_fusion.SAVE_ACTIVATIONS_ON_CPU
-    cuda_fusion.SAVE_ACTIVATIONS_ON_CPU = default if save is None else save
+    default = cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH
+    cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH = default if save is None else save
     try:
         inputs = [x0, x1, *params]
         y0, y1 = gk.gemini_fusion(x0, x1, params, 8, backend=backend)
         torch.autograd.grad((y0.sum(), y1.sum()), inputs)
     finally:
-        cuda_fusion.SAVE_ACTIVATIONS_ON_CPU = default
+        cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH = default
 
 
 def measure(step, variants, args, warmup, repeats, blocks):
@@ -80,7 +82,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=sorted(NYUDV2_STAGES))
     parser.add_argument("--recompute", action="store_true",
-                        help="also time forward + backward with the backward recomputing the activations")
+                        help="also time forward + backward with the backward reading saved activations and "
+                             "with it recomputing them")
     parser.add_argument("--blocks", action="store_true",
                         help="run each variant's runs back to back rather than interleaved")
     args = parser.parse_args()
@@ -94,7 +97,8 @@ def main():
           + ("each variant's runs back to back" if args.blocks else "variants interleaved"))
     print(f"{'stage':>5} {'N':>6} {'C':>4} {'pass':>16} {'oracle ms':>10} {'host ms':>10} {'speed-up':>9}"
           f" {'(min: oracle':>13} {'host':>8} {'speed-up)':>10} {'faults/run: oracle':>19} {'host':>6}"
-          + (f" {'recompute ms':>13} {'speed-up':>9} {'faults':>7}" if args.recompute else ""))
+          + (f" {'saved ms':>9} {'speed-up':>9} {'faults':>7} {'recompute ms':>13} {'speed-up':>9} {'faults':>7}"
+             if args.recompute else ""))
     for stage in args.stages:
         n, c = NYUDV2_STAGES[stage]
         g = torch.Generator().manual_seed(stage)
@@ -106,7 +110,7 @@ def main():
         for name, step, inputs, variants in (
             ("forward", forward, (x0, x1, params), ["oracle", "host"]),
             ("forward+backward", forward_backward, (grad_x0, grad_x1, grad_params),
-             ["oracle", "host", "recompute"] if args.recompute else ["oracle", "host"]),
+             ["oracle", "host", "saved", "recompute"] if args.recompute else ["oracle", "host"]),
         ):
             t = measure(step, variants, inputs, args.warmup, args.repeats, args.blocks)
             (oracle, oracle_min, oracle_faults), (host, host_min, host_faults) = t["oracle"], t["host"]
@@ -114,8 +118,9 @@ def main():
                     f"{oracle / host:>8.2f}x {oracle_min * 1e3:>13.1f} {host_min * 1e3:>8.1f} "
                     f"{oracle_min / host_min:>9.2f}x {oracle_faults:>19.0f} {host_faults:>6.0f}")
             if "recompute" in t:
-                recompute, _, recompute_faults = t["recompute"]
-                line += f" {recompute * 1e3:>13.1f} {oracle / recompute:>8.2f}x {recompute_faults:>7.0f}"
+                for variant, width in (("saved", 9), ("recompute", 13)):
+                    median, _, variant_faults = t[variant]
+                    line += f" {median * 1e3:>{width}.1f} {oracle / median:>8.2f}x {variant_faults:>7.0f}"
             print(line, flush=True)
 
 

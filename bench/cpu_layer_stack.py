@@ -10,7 +10,10 @@ other variant shapes its heap; the variants take turns, --rounds times. Prints, 
 round, the median step time of --repeats steps after 2 warm-up steps and the minor page faults per
 step.
 
-    python bench/cpu_layer_stack.py [--threads 2] [--rounds 2] [--repeats 10]
+--stages keeps the layers of the given stages only (--stages 1: two C=64 layers, whose activations
+are the largest).
+
+    python bench/cpu_layer_stack.py [--threads 2] [--rounds 2] [--repeats 10] [--stages 1 2 3 4]
 """
 from __future__ import annotations
 
@@ -23,20 +26,21 @@ import time
 
 import torch
 
-LAYERS = [(19200, 64), (19200, 64), (4800, 128), (4800, 128), (1200, 320), (1200, 320), (300, 512), (300, 512)]
-# variant: (backend, whether a differentiated host forward saves its activations)
-VARIANTS = {"oracle": ("torch", True), "host": ("cuda", True), "host, recomputing": ("cuda", False)}
+STAGES = {1: (19200, 64), 2: (4800, 128), 3: (1200, 320), 4: (300, 512)}  # (N, C), two layers each
+# variant: (backend, the channel count from which a differentiated host forward saves its activations)
+VARIANTS = {"oracle": ("torch", 0), "host, saving all": ("cuda", 0), "host, saving C>=128": ("cuda", 128),
+            "host, recomputing": ("cuda", 1 << 30)}
 
 
-def run_variant(variant: str, threads: int, batch: int, repeats: int) -> str:
+def run_variant(variant: str, threads: int, batch: int, repeats: int, stages) -> str:
     import gemini_kernels as gk
     from gemini_kernels.ops import cuda_fusion
 
     torch.set_num_threads(threads)
-    backend, cuda_fusion.SAVE_ACTIVATIONS_ON_CPU = VARIANTS[variant]
+    backend, cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH = VARIANTS[variant]
     g = torch.Generator().manual_seed(0)
     layers = []
-    for n, c in LAYERS:
+    for n, c in [STAGES[s] for s in stages for _ in range(2)]:
         params = gk.FusionParams(*(p.requires_grad_() for p in gk.random_params(c, generator=g)))
         layers.append((params, torch.randn(batch, n, c, generator=g), torch.randn(batch, n, c, generator=g)))
 
@@ -64,24 +68,27 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--stages", type=int, nargs="+", default=sorted(STAGES), choices=sorted(STAGES))
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
     if args.variant is not None:
-        print(run_variant(args.variant, args.threads, args.batch, args.repeats))
+        print(run_variant(args.variant, args.threads, args.batch, args.repeats, args.stages))
         return
 
     print(f"torch {torch.__version__}, {args.threads} threads, float32, batch {args.batch}, 8 heads, "
-          f"{len(LAYERS)} layers (N, C) = {LAYERS}; median of {args.repeats} steps after 2 warm-up steps")
-    print(f"{'round':>5} {'variant':>18} {'step ms':>8} {'(min)':>8} {'faults/step':>12} {'speed-up':>9}")
+          f"two layers each of (N, C) = {[STAGES[s] for s in args.stages]}; "
+          f"median of {args.repeats} steps after 2 warm-up steps")
+    print(f"{'round':>5} {'variant':>20} {'step ms':>8} {'(min)':>8} {'faults/step':>12} {'speed-up':>9}")
     for round_ in range(1, args.rounds + 1):
         oracle = None
         for variant in VARIANTS:
             command = [sys.executable, __file__, "--variant", variant, "--threads", str(args.threads),
-                       "--batch", str(args.batch), "--repeats", str(args.repeats)]
+                       "--batch", str(args.batch), "--repeats", str(args.repeats),
+                       "--stages", *map(str, args.stages)]
             median, minimum, faults = subprocess.run(command, check=True, capture_output=True,
                                                      text=True).stdout.split()
             oracle = oracle or float(median)
-            print(f"{round_:>5} {variant:>18} {float(median):>8.1f} {float(minimum):>8.1f} {float(faults):>12.0f} "
+            print(f"{round_:>5} {variant:>20} {float(median):>8.1f} {float(minimum):>8.1f} {float(faults):>12.0f} "
                   f"{oracle / float(median):>8.2f}x", flush=True)
 
 

@@ -6,7 +6,7 @@ tensors it runs the same per-pixel math as host C++ (csrc/fusion_host.cpp) betwe
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
 this module gives them fake implementations (so ``torch.compile`` traces them) and wraps them in an
 autograd.Function that saves the inputs and the per-pixel, per-head gates, and recomputes the rest;
-on CPU it saves the forward's GEMM outputs too (see ``saves_activations``).
+on CPU at wide layers it saves the forward's GEMM outputs too (see ``saves_activations``).
 """
 from __future__ import annotations
 
@@ -78,22 +78,26 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"it runs on CPU and CUDA tensors only; got a tensor on {device.type}"
 
 
-# Whether a CPU forward that autograd will differentiate keeps its GEMM outputs g, z and dk for the
-# backward (14 C values per pixel, under half of what the oracle's autograd keeps) instead of
-# letting the backward recompute them (7 of its 23 C^2 multiply-adds per pixel and direction).
-# Measured on a 2-core EPYC VM, float32, batch 2 (bench/RESULTS.md): a training-like stack of eight
-# layers (MiT-B1 widths, NYUDv2 shapes, forward through all, then backward) runs 1.13x-1.50x faster
-# with it, and single layers 1.07x-1.27x faster from C=64 to C=512. Only a process whose allocator
-# must fetch fresh pages for the activations (about 3 us a page fault on that VM) lost at C=64
-# (1.15x slower).
-SAVE_ACTIVATIONS_ON_CPU = True
+# The channel count from which a CPU forward that autograd will differentiate keeps its GEMM outputs
+# g, z and dk for the backward (14 C values per pixel, under half of what the oracle's autograd
+# keeps) instead of letting the backward recompute them (7 of its 23 C^2 multiply-adds per pixel and
+# direction). Recomputing costs C^2 per pixel, keeping costs C, plus a page fault per 4 KiB whenever
+# the allocator hands out fresh memory, as it does for buffers it cannot reuse (about 3 us a fault on
+# the VM measured). Measured there, float32, batch 2, 2 threads (bench/RESULTS.md): a training-like
+# stack of eight layers (MiT-B1 widths, NYUDv2 shapes, forward through all, then backward; each
+# variant in its own process) ran fastest keeping them from C=128 on, in 3 of 3 rounds (1.23x-1.31x
+# over the oracle; keeping them at every width 1.14x-1.19x; never 0.91x-1.10x). At C=64 keeping
+# them won in single-layer loops that reuse the oracle's memory (1.05x) and lost where the pages
+# were fresh (two C=64 layers alone: 1.08x-1.17x slower); from C=128 on it won everywhere measured.
+SAVE_ACTIVATIONS_FROM_WIDTH = 128
 
 
 def saves_activations(x0: torch.Tensor) -> bool:
-    """Whether a differentiated forward keeps its activations for the backward: on CPU. On CUDA the
-    backward recomputes them, as the Triton backend does, to keep training memory low (the op
-    supports saving there too; which is faster on a GPU is not measured yet)."""
-    return x0.device.type == "cpu" and SAVE_ACTIVATIONS_ON_CPU
+    """Whether a differentiated forward keeps its activations for the backward: on CPU, from
+    SAVE_ACTIVATIONS_FROM_WIDTH channels on. On CUDA the backward recomputes them, as the Triton
+    backend does, to keep training memory low (the op supports saving there too; which is faster
+    on a GPU is not measured yet)."""
+    return x0.device.type == "cpu" and x0.shape[-1] >= SAVE_ACTIVATIONS_FROM_WIDTH
 
 
 class _FusionFunction(torch.autograd.Function):
