@@ -259,6 +259,140 @@ def test_activations_are_saved_only_for_a_differentiated_wide_cpu_forward(monkey
     assert not cuda_fusion.saves_activations(torch.empty(2, 1024, device="meta"))
 
 
+def test_compiles_with_torch_compile(save_mode):
+    # The backend entry point (the public gemini_fusion adds the registry's lazy import, which
+    # dynamo does not trace under fullgraph=True).
+    x0, x1, params = make_case((2, 5), 16, dtype=torch.float32, requires_grad=True, seed=12)
+
+    def loss(x0, x1, *params):
+        y0, y1 = cuda_fusion.fusion(x0, x1, FusionParams(*params), 4)
+        return (y0 * y1).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    inputs = [x0, x1, *params]
+    eager_grads = torch.autograd.grad(loss(*inputs), inputs)
+    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
+
+
+def test_unavailable_reasons(monkeypatch):
+    assert "CPU and CUDA tensors only" in cuda_fusion.unavailable_reason(torch.device("meta"))
+    if not cuda_fusion._has_cuda_kernels():
+        assert "without CUDA kernels" in cuda_fusion.unavailable_reason(torch.device("cuda"))
+    # Without the compiled module: the reason says how to build it, and the backend raises it.
+    monkeypatch.setattr(cuda_fusion, "_loaded", False)
+    monkeypatch.setattr(cuda_fusion, "_load_error", None)
+    monkeypatch.setitem(sys.modules, "gemini_kernels._C", None)
+    monkeypatch.delattr(gemini_kernels, "_C")
+    reason = cuda_fusion.unavailable_reason(torch.device("cpu"))
+    assert "pip install --no-build-isolation -e ." in reason
+    x0, x1, params = make_case((2,), 8)
+    with pytest.raises(RuntimeError, match="no-build-isolation"):
+        gemini_fusion(x0, x1, params, 2, backend="cuda")
+
+
+def test_second_derivatives_raise():
+    """The backward is not itself differentiable: asking for it raises, instead of returning zeros."""
+    x0, x1, params = make_case((2, 3), 16, requires_grad=True, seed=17)
+    y0, y1 = cuda_backend(x0, x1, params, 4)
+    (grad_x0,) = torch.autograd.grad((y0 * y1).sum(), [x0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x0.sum().backward()
+
+
+# ---- GPU: the CUDA kernels ----------------------------------------------------------------------
+
+GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# NYUDv2 480x640 stages (SPEC §4) at batch 2, and odd shapes (odd pixel counts, head widths 3 to 192).
+GPU_CASES = [
+    ((2, 19200), 64, 8),
+    ((2, 4800), 128, 8),
+    ((2, 1200), 320, 8),
+    ((2, 300), 512, 8),
+    ((3, 1001), 24, 8),
+    ((7, 33), 40, 8),
+    ((1, 257), 96, 8),
+    ((5,), 1536, 8),
+]
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(GPU_BOUNDS), ids=str)
+@pytest.mark.parametrize("shape,dim,heads", GPU_CASES, ids=str)
+def test_gpu_matches_oracle(shape, dim, heads, dtype, no_tf32):
+    reason = cuda_fusion.unavailable_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.fail(reason)
+    x0, x1, params = make_case(shape, dim, dtype=dtype, device="cuda", requires_grad=True, seed=dim)
+    bound = GPU_BOUNDS[dtype]
+    assert_matches_oracle(x0, x1, params, heads, out_bound=bound, grad_bound=bound)
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_gpu_saved_activations_match_the_oracle(monkeypatch, dtype, no_tf32):
+    """The op's save_activations path on CUDA, which the library leaves off there by default."""
+    monkeypatch.setattr(cuda_fusion, "saves_activations", lambda x0: True)
+    x0, x1, params = make_case((2, 1200), 320, dtype=dtype, device="cuda", requires_grad=True, seed=16)
+    bound = GPU_BOUNDS[dtype]
+    assert_matches_oracle(x0, x1, params, 8, out_bound=bound, grad_bound=bound)
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    x0, x1, params = make_case((2, 4800), 128, dtype=torch.bfloat16, device="cuda", requires_grad=True, seed=2)
+    first = outputs_and_grads(cuda_backend, x0, x1, params, 8)
+    second = outputs_and_grads(cuda_backend, x0, x1, params, 8)
+    for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_autocast_follows_the_oracle():
+    x0, x1, params = make_case((2, 300), 64, dtype=torch.float32, device="cuda", seed=3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y0, y1 = gemini_fusion(x0, x1, params, 8, backend="cuda")
+        r0, r1 = gemini_fusion_reference(x0, x1, params, 8)
+    assert y0.dtype == r0.dtype == torch.float32
+    assert rel_err(y0, r0) < 2e-2 and rel_err(y1, r1) < 2e-2
+
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda x0, x1, p, h: (x0, x1[:-1], p, h), r"x1 has shape \[2, 16\] but x0 has \[3, 16\]"),
+        (lambda x0, x1, p, h: (x0, x1.float(), p, h), "x1 has dtype Float but x0 has Double"),
+        (lambda x0, x1, p, h: (x0, x1, p, 3), "num_heads=3 must be positive and divide the channel count C=16"),
+        (lambda x0, x1, p, h: (x0, x1, [*p[:6], p[6][:-1], *p[7:]], h),
+         r"params\['cross_attn_0_to_1.in_proj_weight'\] has shape \[47, 16\]; expected \[48, 16\]"),
+        (lambda x0, x1, p, h: (x0, x1, [*p[:4], p[4].float(), *p[5:]], h), r"params\['k_noise.weight'\] is Float"),
+        (lambda x0, x1, p, h: (x0.long(), x1.long(), p, h), "x0 must be a floating-point tensor"),
+        (lambda x0, x1, p, h: (x0[0, 0], x1[0, 0], p, h), r"x0 must be a non-empty \(..., C\) tensor; got shape \[\]"),
+        (lambda x0, x1, p, h: (x0[:0], x1[:0], p, h), r"x0 must be a non-empty \(..., C\) tensor; got shape \[0, 16\]"),
+    ],
+    ids=["x1 shape", "x1 dtype", "heads", "param shape", "param dtype", "integer input", "0-d input", "empty input"],
+)
+def test_ops_called_directly_validate_their_arguments(mutate, fragment):
+    """torch.ops.gemini_kernels.fusion_forward is public: bad arguments raise before any kernel runs."""
+    x0, x1, params = make_case((3,), 16)
+    with pytest.raises(RuntimeError, match=fragment):
+        torch.ops.gemini_kernels.fusion_forward(*mutate(x0, x1, list(params), 4))
+
+
 def test_backward_op_checks_the_gate():
     x0, x1, params = make_case((3,), 16)
     y0, y1, gate, _ = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4)
