@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"the triton backend
 
 if _REASON is None:
     from gemini_kernels.ops import triton_fusion as tf
+    from gemini_kernels.ops.triton_kernels import configs, launch
 
 # Bounds on ||out - ref|| / ||ref|| against the float64 oracle (the issue's, for 16-bit dtypes).
 BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -63,19 +64,24 @@ def _check_all(x0, x1, params, num_heads, dtype, bound=None):
     assert errors[worst] < bound, f"{worst}: rel_err {errors[worst]:.2e} >= {bound:.0e}; all: {errors}"
 
 
-# (dim, num_heads, leading shape, dtype, forward path): head widths 2..40, pixel counts that no
-# block divides, 1-3 leading dimensions.
+# (dim, num_heads, leading shape, dtype, forward path): head widths 2..192, pixel counts that no
+# block divides, 1-3 leading dimensions. The paths are the ones the configuration table picks.
 FORWARD_CASES = [
     (24, 8, (7,), torch.float64, "split"),  # head width 3
-    (40, 8, (2, 3), torch.float32, "split"),  # head width 5
+    (40, 8, (2, 3), torch.float32, "split"),  # head width 5 (float32 without TF32: IEEE products)
     (96, 8, (5,), torch.float32, "split"),  # head width 12
     (320, 8, (3,), torch.float32, "split"),  # head width 40
-    (12, 4, (2, 2, 3), torch.bfloat16, "split"),
-    (40, 8, (5,), torch.float16, "split"),
-    (16, 8, (7,), torch.bfloat16, "fused"),  # head width 2
-    (32, 8, (2, 5), torch.float16, "fused"),
-    (64, 8, (9,), torch.bfloat16, "fused"),
-    (64, 4, (3,), torch.float16, "fused"),
+    (12, 4, (2, 2, 3), torch.bfloat16, "tiled"),  # the smallest width: 4 heads of 3 in one group
+    (40, 8, (5,), torch.float16, "tiled"),  # head width 5: four heads per product tile
+    (96, 8, (5,), torch.float16, "tiled"),  # head width 12: one padded head per tile
+    (128, 8, (67,), torch.bfloat16, "tiled"),  # MiT stage 2: two tiles, the second partial
+    (320, 8, (3,), torch.bfloat16, "tiled"),  # head width 40 in chunks of 16 lanes
+    (512, 8, (5,), torch.bfloat16, "tiled"),  # MiT stage 4
+    (1536, 8, (2,), torch.float16, "tiled"),  # Swin-L stage 4: head width 192 in chunks of 64
+    (16, 8, (7,), torch.bfloat16, "narrow"),  # head width 2
+    (32, 8, (2, 5), torch.float16, "narrow"),
+    (64, 8, (9,), torch.bfloat16, "narrow"),
+    (64, 4, (3,), torch.float16, "narrow"),
 ]
 
 
@@ -84,22 +90,46 @@ def test_forward_matches_oracle(dim, num_heads, shape, dtype, path):
     x0, x1, params = make_case(shape, dim, dtype=dtype, device=DEVICE, seed=dim)
     (r0, r1), _ = _oracle(x0, x1, params, num_heads)
     rows = [t.reshape(-1, dim) for t in (x0, x1)]
-    y0, y1 = tf.forward_rows(*rows, params, num_heads, path=path)
+    y0, y1 = launch.forward_rows(*rows, params, num_heads, path=path)
     assert rel_err(y0, r0.reshape(-1, dim)) < BOUND[dtype] and rel_err(y1, r1.reshape(-1, dim)) < BOUND[dtype]
     # The public entry point runs the path the configuration table picks for this case.
-    assert (tf.fused_config(dim, num_heads, dtype) is not None) == (path == "fused")
+    assert configs.forward_path(dim, num_heads, dtype) == path
     p0, p1 = gemini_fusion(x0, x1, params, num_heads, backend="triton")
     assert torch.equal(p0.reshape(-1, dim), y0) and torch.equal(p1.reshape(-1, dim), y1)
 
 
+# The tiled kernel in float64 (IEEE products; on a GPU these dtypes run split), for every kind of
+# head group: several narrow heads per tile, one padded head, a head in several lane chunks, a
+# partial last tile and more tiles than programs (the persistent loop).
+TILED_FLOAT64_CASES = [(12, 4, 70), (16, 8, 5), (24, 8, 33), (96, 8, 9), (128, 8, 130), (320, 8, 7), (384, 8, 3)]
+
+
+@pytest.mark.parametrize("dim, num_heads, pixels", TILED_FLOAT64_CASES)
+def test_tiled_forward_float64(dim, num_heads, pixels):
+    x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 3)
+    (r0, r1), _ = _oracle(x0, x1, params, num_heads)
+    y0, y1 = launch.forward_rows(x0, x1, params, num_heads, path="tiled")
+    assert rel_err(y0, r0) < BOUND[torch.float64] and rel_err(y1, r1) < BOUND[torch.float64]
+
+
+def test_tiled_forward_with_few_programs():
+    """Each program walks several tiles (the persistent loop) and reuses its scratch rows."""
+    x0, x1, params = make_case((200,), 40, dtype=torch.float16, device=DEVICE, seed=4)
+    (r0, r1), _ = _oracle(x0, x1, params, 8)
+    cfg = configs.tiled_config(40, 8, torch.float16)._replace(block_m=16)
+    with launch.programs_at_most(3):
+        y0, y1 = launch._tiled_forward(x0, x1, params, 8, cfg)
+    assert rel_err(y0, r0) < BOUND[torch.float16] and rel_err(y1, r1) < BOUND[torch.float16]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_forward_in_several_chunks(dtype):
-    """The fused kernel's chunk loops (relation hidden units, attention output channels), which the
+def test_narrow_forward_in_several_chunks(dtype):
+    """The narrow kernel's chunk loops (relation hidden units, attention output channels), which the
     table runs as one chunk up to C = 64, give the same function over several chunks."""
     x0, x1, params = make_case((37,), 64, dtype=dtype, device=DEVICE, seed=2)
     (r0, r1), _ = _oracle(x0, x1, params, 8)
-    cfg = tf.FusedConfig(block_m=64, chunk=16, num_warps=4, num_stages=1)
-    y0, y1 = tf._fused_forward(x0, x1, params, 8, cfg)
+    cfg = configs.NarrowConfig(block_m=64, chunk=16, num_warps=4, num_stages=1)
+    y0, y1 = launch._narrow_forward(x0, x1, params, 8, cfg)
     assert rel_err(y0, r0) < BOUND[dtype] and rel_err(y1, r1) < BOUND[dtype]
 
 
@@ -119,13 +149,16 @@ def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
     _check_all(x0, x1, params, num_heads, dtype)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("path", ["split", "tiled"])
+def test_gradcheck_float64(path):
+    """Numerical derivatives of the forward path against the hand-written backward."""
     x0, x1, params = make_case((3,), 24, device=DEVICE, requires_grad=True)
 
     def f(a, b, *ps):
         return gemini_fusion(a, b, FusionParams(*ps), num_heads=8, backend="triton")
 
-    assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
+    with launch.forced_forward_path(path):
+        assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
 
 
 def test_second_derivatives_raise():
@@ -203,10 +236,25 @@ def test_torch_compile_fullgraph_traces_the_custom_op():
 def test_availability_and_path_table():
     assert "triton" in gk.available_backends(DEVICE)
     assert "need CUDA tensors" in tf.unavailable_reason("meta")
-    assert tf.fused_config(64, 8, torch.bfloat16) is not None and tf.fused_config(32, 8, torch.float16) is not None
-    for dim, heads, dtype in [(64, 8, torch.float32), (64, 8, torch.float64), (40, 8, torch.bfloat16),
-                              (128, 8, torch.bfloat16), (96, 8, torch.float16), (8, 8, torch.bfloat16)]:
-        assert tf.fused_config(dim, heads, dtype) is None, (dim, heads, dtype)
+    expected = {
+        (64, 8, torch.bfloat16): "narrow", (32, 8, torch.float16): "narrow", (16, 8, torch.bfloat16): "narrow",
+        (40, 8, torch.bfloat16): "tiled", (128, 8, torch.bfloat16): "tiled", (96, 8, torch.float16): "tiled",
+        (1536, 8, torch.bfloat16): "tiled", (12, 4, torch.float16): "tiled",
+        (64, 8, torch.float64): "split",
+    }
+    for (dim, heads, dtype), path in expected.items():
+        assert configs.forward_path(dim, heads, dtype) == path, (dim, heads, dtype)
+    # float32 follows torch.backends.cuda.matmul.allow_tf32: tensor-core products only where allowed.
+    assert configs.forward_path(320, 8, torch.float32, allow_tf32=False) == "split"
+    assert configs.forward_path(320, 8, torch.float32, allow_tf32=True) == "tiled"
+    assert configs.tiled_config(320, 8, torch.float32, allow_tf32=True).precision == "tf32"
+
+
+@pytest.mark.parametrize("head_dim, expected", [(2, (2, 8)), (3, (4, 4)), (8, (8, 2)), (12, (16, 1)),
+                                                (16, (16, 1)), (40, (16, 1)), (64, (64, 1)), (80, (16, 1)),
+                                                (192, (64, 1))])
+def test_lane_chunks_pad_heads_least(head_dim, expected):
+    assert configs.lane_chunk(head_dim, 64) == expected
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_every_launcher_configuration_compiles_for_sm90a(report):
     # Imported here, not at module level: this process may run the interpreter, which is fine for
     # reading the table but would not compile.
     import torch
-    from gemini_kernels.ops import triton_fusion as tf
+    from gemini_kernels.ops.triton_kernels import configs as tf
     from gemini_kernels.ops.sm90_check import problems
 
     table = tf.config_table()

@@ -108,15 +108,19 @@ def _kernel_args(name: str, dtype: torch.dtype, dim: int, num_heads: int):
         return (*rows * 5, 2 * n, dim, head_dim, num_heads, scale), acc
     if name == "gate_bwd":
         return (*rows * 7, 2 * n, dim, head_dim, num_heads, scale), acc
-    if name == "fused_fwd":
-        params = [t(*shape) for shape in param_shapes(dim).values()]
+    params = [t(*shape) for shape in param_shapes(dim).values()]
+    if name == "narrow_fwd":
         return (t(n, dim), t(n, dim), t(n, dim), t(n, dim), *params, n, scale), {}
+    if name == "tiled_fwd":
+        programs, bm = 264, 64
+        scratch = (t(programs, 2, bm, dim), t(programs, bm, dim, dt=torch.promote_types(dtype, torch.float32)))
+        return (t(n, dim), t(n, dim), t(n, dim), t(n, dim), *params, *scratch, n, programs, scale), {}
     raise KeyError(name)
 
 
 def check_all(configs=None) -> list:
     """Compile each configuration (default: the launcher's whole table) for sm_90a and report it."""
-    from . import triton_fusion as tf
+    from .triton_kernels import configs as tf
 
     configs = tf.config_table() if configs is None else configs
     report = []
@@ -131,7 +135,7 @@ def check_all(configs=None) -> list:
                 "kernel": cfg["kernel"], "dtype": str(cfg["dtype"]).replace("torch.", ""), "dim": cfg["dim"],
                 "constexprs": {k: v for k, v in cfg["constexprs"].items()},
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                "multiplies_matrices": cfg["kernel"] == "fused_fwd", **usage,
+                "multiplies_matrices": cfg["kernel"] in ("narrow_fwd", "tiled_fwd"), **usage,
             })
     return report
 

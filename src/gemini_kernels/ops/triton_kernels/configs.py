@@ -1,0 +1,205 @@
+"""The configuration table: which forward path and which launch settings every width and dtype gets.
+
+The launchers and the sm_90a compile check (``gemini_kernels.ops.sm90_check``) both read these
+functions, so what is checked is what runs. Every choice below was checked by compiling for sm_90a
+on CPU (0 spills; the register counts are in the compile check's table).
+
+Forward paths, per layer:
+
+* ``narrow`` (``narrow.py``): 16-bit, power-of-two C from 16 to ``NARROW_MAX_WIDTH``; every row in
+  registers, one launch.
+* ``tiled`` (``tiled.py``): every other width in 16-bit dtypes, and float32 when TF32 is allowed;
+  one persistent launch streaming weight tiles, row intermediates in per-program scratch.
+* ``split`` (``launch.py``): float32 with IEEE products and float64: cuBLAS GEMMs with the per-pixel
+  math in row kernels (``rows.py``). Triton runs IEEE float32 / float64 products on FMA units with
+  operand tiles in registers, and those spill in the tiled kernel at some widths; these dtypes are
+  for accuracy (float64: gradcheck), not speed. The backward always runs split.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import narrow, rows, tiled
+
+# A 64-pixel tile of rows in registers spills from C = 128 on (sm_90a, 4 warps).
+NARROW_MAX_WIDTH = 64
+# SMs of the device the counts and the CPU compile check assume (H100 SXM / H200).
+DEFAULT_SMS = 132
+
+KERNELS = {
+    "gelu_fwd": rows._gelu_fwd_kernel, "gelu_bwd": rows._gelu_bwd_kernel,
+    "relation_fwd": rows._relation_fwd_kernel, "relation_bwd": rows._relation_bwd_kernel,
+    "gate_fwd": rows._gate_fwd_kernel, "gate_bwd": rows._gate_bwd_kernel,
+    "narrow_fwd": narrow.narrow_fwd_kernel, "tiled_fwd": tiled.tiled_fwd_kernel,
+}
+
+
+class RowConfig(NamedTuple):
+    """Rows per program and warps of a row kernel whose rows are ``width`` (padded) lanes wide."""
+    block_m: int
+    num_warps: int
+
+
+class NarrowConfig(NamedTuple):
+    block_m: int
+    chunk: int  # output channels of the attention per step (whole heads)
+    num_warps: int
+    num_stages: int
+
+
+class TiledConfig(NamedTuple):
+    block_m: int  # pixels per tile (one warpgroup's 64 rows, or fewer)
+    block_n: int  # output columns per product
+    block_k: int  # reduction step
+    heads_per_group: int  # HT: heads whose gates one product tile covers
+    lane_chunk: int  # DL: lanes of each head per product tile
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int  # the persistent grid: SMs x this many programs
+    precision: str  # tl.dot input precision of float32 operands
+
+    @property
+    def value_identity(self) -> bool:
+        """One value product per head (SPEC §1) when a product tile holds a single head."""
+        return self.heads_per_group == 1
+
+
+def _row_config(width: int) -> RowConfig:
+    # ~2048 elements per program keeps the 4-6 live tiles of the widest row kernel within the
+    # register file with no spills, even at one row of 2048 lanes (dim 1536). From 256 lanes on, 8
+    # warps: float32 relation_bwd at (8 rows, 256 lanes, 4 warps) spills on sm_90a.
+    return RowConfig(block_m=max(1, min(64, 2048 // width)), num_warps=4 if width < 256 else 8)
+
+
+def head_layout(dim: int, num_heads: int):
+    """(H_PAD, DH_PAD): the padded head layout of a width-``dim`` row (row kernels)."""
+    return triton.next_power_of_2(num_heads), triton.next_power_of_2(dim // num_heads)
+
+
+def split_configs(dim: int, num_heads: int):
+    """The row-kernel configurations of the split path and of the backward, keyed by kernel family."""
+    h_pad, dh_pad = head_layout(dim, num_heads)
+    return {"row": _row_config(triton.next_power_of_2(dim)), "head": _row_config(h_pad * dh_pad)}
+
+
+def narrow_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[NarrowConfig]:
+    """The narrow forward's configuration, or None where it does not run.
+
+    4 warps, one warpgroup on the 64-row tile: with 8, one of the MMA layouts put two warpgroups on
+    the same 64 rows (``warpsPerCTA=[8, 1]``, 16-row instructions), computing everything twice.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if not (16 <= dim <= NARROW_MAX_WIDTH and dim & (dim - 1) == 0 and num_heads & (num_heads - 1) == 0):
+        return None
+    return NarrowConfig(block_m=64, chunk=min(dim, 64), num_warps=4, num_stages=1)
+
+
+def lane_chunk(head_dim: int, max_lanes: int):
+    """(DL, HT): lanes per head and heads per product tile of the tiled kernel's head groups.
+
+    A product tile is at least 16 columns wide (tl.dot's minimum): heads narrower than 16 are
+    grouped, HT of them, each padded to a power of two. Wider heads are walked in chunks of DL lanes,
+    the power of two from 16 to ``max_lanes`` that pads the head least (ties: the wider chunk), so
+    head widths 40 and 80 cost 48 and 80 columns, not 64 and 128.
+    """
+    if head_dim < 16:
+        dl = triton.next_power_of_2(head_dim)
+        return dl, 16 // dl
+    candidates = [d for d in (16, 32, 64) if d <= max_lanes]
+    dl = min(candidates, key=lambda d: (triton.cdiv(head_dim, d) * d, -d))
+    return dl, 1
+
+
+def tiled_config(dim: int, num_heads: int, dtype: torch.dtype,
+                 allow_tf32: Optional[bool] = None) -> Optional[TiledConfig]:
+    """The tiled forward's configuration, or None where the split path runs instead.
+
+    ``allow_tf32`` defaults to ``torch.backends.cuda.matmul.allow_tf32`` (what cuBLAS would do with
+    the oracle's float32 products).
+    """
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    head_dim = dim // num_heads
+    if dtype in (torch.bfloat16, torch.float16):
+        dl, ht = lane_chunk(head_dim, 64)
+        return TiledConfig(block_m=64, block_n=_block(dim, 64), block_k=_block(dim, 32), heads_per_group=ht,
+                           lane_chunk=dl, num_warps=4, num_stages=2, ctas_per_sm=2, precision="ieee")
+    if dtype == torch.float32 and allow_tf32:
+        dl, ht = lane_chunk(head_dim, 32)
+        return TiledConfig(block_m=64, block_n=_block(dim, 32), block_k=16, heads_per_group=ht,
+                           lane_chunk=dl, num_warps=4, num_stages=1, ctas_per_sm=2, precision="tf32")
+    return None
+
+
+def _block(dim: int, most: int) -> int:
+    return max(16, min(most, triton.next_power_of_2(dim)))
+
+
+def forward_path(dim: int, num_heads: int, dtype: torch.dtype, allow_tf32: Optional[bool] = None) -> str:
+    """``"narrow"``, ``"tiled"`` or ``"split"``: the forward a layer of this shape and dtype runs."""
+    if narrow_config(dim, num_heads, dtype) is not None:
+        return "narrow"
+    if tiled_config(dim, num_heads, dtype, allow_tf32) is not None:
+        return "tiled"
+    return "split"
+
+
+def acc_type(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# Representative widths: every MiT stage width (32, 64, 128, 160, 256, 320, 512), the smallest the
+# API takes with 4 heads (12), head width 2 (16), odd head widths (24 -> 3, 40 -> 5, 96 -> 12,
+# 320 -> 40) and every Swin width (96, 192, 384, 768, 1536: head width up to 192).
+CHECKED_WIDTHS = (12, 16, 24, 32, 40, 64, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1536)
+CHECKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _heads_for(dim: int) -> int:
+    return 4 if dim == 12 else 8
+
+
+def config_table(dims: Sequence[int] = CHECKED_WIDTHS, dtypes: Sequence[torch.dtype] = CHECKED_DTYPES):
+    """Every distinct (kernel, constexprs, launch options) the launchers pick for these widths and
+    dtypes (float32 both with and without TF32): what the sm_90a compile check enumerates."""
+    seen = {}
+    for dtype in dtypes:
+        for dim in dims:
+            num_heads = _heads_for(dim)
+            h_pad, dh_pad = head_layout(dim, num_heads)
+            block_c = triton.next_power_of_2(dim)
+            cfgs = split_configs(dim, num_heads)
+            row, head = cfgs["row"], cfgs["head"]
+            entries = [
+                (name, dict(BLOCK_M=row.block_m, BLOCK_C=block_c), row.num_warps, 1)
+                for name in ("gelu_fwd", "gelu_bwd", "relation_fwd", "relation_bwd")
+            ] + [
+                (name, dict(BLOCK_M=head.block_m, H_PAD=h_pad, DH_PAD=dh_pad), head.num_warps, 1)
+                for name in ("gate_fwd", "gate_bwd")
+            ]
+            nar = narrow_config(dim, num_heads, dtype)
+            if nar is not None:
+                entries.append(("narrow_fwd", dict(C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=nar.block_m,
+                                                   CHUNK=nar.chunk), nar.num_warps, nar.num_stages))
+            for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+                til = tiled_config(dim, num_heads, dtype, allow_tf32=tf32)
+                if til is not None and nar is None:
+                    entries.append(("tiled_fwd", tiled_constexprs(dim, num_heads, til),
+                                    til.num_warps, til.num_stages))
+            # Triton also specialises integer arguments divisible by 16: a distinct compilation.
+            aligned = (dim % 16 == 0, (dim // num_heads) % 16 == 0)
+            for name, constexprs, num_warps, num_stages in entries:
+                key = (name, dtype, tuple(sorted(constexprs.items())), num_warps, num_stages, aligned)
+                seen.setdefault(key, dict(kernel=name, dtype=dtype, dim=dim, num_heads=num_heads,
+                                          constexprs=constexprs, num_warps=num_warps, num_stages=num_stages))
+    return list(seen.values())
+
+
+def tiled_constexprs(dim: int, num_heads: int, cfg: TiledConfig) -> dict:
+    return dict(C=dim, NUM_HEADS=num_heads, HEAD_DIM=dim // num_heads, BM=cfg.block_m, BN=cfg.block_n,
+                BK=cfg.block_k, HT=cfg.heads_per_group, DL=cfg.lane_chunk, PRECISION=cfg.precision)

@@ -1,0 +1,247 @@
+"""Launch code of the Triton backend: each forward path, the recomputing backward, on (N, C) rows.
+
+The backward is hand-written (no autograd through the kernels). It saves only ``x0``, ``x1`` and the
+parameters, recomputes the forward intermediates with the split path, and runs the chain rule with
+three row kernels (gate, relation softmax, GELU derivative) between batched GEMMs. Weight gradients
+are GEMMs over the per-pixel gradients and ``torch.sum`` over pixels: no atomics, so two backward
+runs give bitwise-equal gradients.
+
+The split path stores its intermediates in the input dtype (as the oracle's ``F.linear`` outputs
+are); the fused paths keep them in float32 except where they become tensor-core operands (h, the
+key and value inputs, m), rounded to the input dtype as the oracle rounds them.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ...params import FusionParams
+from .common import INTERPRETED
+from .configs import (DEFAULT_SMS, NarrowConfig, TiledConfig, _row_config, acc_type, forward_path, head_layout,
+                      lane_chunk, narrow_config, tiled_config, tiled_constexprs)
+from .narrow import narrow_fwd_kernel
+from .rows import (_gate_bwd_kernel, _gate_fwd_kernel, _gelu_bwd_kernel, _gelu_fwd_kernel, _relation_bwd_kernel,
+                   _relation_fwd_kernel)
+from .tiled import tiled_fwd_kernel
+
+
+def _launch_rows(kernel, n_rows: int, dim: int, *args):
+    cfg = _row_config(triton.next_power_of_2(dim))
+    kernel[(triton.cdiv(n_rows, cfg.block_m),)](
+        *args, ACC=acc_type(args[0].dtype), BLOCK_M=cfg.block_m, BLOCK_C=triton.next_power_of_2(dim),
+        num_warps=cfg.num_warps)
+
+
+def _launch_heads(kernel, n_rows: int, dim: int, num_heads: int, *args):
+    h_pad, dh_pad = head_layout(dim, num_heads)
+    cfg = _row_config(h_pad * dh_pad)
+    head_dim = dim // num_heads
+    kernel[(triton.cdiv(n_rows, cfg.block_m),)](
+        *args, n_rows, dim, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
+        ACC=acc_type(args[0].dtype), BLOCK_M=cfg.block_m, H_PAD=h_pad, DH_PAD=dh_pad, num_warps=cfg.num_warps)
+
+
+def _direction_weights(p: FusionParams, dim: int):
+    """The per-direction projections stacked on a leading axis of 2, for batched GEMMs."""
+    in_w = torch.stack((p.in_proj_weight_0, p.in_proj_weight_1))  # (2, 3C, C)
+    in_b = torch.stack((p.in_proj_bias_0, p.in_proj_bias_1)).unsqueeze(1)  # (2, 1, 3C)
+    wq, wk, wv = in_w.split(dim, dim=1)
+    bq, _, bv = in_b.split(dim, dim=2)  # the key bias cancels out of a two-key softmax
+    wo = torch.stack((p.out_proj_weight_0, p.out_proj_weight_1))
+    bo = torch.stack((p.out_proj_bias_0, p.out_proj_bias_1)).unsqueeze(1)
+    return wq, wk, wv, bq, bv, wo, bo
+
+
+class _SplitState(NamedTuple):
+    """The split forward's intermediates, both directions stacked: (2, N, C) or (2N, C) views."""
+    x: Tensor  # self of direction d at [d]
+    other: Tensor
+    p_fc1: Tensor  # (2N, 2C): [x0; x1] @ [W1a; W1b]^T
+    h: Tensor
+    z: Tensor
+    u: Tensor  # key input  k_noise + s - s*r
+    w: Tensor  # value input v_noise + s - o
+    q: Tensor  # s Wq^T + bq, before the 1/sqrt(dh) scale (the gate kernels apply it)
+    dk: Tensor
+    dv: Tensor
+    m: Tensor  # vc + a * dv, the attention output before Wo
+
+
+def _split_state(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int) -> _SplitState:
+    n, dim = x0.shape
+    x = torch.stack((x0, x1))
+    other = x.flip(0)
+    x_rows = x.view(2 * n, dim)
+    w1 = p.fc1_weight
+    p_fc1 = x_rows @ torch.cat((w1[:, :dim], w1[:, dim:])).t()
+    h = torch.empty_like(x_rows)
+    _launch_rows(_gelu_fwd_kernel, 2 * n, dim, p_fc1, p.fc1_bias, h, n, dim)
+    z = torch.addmm(p.fc2_bias, h, p.fc2_weight.t())
+    u, w = torch.empty_like(x_rows), torch.empty_like(x_rows)
+    _launch_rows(_relation_fwd_kernel, 2 * n, dim, z, x_rows, p.k_noise, p.v_noise, u, w, n, dim)
+    u, w = u.view(2, n, dim), w.view(2, n, dim)
+    wq, wk, wv, bq, bv, _, _ = _direction_weights(p, dim)
+    q = torch.baddbmm(bq, x, wq.transpose(1, 2))
+    dk = torch.bmm(u, wk.transpose(1, 2))
+    vc = torch.baddbmm(bv, other, wv.transpose(1, 2))
+    dv = torch.bmm(w, wv.transpose(1, 2))
+    m = torch.empty_like(x)
+    _launch_heads(_gate_fwd_kernel, 2 * n, dim, num_heads, q, dk, vc, dv, m)
+    return _SplitState(x, other, p_fc1, h, z, u, w, q, dk, dv, m)
+
+
+def _split_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
+    st = _split_state(x0, x1, p, num_heads)
+    _, _, _, _, _, wo, bo = _direction_weights(p, x0.shape[1])
+    out = torch.baddbmm(bo, st.m, wo.transpose(1, 2))
+    return out[0] + x0, out[1] + x1  # the residual last, rounded as the oracle rounds it
+
+
+def _narrow_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: NarrowConfig):
+    n, dim = x0.shape
+    y0, y1 = torch.empty_like(x0), torch.empty_like(x1)
+    narrow_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+        x0, x1, y0, y1, *p, n, 1.0 / math.sqrt(dim // num_heads),
+        C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=cfg.block_m, CHUNK=cfg.chunk, INTERPRET=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y0, y1
+
+
+_FORCED = {"path": None, "max_programs": None}
+
+
+@contextlib.contextmanager
+def forced_forward_path(path: str):
+    """Tests: every forward in the block runs ``path`` (e.g. the tiled kernel in float64 for gradcheck)."""
+    previous, _FORCED["path"] = _FORCED["path"], path
+    try:
+        yield
+    finally:
+        _FORCED["path"] = previous
+
+
+@contextlib.contextmanager
+def programs_at_most(count: int):
+    """Tests: a persistent grid of at most ``count`` programs, so that each walks several tiles."""
+    previous, _FORCED["max_programs"] = _FORCED["max_programs"], count
+    try:
+        yield
+    finally:
+        _FORCED["max_programs"] = previous
+
+
+def num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; elsewhere (the interpreter, meta tensors) the H100's, so that grid-sized
+    buffers are counted as on the GPU the budgets are set for."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def _tiled_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: TiledConfig):
+    n, dim = x0.shape
+    y0, y1 = torch.empty_like(x0), torch.empty_like(x1)
+    programs = min(triton.cdiv(n, cfg.block_m), num_sms(x0.device) * cfg.ctas_per_sm,
+                   _FORCED["max_programs"] or n)
+    # Each program's own rows of h / u / m and of z: grid-sized, so they stay in L2.
+    scratch = x0.new_empty((programs, 2, cfg.block_m, dim))
+    z = x0.new_empty((programs, cfg.block_m, dim), dtype=torch.promote_types(x0.dtype, torch.float32))
+    tiled_fwd_kernel[(programs,)](
+        x0, x1, y0, y1, *p, scratch, z, n, programs, 1.0 / math.sqrt(dim // num_heads),
+        **tiled_constexprs(dim, num_heads, cfg), INTERPRET=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y0, y1
+
+
+def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: Optional[str] = None):
+    """(y0, y1) for contiguous (N, C) inputs and contiguous parameters of their dtype.
+
+    ``path`` forces ``"narrow"``, ``"tiled"`` or ``"split"`` (tests compare them); by default
+    ``configs.forward_path`` decides. Forcing ``"tiled"`` in float32 without TF32, or in float64,
+    runs the tiled kernel with IEEE products (under the interpreter: for tests).
+    """
+    dim, dtype = x0.shape[1], x0.dtype
+    path = path or _FORCED["path"] or forward_path(dim, num_heads, dtype)
+    if path == "narrow":
+        cfg = narrow_config(dim, num_heads, dtype)
+        if cfg is None:
+            raise ValueError(f"the narrow path does not run dim={dim}, num_heads={num_heads}, {dtype}")
+        return _narrow_forward(x0, x1, p, num_heads, cfg)
+    if path == "tiled":
+        cfg = tiled_config(dim, num_heads, dtype) or _forced_tiled_config(dim, num_heads)
+        return _tiled_forward(x0, x1, p, num_heads, cfg)
+    if path == "split":
+        return _split_forward(x0, x1, p, num_heads)
+    raise ValueError(f"path must be 'narrow', 'tiled' or 'split'; got {path!r}")
+
+
+def _forced_tiled_config(dim: int, num_heads: int) -> TiledConfig:
+    dl, ht = lane_chunk(dim // num_heads, 16)
+    return TiledConfig(block_m=16, block_n=16, block_k=16, heads_per_group=ht, lane_chunk=dl, num_warps=4,
+                       num_stages=1, ctas_per_sm=2, precision="ieee")
+
+
+def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
+    """Gradients ``[gx0, gx1, *param_grads]`` (FusionParams order) for contiguous (N, C) rows.
+
+    Every recomputed intermediate is dropped right after its last use (the ``del``s): the peak is
+    about 17 tensors of (2N, C) (the recomputed forward plus the gate's gradients) instead of the
+    ~27 that holding everything to the end would take.
+    """
+    n, dim = x0.shape
+    x, other, p_fc1, h, z, u, w, q, dk, dv, m = _split_state(x0, x1, p, num_heads)
+    x_rows, other_rows = x.view(2 * n, dim), other.view(2 * n, dim)
+    wq, wk, wv, _, _, wo, _ = _direction_weights(p, dim)
+    gy = torch.stack((gy0, gy1))
+    g_wo, g_bo = [gy[d].t() @ m[d] for d in (0, 1)], [gy[d].sum(0) for d in (0, 1)]
+    del m
+    gm = torch.bmm(gy, wo)  # = dL/dvc
+    gq, gdk, gdv = torch.empty_like(gm), torch.empty_like(gm), torch.empty_like(gm)
+    _launch_heads(_gate_bwd_kernel, 2 * n, dim, num_heads, q, dk, dv, gm, gq, gdk, gdv)
+    del q, dk, dv
+    g_wq, g_bq = torch.bmm(gq.transpose(1, 2), x), gq.sum(1)
+    g_self = torch.baddbmm(gy, gq, wq)  # dL/ds: the residual and the query
+    del gq, gy
+    g_wk = torch.bmm(gdk.transpose(1, 2), u)
+    gu = torch.bmm(gdk, wk)
+    del u, gdk
+    g_wv = torch.bmm(gdv.transpose(1, 2), w) + torch.bmm(gm.transpose(1, 2), other)
+    g_bv = gm.sum(1)
+    gw = torch.bmm(gdv, wv)
+    del w, gdv
+    g_other = torch.bmm(gm, wv)  # dL/do: the cross value
+    del gm
+    g_self += gw  # w = v_noise + s - o
+    g_other -= gw
+    g_kn, g_vn = gu.sum(1), gw.sum(1)
+    del gw
+
+    gz, gs_relation = torch.empty_like(x_rows), torch.empty_like(x_rows)
+    _launch_rows(_relation_bwd_kernel, 2 * n, dim, z, x_rows, gu.view(2 * n, dim), gz, gs_relation, 2 * n, dim)
+    del z, gu
+    g_self += gs_relation.view(2, n, dim)
+    del gs_relation
+    g_w2, g_b2 = gz.t() @ h, gz.sum(0)
+    gh = gz @ p.fc2_weight
+    del h, gz
+    gpre = torch.empty_like(x_rows)
+    _launch_rows(_gelu_bwd_kernel, 2 * n, dim, p_fc1, p.fc1_bias, gh, gpre, n, dim)
+    del p_fc1, gh
+    g_w1 = torch.cat((gpre.t() @ x_rows, gpre.t() @ other_rows), dim=1)
+    g_b1 = gpre.sum(0)
+    w1 = p.fc1_weight
+    g_self.view(2 * n, dim).addmm_(gpre, w1[:, :dim])
+    g_other.view(2 * n, dim).addmm_(gpre, w1[:, dim:])
+    # x0 is the self of direction 0 and the other of direction 1. Every gradient gets its own
+    # storage (custom-op outputs may not alias each other).
+    grads = [g_self[0] + g_other[1], g_self[1] + g_other[0], g_w1, g_b1, g_w2, g_b2, g_kn, g_vn]
+    zeros_bk = g_bq.new_zeros(dim)
+    for d in (0, 1):
+        grads += [torch.cat((g_wq[d], g_wk[d], g_wv[d])), torch.cat((g_bq[d], zeros_bk, g_bv[d])),
+                  g_wo[d], g_bo[d]]
+    return grads
