@@ -1,5 +1,8 @@
 """The public API: module, functional form, dispatch, initialisation, dtypes and bad input."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,6 +98,34 @@ def test_empty_inputs_give_empty_outputs(shape):
     assert y0.shape == y1.shape == torch.Size(shape)
     (y0.sum() + y1.sum()).backward()
     assert x0.grad.shape == x0.shape and m.k_noise.weight.grad.abs().sum() == 0
+
+
+_EMPTY_IN_FRESH_PROCESS = """
+import sys, torch
+from gemini_kernels import GeminiFusion
+backend, compiled = sys.argv[1], sys.argv[2] == "1"
+m = GeminiFusion(16, 4, backend=backend)
+call = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
+x0, x1 = torch.randn(2, 0, 16, requires_grad=True), torch.randn(2, 0, 16)
+y0, y1 = call(x0, x1)
+assert y0.shape == y1.shape == (2, 0, 16), (y0.shape, y1.shape)
+(y0.sum() + y1.sum()).backward()
+assert x0.grad.shape == x0.shape
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+def test_empty_inputs_in_a_fresh_process(backend, compiled):
+    """The empty-input path switches to the oracle, which a fresh process that asked for another
+    backend has not loaded yet (it raised KeyError: 'torch')."""
+    if backend != "auto" and backend not in gk.available_backends("cpu"):
+        pytest.skip(f"backend={backend!r} is not available on CPU here")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _EMPTY_IN_FRESH_PROCESS, backend, str(int(compiled))],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 def test_available_backends_and_errors():
