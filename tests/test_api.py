@@ -139,6 +139,22 @@ def test_available_backends_and_errors():
                 gemini_fusion(torch.randn(2, 16), torch.randn(2, 16), gk.random_params(16), backend=name)
 
 
+def test_cuda_device_without_cuda_gives_reasons_not_errors(monkeypatch):
+    """available_backends("cuda") (the README's call) on a machine with no visible CUDA device: every
+    backend says why it cannot run instead of raising (the Triton probe raised AssertionError: Torch
+    not compiled with CUDA enabled)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    for device in ("cuda", torch.device("cuda"), torch.device("cuda", 0)):
+        assert gk.available_backends(device) == []
+        for name, backend in gk.backends.BACKENDS.items():
+            reason = backend.unavailable_reason(torch.device(device))
+            assert reason == "no CUDA device is visible (torch.cuda.is_available() is False)", (name, reason)
+    from gemini_kernels.ops import cuda_fusion
+    assert cuda_fusion.unavailable_reason(torch.device("cuda")) is not None
+    with pytest.raises(RuntimeError, match="backend='triton' is not available for tensors on cuda.*no CUDA device"):
+        gk.backends.resolve_backend("triton", torch.device("cuda"))
+
+
 # (callable producing the error, exception type, message fragment)
 BAD_INPUTS = {
     "x0 not a tensor": (lambda m: m([[1.0] * 16], torch.randn(2, 16)), TypeError, "x0 must be a torch.Tensor"),
