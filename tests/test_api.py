@@ -1,4 +1,5 @@
 """The public API: module, functional form, dispatch, initialisation, dtypes and bad input."""
+import contextlib
 import math
 import os
 import subprocess
@@ -161,7 +162,12 @@ BAD_INPUTS = {
     "x1 not a tensor": (lambda m: m(torch.randn(2, 16), None), TypeError, "x1 must be a torch.Tensor"),
     "0-d input": (lambda m: m(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "at least one dimension"),
     "integer dtype": (lambda m: m(torch.ones(2, 16, dtype=torch.int64), torch.ones(2, 16, dtype=torch.int64)),
-                      TypeError, "must be a floating-point tensor; got dtype torch.int64"),
+                      TypeError, "x0 must be a floating-point tensor of dtype float16, bfloat16, float32 or float64; "
+                      "got dtype torch.int64"),
+    "float8 inputs": (lambda m: m(torch.zeros(2, 16, dtype=torch.float8_e4m3fn),
+                                  torch.zeros(2, 16, dtype=torch.float8_e4m3fn)),
+                      TypeError, "x0 must be a floating-point tensor of dtype float16, bfloat16, float32 or "
+                                 "float64; got dtype torch.float8_e4m3fn"),
     "wrong width": (lambda m: m(torch.randn(2, 8), torch.randn(2, 8)), ValueError,
                     r"x0 has last dimension 8 \(shape \(2, 8\)\); expected dim=16"),
     "wrong width x1": (lambda m: m(torch.randn(2, 16), torch.randn(2, 8)), ValueError, "x1 has last dimension 8"),
@@ -221,6 +227,22 @@ def test_torch_compile_traces_the_module_without_graph_breaks():
     y0, y1 = compiled(x0, x1)
     r0, r1 = m(x0, x1)
     assert rel_err(y0, r0) < 1e-6 and rel_err(y1, r1) < 1e-6
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.bool, torch.float8_e4m3fn, torch.complex64], ids=str)
+@pytest.mark.parametrize("backend", gk.available_backends("cpu"))
+def test_parameter_dtype_is_checked_under_autocast_too(backend, bad_dtype, autocast):
+    """Under autocast the parameters may differ from the inputs in dtype, but must still be floating
+    point of a supported dtype: integer / bool ones were cast silently, float8 ones failed deep inside."""
+    x = torch.randn(2, 3, 16)
+    params = gk.random_params(16)
+    params = params._replace(k_noise=params.k_noise.to(bad_dtype))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context, pytest.raises(TypeError, match=(
+            rf"params\['k_noise.weight'\] has dtype {bad_dtype}; expected a floating-point dtype "
+            r"\(float16, bfloat16, float32 or float64\)")):
+        gemini_fusion(x, x, params, num_heads=4, backend=backend)
 
 
 @pytest.mark.parametrize("backend", gk.available_backends("cpu"))
