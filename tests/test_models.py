@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gemini_kernels
-from gemini_kernels import GeminiFusion
+from gemini_kernels import GeminiFusion, load_checkpoint_file
 from gemini_seg import build_model, load_imagenet_mit, load_published_checkpoint, to_published_state_dict
 from gemini_seg.data import FolderRGBD, SyntheticRGBD
 from gemini_seg.mit import MIT_CONFIGS
@@ -312,11 +312,30 @@ def test_resume_continues_exactly(tmp_path):
     run(small_run(tmp_path / "b", *common, "--max-steps", "2"))  # stops mid-epoch (3 steps per epoch)
     resumed = run(small_run(tmp_path / "b", *common, "--max-steps", "5", "--resume", str(tmp_path / "b" / "last.pth.tar")))
     assert resumed["losses"] == straight["losses"][2:]
-    a = torch.load(tmp_path / "a" / "last.pth.tar", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pth.tar", weights_only=True)
+    a = load_checkpoint_file(tmp_path / "a" / "last.pth.tar")
+    b = load_checkpoint_file(tmp_path / "b" / "last.pth.tar")
     assert a["step"] == b["step"] == 5
     assert all(torch.equal(a["segmenter"][k], b["segmenter"][k]) for k in a["segmenter"])
     assert straight["losses"][-1] < straight["losses"][0]
+
+
+def test_init_checkpoint_and_resume_read_numpy_best_val(tmp_path):
+    """The published Saver stores best_val as a numpy.float64, which torch.load(weights_only=True)
+    refused: --resume and --init-checkpoint read such files (through load_checkpoint_file)."""
+    common = ["--fusion-backend", "torch", "--dpr", "0", "--eval-every", "100"]
+    run(small_run(tmp_path / "a", *common, "--max-steps", "1"))
+    last = tmp_path / "a" / "last.pth.tar"
+    state = load_checkpoint_file(last)
+    state["best_val"] = np.float64(state["best_val"])
+    torch.save(state, last)
+    with pytest.raises(Exception):
+        torch.load(last, weights_only=True)
+    resumed = run(small_run(tmp_path / "a", *common, "--max-steps", "2", "--resume", str(last)))
+    assert resumed["step"] == 2 and len(resumed["losses"]) == 1
+    published = tmp_path / "nyudv2_mit_b0.pth.tar"
+    torch.save({"segmenter": state["segmenter"], "epoch_start": 1, "best_val": np.float64(3.5)}, published)
+    evaluated = run(small_run(tmp_path / "b", *common, "--init-checkpoint", str(published), "--evaluate"))
+    assert set(evaluated["eval"]) == {"rgb", "depth", "ensemble"}
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -339,9 +358,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert "world=2" in done.stdout
     run(parse_args([*args, "--batch-size", "4", "--out-dir", str(tmp_path / "one")]))
     run(parse_args([*args, "--batch-size", "2", "--out-dir", str(tmp_path / "half")]))
-    ddp = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)["segmenter"]
-    one = torch.load(tmp_path / "one" / "last.pth.tar", weights_only=True)["segmenter"]
-    half = torch.load(tmp_path / "half" / "last.pth.tar", weights_only=True)["segmenter"]
+    ddp = load_checkpoint_file(tmp_path / "ddp" / "last.pth.tar")["segmenter"]
+    one = load_checkpoint_file(tmp_path / "one" / "last.pth.tar")["segmenter"]
+    half = load_checkpoint_file(tmp_path / "half" / "last.pth.tar")["segmenter"]
 
     def distance(a, b):
         num = sum((a[k].double() - b[k].double()).norm() ** 2 for k in a if a[k].is_floating_point())

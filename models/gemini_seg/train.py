@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from gemini_kernels import load_checkpoint_file
+
 from .build import build_model
 from .checkpoint import load_imagenet_mit, load_published_checkpoint, to_published_state_dict
 from .data import FolderRGBD, SyntheticRGBD
@@ -377,7 +379,7 @@ def _run(args, env: Dist) -> dict:
 
     step, best = 0, 0.0
     if args.resume:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(args.resume)
         load_published_checkpoint(model, state)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
