@@ -15,11 +15,11 @@ import contextlib
 import os
 import pickle
 import tarfile
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 
-__all__ = ["load_checkpoint_file", "numpy_safe_globals"]
+__all__ = ["load_checkpoint_file", "checkpoint_file_problem", "numpy_safe_globals"]
 
 # The byte codes of the NumPy dtypes a scalar in a checkpoint may have (bool, integers, floats).
 _SCALAR_TYPE_CODES = "?bBhHiIlLqQefdg"
@@ -66,6 +66,21 @@ def _refusal(exc: Exception) -> str:
     return " ".join(reasons) or str(exc)
 
 
+def checkpoint_file_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be a checkpoint file (missing, a directory, or neither a zip archive nor a
+    pickle, e.g. text or JSON), or ``None``; reads its first bytes only. The checks of
+    :func:`load_checkpoint_file`, for callers that want to reject a path before doing work (a CLI)."""
+    name = os.fspath(path)
+    if not os.path.exists(path):
+        return f"checkpoint file {name!r} does not exist"
+    if os.path.isdir(path):
+        return f"checkpoint file {name!r} is a directory; expected a file written by torch.save"
+    if not _looks_like_a_torch_file(path):
+        return (f"checkpoint file {name!r} is not a PyTorch checkpoint (torch.save writes a zip archive or a "
+                f"pickle; this file is neither, e.g. text or JSON)")
+    return None
+
+
 def load_checkpoint_file(path, map_location="cpu") -> Any:
     """``torch.load(path, weights_only=True)`` that also accepts the NumPy scalars of published
     checkpoints (see the module docstring). Raises ``FileNotFoundError`` for a missing file,
@@ -75,14 +90,13 @@ def load_checkpoint_file(path, map_location="cpu") -> Any:
     name = path  # what the messages call it: the path as given, or the file object
     if isinstance(path, (str, os.PathLike)):
         name = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint file {name!r} does not exist")
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"checkpoint file {name!r} is a directory; expected a file written by "
-                                    f"torch.save")
-        if not _looks_like_a_torch_file(path):
-            raise ValueError(f"checkpoint file {name!r} is not a PyTorch checkpoint (torch.save writes a zip "
-                             f"archive or a pickle; this file is neither, e.g. text or JSON)")
+        problem = checkpoint_file_problem(path)
+        if problem is not None:
+            if not os.path.exists(path):
+                raise FileNotFoundError(problem)
+            if os.path.isdir(path):
+                raise IsADirectoryError(problem)
+            raise ValueError(problem)
     allowed = numpy_safe_globals()
     if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
         scope = torch.serialization.safe_globals(allowed)
