@@ -382,6 +382,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
 
     on_gpu = args.device.startswith("cuda")
+    if on_gpu and not cuda:
+        ap.error(f"--device {args.device}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                 f"run with --device cpu, or on a machine with a GPU and a CUDA build of torch")
     args.families = args.families or (["mit-b0", "mit-b1"] if on_gpu else ["mit-b1"])
     args.stages = args.stages or ([1, 2, 3, 4] if on_gpu else [3, 4])
     args.batch = args.batch or ([8, 32] if on_gpu else [2])

@@ -1,5 +1,9 @@
 """The public API: module, functional form, dispatch, initialisation, dtypes and bad input."""
+import contextlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,6 +101,34 @@ def test_empty_inputs_give_empty_outputs(shape):
     assert x0.grad.shape == x0.shape and m.k_noise.weight.grad.abs().sum() == 0
 
 
+_EMPTY_IN_FRESH_PROCESS = """
+import sys, torch
+from gemini_kernels import GeminiFusion
+backend, compiled = sys.argv[1], sys.argv[2] == "1"
+m = GeminiFusion(16, 4, backend=backend)
+call = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
+x0, x1 = torch.randn(2, 0, 16, requires_grad=True), torch.randn(2, 0, 16)
+y0, y1 = call(x0, x1)
+assert y0.shape == y1.shape == (2, 0, 16), (y0.shape, y1.shape)
+(y0.sum() + y1.sum()).backward()
+assert x0.grad.shape == x0.shape
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+def test_empty_inputs_in_a_fresh_process(backend, compiled):
+    """The empty-input path switches to the oracle, which a fresh process that asked for another
+    backend has not loaded yet (it raised KeyError: 'torch')."""
+    if backend != "auto" and backend not in gk.available_backends("cpu"):
+        pytest.skip(f"backend={backend!r} is not available on CPU here")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _EMPTY_IN_FRESH_PROCESS, backend, str(int(compiled))],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
 def test_available_backends_and_errors():
     assert "torch" in gk.available_backends("cpu")
     assert "torch" in gk.available_backends(torch.device("cpu"))
@@ -108,13 +140,34 @@ def test_available_backends_and_errors():
                 gemini_fusion(torch.randn(2, 16), torch.randn(2, 16), gk.random_params(16), backend=name)
 
 
+def test_cuda_device_without_cuda_gives_reasons_not_errors(monkeypatch):
+    """available_backends("cuda") (the README's call) on a machine with no visible CUDA device: every
+    backend says why it cannot run instead of raising (the Triton probe raised AssertionError: Torch
+    not compiled with CUDA enabled)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    for device in ("cuda", torch.device("cuda"), torch.device("cuda", 0)):
+        assert gk.available_backends(device) == []
+        for name, backend in gk.backends.BACKENDS.items():
+            reason = backend.unavailable_reason(torch.device(device))
+            assert reason == "no CUDA device is visible (torch.cuda.is_available() is False)", (name, reason)
+    from gemini_kernels.ops import cuda_fusion
+    assert cuda_fusion.unavailable_reason(torch.device("cuda")) is not None
+    with pytest.raises(RuntimeError, match="backend='triton' is not available for tensors on cuda.*no CUDA device"):
+        gk.backends.resolve_backend("triton", torch.device("cuda"))
+
+
 # (callable producing the error, exception type, message fragment)
 BAD_INPUTS = {
     "x0 not a tensor": (lambda m: m([[1.0] * 16], torch.randn(2, 16)), TypeError, "x0 must be a torch.Tensor"),
     "x1 not a tensor": (lambda m: m(torch.randn(2, 16), None), TypeError, "x1 must be a torch.Tensor"),
     "0-d input": (lambda m: m(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "at least one dimension"),
     "integer dtype": (lambda m: m(torch.ones(2, 16, dtype=torch.int64), torch.ones(2, 16, dtype=torch.int64)),
-                      TypeError, "must be a floating-point tensor; got dtype torch.int64"),
+                      TypeError, "x0 must be a floating-point tensor of dtype float16, bfloat16, float32 or float64; "
+                      "got dtype torch.int64"),
+    "float8 inputs": (lambda m: m(torch.zeros(2, 16, dtype=torch.float8_e4m3fn),
+                                  torch.zeros(2, 16, dtype=torch.float8_e4m3fn)),
+                      TypeError, "x0 must be a floating-point tensor of dtype float16, bfloat16, float32 or "
+                                 "float64; got dtype torch.float8_e4m3fn"),
     "wrong width": (lambda m: m(torch.randn(2, 8), torch.randn(2, 8)), ValueError,
                     r"x0 has last dimension 8 \(shape \(2, 8\)\); expected dim=16"),
     "wrong width x1": (lambda m: m(torch.randn(2, 16), torch.randn(2, 8)), ValueError, "x1 has last dimension 8"),
@@ -174,6 +227,22 @@ def test_torch_compile_traces_the_module_without_graph_breaks():
     y0, y1 = compiled(x0, x1)
     r0, r1 = m(x0, x1)
     assert rel_err(y0, r0) < 1e-6 and rel_err(y1, r1) < 1e-6
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("bad_dtype", [torch.int64, torch.bool, torch.float8_e4m3fn, torch.complex64], ids=str)
+@pytest.mark.parametrize("backend", gk.available_backends("cpu"))
+def test_parameter_dtype_is_checked_under_autocast_too(backend, bad_dtype, autocast):
+    """Under autocast the parameters may differ from the inputs in dtype, but must still be floating
+    point of a supported dtype: integer / bool ones were cast silently, float8 ones failed deep inside."""
+    x = torch.randn(2, 3, 16)
+    params = gk.random_params(16)
+    params = params._replace(k_noise=params.k_noise.to(bad_dtype))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context, pytest.raises(TypeError, match=(
+            rf"params\['k_noise.weight'\] has dtype {bad_dtype}; expected a floating-point dtype "
+            r"\(float16, bfloat16, float32 or float64\)")):
+        gemini_fusion(x, x, params, num_heads=4, backend=backend)
 
 
 @pytest.mark.parametrize("backend", gk.available_backends("cpu"))

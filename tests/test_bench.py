@@ -55,6 +55,16 @@ def test_tiny_run_writes_table_json_markdown_and_plot(bench_run, tmp_path, capsy
         assert result["outputs"]["png"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cuda_device_without_a_gpu_exits_with_a_clear_message(bench_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_run.torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    argv = tiny(tmp_path)
+    argv[argv.index("--device") + 1] = "cuda"
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(argv)
+    assert exc.value.code == 2
+    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+
+
 def test_guard_reports_a_wrong_variant_and_does_not_time_it(bench_run, tmp_path):
     calls = []
 

@@ -1,6 +1,8 @@
 """The reference segmentation model (models/gemini_seg): shapes, parameter counts, the published
 checkpoint layout, ImageNet MiT weights, backend-independence of training, DDP, data loaders, resume."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 import gemini_kernels
-from gemini_kernels import GeminiFusion
+from gemini_kernels import GeminiFusion, load_checkpoint_file
 from gemini_seg import build_model, load_imagenet_mit, load_published_checkpoint, to_published_state_dict
 from gemini_seg.data import FolderRGBD, SyntheticRGBD
 from gemini_seg.mit import MIT_CONFIGS
@@ -312,11 +314,89 @@ def test_resume_continues_exactly(tmp_path):
     run(small_run(tmp_path / "b", *common, "--max-steps", "2"))  # stops mid-epoch (3 steps per epoch)
     resumed = run(small_run(tmp_path / "b", *common, "--max-steps", "5", "--resume", str(tmp_path / "b" / "last.pth.tar")))
     assert resumed["losses"] == straight["losses"][2:]
-    a = torch.load(tmp_path / "a" / "last.pth.tar", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pth.tar", weights_only=True)
+    a = load_checkpoint_file(tmp_path / "a" / "last.pth.tar")
+    b = load_checkpoint_file(tmp_path / "b" / "last.pth.tar")
     assert a["step"] == b["step"] == 5
     assert all(torch.equal(a["segmenter"][k], b["segmenter"][k]) for k in a["segmenter"])
     assert straight["losses"][-1] < straight["losses"][0]
+
+
+def test_init_checkpoint_and_resume_read_numpy_best_val(tmp_path):
+    """The published Saver stores best_val as a numpy.float64, which torch.load(weights_only=True)
+    refused: --resume and --init-checkpoint read such files (through load_checkpoint_file)."""
+    common = ["--fusion-backend", "torch", "--dpr", "0", "--eval-every", "100"]
+    run(small_run(tmp_path / "a", *common, "--max-steps", "1"))
+    last = tmp_path / "a" / "last.pth.tar"
+    state = load_checkpoint_file(last)
+    state["best_val"] = np.float64(state["best_val"])
+    torch.save(state, last)
+    with pytest.raises(Exception):
+        torch.load(last, weights_only=True)
+    resumed = run(small_run(tmp_path / "a", *common, "--max-steps", "2", "--resume", str(last)))
+    assert resumed["step"] == 2 and len(resumed["losses"]) == 1
+    published = tmp_path / "nyudv2_mit_b0.pth.tar"
+    torch.save({"segmenter": state["segmenter"], "epoch_start": 1, "best_val": np.float64(3.5)}, published)
+    evaluated = run(small_run(tmp_path / "b", *common, "--init-checkpoint", str(published), "--evaluate"))
+    assert set(evaluated["eval"]) == {"rgb", "depth", "ensemble"}
+
+
+BAD_FLAGS = {
+    "zero batch": (["--batch-size", "0"], "--batch-size must be positive; got 0"),
+    "zero val batch": (["--val-batch-size", "0"], "--val-batch-size must be positive; got 0"),
+    "negative steps": (["--max-steps", "-3"], "--max-steps must be positive; got -3"),
+    "zero epochs": (["--epochs", "0"], "--epochs must be positive; got 0"),
+    "zero scene": (["--synthetic-size", "0", "0"], "--synthetic-size must be positive; got 0 0"),
+    "zero crop": (["--crop-size", "32", "0"], "--crop-size must be positive; got 32 0"),
+    "negative eval": (["--eval-every", "-1"], "--eval-every must be non-negative; got -1"),
+    "negative workers": (["--workers", "-2"], "--workers must be non-negative; got -2"),
+    "drop path 2": (["--dpr", "2.0"], r"--dpr must be in \[0, 1\); got 2.0"),
+    "drop path nan": (["--dpr", "nan"], r"--dpr must be in \[0, 1\); got nan"),
+    "dropout 1": (["--decoder-dropout", "1"], r"--decoder-dropout must be in \[0, 1\); got 1.0"),
+    "negative lr": (["--lr=-1e-4"], r"--lr must be in \[0, inf\); got -0.0001"),
+    "no gpu": (["--device", "cuda"], "--device cuda: no CUDA device is visible"),
+    "not a device": (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_are_rejected_before_training(case, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no gpu" also on a GPU machine
+    flags, message = BAD_FLAGS[case]
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--synthetic-size", "32", "32", *flags])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err), message
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--init-checkpoint", "--pretrained"])
+def test_checkpoint_flags_name_a_bad_path(tmp_path, flag, capsys):
+    text, js, missing = tmp_path / "notes.txt", tmp_path / "ck.json", tmp_path / "missing.pth.tar"
+    text.write_text("hello\n")
+    js.write_text('{"segmenter": {}}')
+    for path, why in ((text, "is not a PyTorch checkpoint"), (js, "is not a PyTorch checkpoint"),
+                      (missing, "does not exist"), (tmp_path, "is a directory")):
+        with pytest.raises(SystemExit):
+            parse_args([flag, str(path)])
+        err = capsys.readouterr().err
+        assert f"{flag}: checkpoint file '{path}' {why}" in err, err
+
+
+def test_eval_every_zero_evaluates_at_the_end_only(tmp_path):
+    """--eval-every 0 died with ZeroDivisionError after the first epoch; it evaluates at the end only."""
+    out = run(small_run(tmp_path, "--fusion-backend", "torch", "--dpr", "0", "--eval-every", "0",
+                        "--max-steps", "4"))  # 3 steps per epoch: one epoch boundary, then the end
+    assert out["step"] == 4 and out["eval"]
+    evaluations = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert [r["step"] for r in evaluations] == [4]
+
+
+def test_resume_from_a_segmenter_only_file_is_a_clear_error(tmp_path):
+    model = build_model("mit_b0", num_classes=SyntheticRGBD.num_classes, fusion_backend="torch")
+    path = tmp_path / "published.pth.tar"
+    torch.save({"segmenter": to_published_state_dict(model), "epoch_start": 0, "best_val": np.float64(1.0)}, path)
+    with pytest.raises(ValueError, match=rf"--resume {path}: not a checkpoint written by this script \(it lacks "
+                                         r"\['optimizer', 'step', 'rng'\].*use --init-checkpoint"):
+        run(small_run(tmp_path, "--fusion-backend", "torch", "--resume", str(path)))
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -339,9 +419,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert "world=2" in done.stdout
     run(parse_args([*args, "--batch-size", "4", "--out-dir", str(tmp_path / "one")]))
     run(parse_args([*args, "--batch-size", "2", "--out-dir", str(tmp_path / "half")]))
-    ddp = torch.load(tmp_path / "ddp" / "last.pth.tar", weights_only=True)["segmenter"]
-    one = torch.load(tmp_path / "one" / "last.pth.tar", weights_only=True)["segmenter"]
-    half = torch.load(tmp_path / "half" / "last.pth.tar", weights_only=True)["segmenter"]
+    ddp = load_checkpoint_file(tmp_path / "ddp" / "last.pth.tar")["segmenter"]
+    one = load_checkpoint_file(tmp_path / "one" / "last.pth.tar")["segmenter"]
+    half = load_checkpoint_file(tmp_path / "half" / "last.pth.tar")["segmenter"]
 
     def distance(a, b):
         num = sum((a[k].double() - b[k].double()).norm() ** 2 for k in a if a[k].is_floating_point())

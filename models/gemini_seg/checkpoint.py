@@ -29,6 +29,8 @@ from typing import Dict, Iterable, Mapping, Tuple
 import torch
 from torch import nn
 
+from gemini_kernels import load_checkpoint_file
+
 # Keys of a published checkpoint with no place in this model, and parameters of this model a
 # published checkpoint leaves unfilled: none.
 PUBLISHED_UNMAPPED: Tuple[str, ...] = ()
@@ -67,7 +69,9 @@ def from_published_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, to
 def _read(source) -> Mapping[str, torch.Tensor]:
     if isinstance(source, Mapping):
         return source
-    return torch.load(source, map_location="cpu", weights_only=True)
+    # Not a bare torch.load(weights_only=True): published files hold a numpy.float64 best_val, which
+    # it refuses; load_checkpoint_file allows NumPy scalars and still refuses arbitrary pickles.
+    return load_checkpoint_file(source)
 
 
 def load_published_checkpoint(model: nn.Module, source, exclude: Iterable[str] = ()):

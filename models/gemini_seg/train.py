@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from gemini_kernels.checkpoint import checkpoint_file_problem, load_checkpoint_file
+
 from .build import build_model
 from .checkpoint import load_imagenet_mit, load_published_checkpoint, to_published_state_dict
 from .data import FolderRGBD, SyntheticRGBD
@@ -89,7 +91,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     r = p.add_argument_group("run")
     r.add_argument("--out-dir", default="runs/gemini_seg")
     r.add_argument("--resume", default=None, help="a checkpoint written by this script (e.g. <out-dir>/last.pth.tar)")
-    r.add_argument("--eval-every", type=int, default=5, help="epochs between evaluations (and at the end)")
+    r.add_argument("--eval-every", type=int, default=5,
+                   help="epochs between evaluations (and at the end; 0: at the end only)")
     r.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at evaluations and the end)")
     r.add_argument("--evaluate", action="store_true", help="evaluate only")
     r.add_argument("--device", default=None, help="default: cuda:<local rank> when CUDA is available, else cpu")
@@ -99,7 +102,65 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--dataset {args.dataset} needs --data-root")
     if args.modalities[0] != "rgb" or len(set(args.modalities)) != len(args.modalities):
         p.error("--modalities must be 'rgb' or 'rgb depth'")
+    check_args(p, args)
     return args
+
+
+# flag -> smallest allowed value; None (the default of an optional flag) is not checked
+_INT_MINIMA = {
+    "batch_size": 1, "val_batch_size": 1, "epochs": 1, "max_steps": 1, "max_iters": 1, "synthetic_train": 1,
+    "synthetic_val": 1, "synthetic_size": 1, "crop_size": 1, "workers": 0, "warmup_iters": 0, "eval_every": 0,
+    "save_every": 0,
+}
+# flag -> (test, the allowed range as the message says it): rates and probabilities
+_FLOAT_RANGES = {
+    "dpr": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "drop_rate": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "decoder_dropout": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "[0, 1]"),
+    "lr": (lambda v: 0 <= v < math.inf, "[0, inf)"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "[0, inf)"),
+    "power": (lambda v: 0 <= v < math.inf, "[0, inf)"),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Rejects, before anything is built or trained, values that would crash or silently misbehave
+    later (a zero batch, a negative step count, a drop-path rate above 1, a CUDA device on a machine
+    without one, a checkpoint path that is not a checkpoint), with an argparse error naming the flag."""
+    for dest, low in _INT_MINIMA.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v < low:
+                p.error(f"{_flag(dest)} must be {'positive' if low == 1 else 'non-negative'}; got "
+                        f"{' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    for dest, (allowed, described) in _FLOAT_RANGES.items():
+        value = getattr(args, dest)
+        if not allowed(value):  # NaN fails every comparison, so it is rejected too
+            p.error(f"{_flag(dest)} must be in {described}; got {value}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            p.error(f"--device {args.device!r} is not a device: {exc}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                p.error(f"--device {args.device}: no CUDA device is visible (torch.cuda.is_available() is "
+                        f"False); use --device cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                p.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    for dest in ("resume", "init_checkpoint", "pretrained"):
+        path = getattr(args, dest)
+        if path is not None:
+            problem = checkpoint_file_problem(path)
+            if problem is not None:
+                p.error(f"{_flag(dest)}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------- distributed
@@ -377,7 +438,14 @@ def _run(args, env: Dist) -> dict:
 
     step, best = 0, 0.0
     if args.resume:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(args.resume)
+        needed = ("segmenter", "optimizer", "step", "best_val", "rng")
+        lacking = [k for k in needed if k not in state] if isinstance(state, dict) else list(needed)
+        if lacking:
+            raise ValueError(
+                f"--resume {args.resume}: not a checkpoint written by this script (it lacks {lacking}, which "
+                f"resuming needs; it has {sorted(state) if isinstance(state, dict) else type(state).__name__}); "
+                f"to start from a published or segmenter-only file use --init-checkpoint")
         load_published_checkpoint(model, state)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -436,7 +504,8 @@ def _run(args, env: Dist) -> dict:
             if step >= total_steps:
                 break
         epoch_done = step % steps_per_epoch == 0
-        if (epoch_done and (epoch + 1) % args.eval_every == 0) or step >= total_steps:
+        every = epoch_done and args.eval_every > 0 and (epoch + 1) % args.eval_every == 0
+        if every or step >= total_steps:
             results = evaluate(model, val_set, args, env, amp_dtype)
             score = results[output_names(model)[-1]]["miou"]
             if env.main:

@@ -8,8 +8,10 @@ Layout:
     ops/           one module per backend (kernels, launchers, autograd Functions)
     params.py      parameter names, shapes and the FusionParams tuple
     validation.py  argument checks with messages that say what was expected
+    checkpoint.py  load_checkpoint_file: reads checkpoints (published ones included) without running pickles
 """
 from .backends import available_backends
+from .checkpoint import load_checkpoint_file
 from .functional import gemini_fusion
 from .module import GeminiFusion
 from .params import PARAM_NAMES, FusionParams, random_params
@@ -20,6 +22,7 @@ __all__ = [
     "gemini_fusion",
     "gemini_fusion_reference",
     "available_backends",
+    "load_checkpoint_file",
     "FusionParams",
     "PARAM_NAMES",
     "random_params",

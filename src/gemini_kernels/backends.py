@@ -17,6 +17,9 @@ from typing import Callable, Optional
 import torch
 
 
+NO_CUDA_DEVICE = "no CUDA device is visible (torch.cuda.is_available() is False)"
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -27,6 +30,11 @@ class Backend:
         return importlib.import_module(self.module, __package__)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            # Before asking the module: some probes (torch.cuda.get_device_capability) raise on a CPU-only
+            # torch or a machine without a GPU instead of answering.
+            return NO_CUDA_DEVICE
         try:
             mod = self.load()
         except ImportError as exc:  # a missing optional dependency, e.g. triton
@@ -54,7 +62,8 @@ _AUTO_DEFAULT = ("torch",)
 
 
 def available_backends(device="cpu") -> list:
-    """Names of the backends usable for tensors on ``device`` (``"torch"`` always)."""
+    """Names of the backends usable for tensors on ``device`` (``"torch"`` always, on a device that
+    exists: for ``"cuda"`` on a machine where no CUDA device is visible the list is empty)."""
     device = torch.device(device)
     return [name for name, b in BACKENDS.items() if b.unavailable_reason(device) is None]
 

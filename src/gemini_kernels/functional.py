@@ -25,8 +25,10 @@ def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_he
     """
     params = as_fusion_params(params)
     check_call(x0, x1, params, num_heads)
-    name = resolve_backend(backend, x0.device)
+    name = resolve_backend(backend, x0.device)  # raises if the requested backend cannot run here
     if x0.numel() == 0:
         # Kernels may assume at least one pixel; the oracle returns empty outputs (and zero gradients).
-        name = "torch"
+        # Resolved, not just named: resolving is what loads a backend (into backends._LOADED), and in a
+        # fresh process that asked for another backend the oracle has not been loaded yet.
+        name = resolve_backend("torch", x0.device)
     return get_fusion(name)(x0, x1, params, num_heads)

@@ -10,6 +10,11 @@ from torch import Tensor
 
 from .params import PARAM_NAMES, FusionParams, param_shapes
 
+# What every backend computes in (inputs, and parameters also under autocast). Other floating types
+# (float8, ...) would pass a bare is_floating_point check and fail deep inside a kernel or a GEMM.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORTED = "float16, bfloat16, float32 or float64"
+
 
 def check_width(dim, num_heads) -> None:
     for name, value in (("dim", dim), ("num_heads", num_heads)):
@@ -30,8 +35,8 @@ def check_inputs(x0, x1, dim: int) -> None:
             raise TypeError(f"{name} must be a torch.Tensor of shape (..., {dim}); got {type(x).__name__}")
         if x.dim() < 1:
             raise ValueError(f"{name} must have at least one dimension, shape (..., {dim}); got a 0-d tensor")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor of dtype {_SUPPORTED}; got dtype {x.dtype}")
         if x.shape[-1] != dim:
             raise ValueError(
                 f"{name} has last dimension {x.shape[-1]} (shape {tuple(x.shape)}); expected dim={dim}"
@@ -61,6 +66,12 @@ def check_params(params: FusionParams, x: Tensor) -> None:
         if tensor.device != x.device:
             raise ValueError(f"params[{name!r}] is on device {tensor.device} but x0 is on {x.device}; "
                              f"expected the same device")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            # Checked under autocast too, where the parameters may differ from the inputs in dtype: the
+            # backends would otherwise cast integer or bool parameters silently.
+            raise TypeError(
+                f"params[{name!r}] has dtype {tensor.dtype}; expected a floating-point dtype ({_SUPPORTED})"
+            )
         if tensor.dtype != x.dtype and not autocast:
             raise TypeError(
                 f"params[{name!r}] has dtype {tensor.dtype} but x0 has {x.dtype}; expected the same dtype "

@@ -69,12 +69,14 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        if _has_cuda_kernels():
-            return None
-        return (
-            "the extension gemini_kernels._C was built without CUDA kernels (at build time torch had no CUDA "
-            f"or nvcc was not found); on a machine with the CUDA toolkit, {_BUILD_HINT}"
-        )
+        if not _has_cuda_kernels():
+            return (
+                "the extension gemini_kernels._C was built without CUDA kernels (at build time torch had no "
+                f"CUDA or nvcc was not found); on a machine with the CUDA toolkit, {_BUILD_HINT}"
+            )
+        if not torch.cuda.is_available():  # a CUDA build of the extension on a machine without a GPU
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        return None
     return f"it runs on CPU and CUDA tensors only; got a tensor on {device.type}"
 
 
