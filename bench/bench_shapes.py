@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gemini_kernels.cost import Work, fusion_floor, fusion_weight_count  # noqa: F401 (re-exported)
+
 # Input resolution (H, W) of each dataset's standard training crop.
 DATASETS = {
     "nyudv2": (480, 640),
@@ -49,36 +51,23 @@ def stage_shapes(datasets, families, stages) -> list:
     return shapes
 
 
-def fusion_weight_count(dim: int) -> int:
-    """Elements of the fusion parameters (SPEC §1): judger 3C^2+2C, two MHAs 4C^2+4C each, noises 4C."""
-    return 11 * dim * dim + 14 * dim
-
-
 def token_exchange_weight_count(dim: int) -> int:
     """Elements of the two score nets (LN, C->C->C/2->C/4->2)."""
     one = 2 * dim + (dim * dim + dim) + (dim * dim // 2 + dim // 2) + (dim * dim // 8 + dim // 4) + (dim // 2 + 2)
     return 2 * one
 
 
-@dataclass(frozen=True)
-class Work:
-    flops: float
-    bytes: float
-
-
 def work(function: str, shape: Shape, batch: int, elem_size: int, passes: str) -> Work:
     """FLOPs and fewest bytes moved for one call of ``function`` on ``batch x shape``.
 
-    Forward bytes: read x0 and x1, write y0 and y1 (8 C elements per pixel), plus the weights once.
-    Backward adds reading x0, x1, dy0, dy1 and writing dx0, dx1 (12 C per pixel), reading the weights
-    again and writing their gradients; the saved activations a fused kernel recomputes are not counted.
-    FLOPs of forward + backward are 3x the forward's (the backward's two products per forward product).
+    GeminiFusion: ``gemini_kernels.cost.fusion_floor`` (SPEC §4). The baselines: their products, and
+    their inputs and outputs once (forward + backward: 3x the FLOPs, the gradients' bytes too).
     """
     pixels = batch * shape.tokens
     c = shape.dim
-    if function == "fusion":  # 9 C^2 multiply-adds per pixel and direction (SPEC §4)
-        flops, weights = 36.0 * c * c * pixels, fusion_weight_count(c)
-    elif function == "exchange":  # two score nets: C^2 (1 + 1/2 + 1/8) + C/2 multiply-adds per pixel
+    if function == "fusion":
+        return fusion_floor(c, pixels, elem_size, passes)
+    if function == "exchange":  # two score nets: C^2 (1 + 1/2 + 1/8) + C/2 multiply-adds per pixel
         flops, weights = 2 * 2 * (c * c * 13 / 8 + c / 2) * pixels, token_exchange_weight_count(c)
     elif function == "xattn":  # per direction: 4 projections and the two N x N products QK^T, AV
         n = shape.tokens
@@ -87,5 +76,5 @@ def work(function: str, shape: Shape, batch: int, elem_size: int, passes: str) -
     else:
         raise ValueError(f"function must be 'fusion', 'exchange' or 'xattn'; got {function!r}")
     if passes == "fwd":
-        return Work(flops, (8.0 * c * pixels + weights) * elem_size)
-    return Work(3 * flops, (20.0 * c * pixels + 3 * weights) * elem_size)
+        return Work(flops, (4.0 * c * pixels + weights) * elem_size)
+    return Work(3 * flops, (10.0 * c * pixels + 3 * weights) * elem_size)

@@ -113,7 +113,7 @@ def _kernel_args(name: str, dtype: torch.dtype, dim: int, num_heads: int):
         return (t(n, dim), t(n, dim), t(n, dim), t(n, dim), *params, n, scale), {}
     if name == "tiled_fwd":
         programs, bm = 264, 64
-        scratch = (t(programs, 2, bm, dim), t(programs, bm, dim, dt=torch.promote_types(dtype, torch.float32)))
+        scratch = (t(programs, 2, bm, dim), t(programs, bm, dim))
         return (t(n, dim), t(n, dim), t(n, dim), t(n, dim), *params, *scratch, n, programs, scale), {}
     raise KeyError(name)
 

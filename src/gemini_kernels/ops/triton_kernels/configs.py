@@ -38,6 +38,45 @@ KERNELS = {
 }
 
 
+def _tile_pixels(n: int, block: int) -> int:
+    return triton.cdiv(n, block) * block
+
+
+def _narrow_flops(a: dict) -> int:
+    """Per pixel and direction: judger 3 C^2, q and key 1 each, values 2, out 1, and the per-head sums
+    as two products with the same-head matrix (2 C x CHUNK), on whole 64-pixel tiles."""
+    c, chunk = a["C"], a["CHUNK"]
+    macs = 8 * c * c + 2 * c * chunk
+    return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BLOCK_M"])
+
+
+def _tiled_flops(a: dict) -> int:
+    """Per pixel and direction on the padded tiles: judger 3 C^2, q and key 1 each over the padded
+    head columns, values 1 (the value identity) or 2, out 1."""
+    bn, bk, ht, dl = a["BN"], a["BK"], a["HT"], a["DL"]
+    cn, ck = triton.cdiv(a["C"], bn) * bn, triton.cdiv(a["C"], bk) * bk
+    heads = triton.cdiv(a["NUM_HEADS"], ht) * triton.cdiv(a["HEAD_DIM"], dl) * ht * dl
+    macs = 3 * cn * ck + (2 + (1 if ht == 1 else 2)) * heads * ck + cn * ck
+    return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BM"])
+
+
+class LaunchSpec(NamedTuple):
+    """What the launch ledger (gemini_kernels.ledger) needs of a kernel: the pointer arguments it
+    writes (the others it reads) and its matrix-product FLOPs from its bound arguments (row kernels:
+    none)."""
+    writes: tuple
+    flops: object = None
+
+
+LAUNCH_SPECS = {
+    "gelu_fwd": LaunchSpec(("h_ptr",)), "gelu_bwd": LaunchSpec(("gpre_ptr",)),
+    "relation_fwd": LaunchSpec(("u_ptr", "w_ptr")), "relation_bwd": LaunchSpec(("gz_ptr", "gs_ptr")),
+    "gate_fwd": LaunchSpec(("m_ptr",)), "gate_bwd": LaunchSpec(("gq_ptr", "gdk_ptr", "gdv_ptr")),
+    "narrow_fwd": LaunchSpec(("y0_ptr", "y1_ptr"), _narrow_flops),
+    "tiled_fwd": LaunchSpec(("y0_ptr", "y1_ptr", "scratch_ptr", "z_ptr"), _tiled_flops),
+}
+
+
 class RowConfig(NamedTuple):
     """Rows per program and warps of a row kernel whose rows are ``width`` (padded) lanes wide."""
     block_m: int

@@ -150,7 +150,7 @@ def _tiled_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg:
                    _FORCED["max_programs"] or n)
     # Each program's own rows of h / u / m and of z: grid-sized, so they stay in L2.
     scratch = x0.new_empty((programs, 2, cfg.block_m, dim))
-    z = x0.new_empty((programs, cfg.block_m, dim), dtype=torch.promote_types(x0.dtype, torch.float32))
+    z = x0.new_empty((programs, cfg.block_m, dim))
     tiled_fwd_kernel[(programs,)](
         x0, x1, y0, y1, *p, scratch, z, n, programs, 1.0 / math.sqrt(dim // num_heads),
         **tiled_constexprs(dim, num_heads, cfg), INTERPRET=INTERPRETED,

@@ -11,7 +11,7 @@ and y1 written once, and the registers hold only product tiles, whatever C is.
 Per direction (self ``s``, other ``o``), with the identities of SPEC §1:
 
 1. ``h = GELU(s W1a^T + o W1b^T + b1)``                  -> scratch slot 0 (input dtype)
-2. ``z = h W2^T + b2``, with the running max and sum of ``exp(z)`` of each row  -> z scratch (float32)
+2. ``z = h W2^T + b2``, with the running max and sum of ``exp(z)`` of each row  -> z scratch
 3. ``u = k_noise + s - s * softmax(z)``                  -> scratch slot 1
 4. per group of heads: ``q = s Wq^T + bq``, ``dk = u Wk^T``, the gate ``a = sigmoid(q . dk / sqrt(dh))``
    per head, then the attention output ``m`` before Wo      -> scratch slot 0 (h is dead by then)
@@ -101,8 +101,9 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
             h = _load_rows(h_slot, local, all_rows, ks, kmask, C)
             acc = mm(h, _load_wt(w2_ptr, ks, kmask, cols, cmask, C), acc, INTERPRET, PRECISION)
         b2 = tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        z = tl.where(cmask[None, :], acc + b2[None, :], float("-inf"))
-        tl.store(z_ptr + local[:, None] * C + cols[None, :], z, mask=cmask[None, :])
+        # Rounded to the input dtype, as the oracle's F.linear output is, before the statistics.
+        z = tl.where(cmask[None, :], (acc + b2[None, :]).to(dtype).to(acc_t), float("-inf"))
+        tl.store(z_ptr + local[:, None] * C + cols[None, :], z.to(dtype), mask=cmask[None, :])
         new_max = tl.maximum(z_max, tl.max(z, axis=1))
         z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         z_max = new_max
@@ -111,7 +112,7 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     # 3. The key input u = k_noise + s - s * r (the key bias cancels out of the two-key softmax).
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        z = _load_rows(z_ptr, local, all_rows, cols, cmask, C)
+        z = _load_rows(z_ptr, local, all_rows, cols, cmask, C).to(acc_t)
         r = tl.exp(z - z_max[:, None]) / z_sum[:, None]
         s = _load_rows(s_ptr, rows, row_mask, cols, cmask, C).to(acc_t)
         kn = tl.load(kn_ptr + cols, mask=cmask, other=0.0).to(acc_t)
@@ -195,8 +196,8 @@ def tiled_fwd_kernel(x0_ptr, x1_ptr, y0_ptr, y1_ptr,
                      PRECISION: tl.constexpr, INTERPRET: tl.constexpr = False):
     """Both directions for the tiles ``pid, pid + P, ...`` of BM pixels (P programs).
 
-    ``scratch_ptr``: (P, 2, BM, C) in the input dtype; ``z_ptr``: (P, BM, C) in float32 (float64 for
-    float64). Both are the program's own and are rewritten for every tile and direction.
+    ``scratch_ptr``: (P, 2, BM, C) and ``z_ptr``: (P, BM, C), in the input dtype: the program's own
+    rows, rewritten for every tile and direction.
     ``n_prog`` is the grid size (an argument; a while loop, because the interpreter cannot take a program id as a range bound).
     """
     pid = tl.program_id(0)

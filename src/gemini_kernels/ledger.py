@@ -1,0 +1,264 @@
+"""The launch ledger: what one GeminiFusion call does on the GPU, counted on any machine.
+
+For a backend, a stage shape and a pass, it lists every launch the call makes (a Triton kernel or a
+device-level aten op), the DRAM bytes each reads and writes (each launch's tensor arguments counted
+once at their full size, scratch included), the matrix-product FLOPs, the bytes kept for the
+backward, and compares the totals with the minimum of SPEC §4 (``gemini_kernels.cost``).
+
+It counts, it does not time: the call runs on ``meta`` tensors (shapes, no data), Triton launches
+are recorded instead of run and aten ops are recorded by a dispatch mode, so the counts are exact,
+deterministic and the same on a laptop as in CI. A memory-bound kernel's speed follows its bytes;
+what a GPU makes of them is the benchmark's business (``bench/run.py``).
+
+    python -m gemini_kernels.ledger                      # triton and the eager oracle, NYUDv2 stages, bf16, batch 32
+    python -m gemini_kernels.ledger --backends triton --passes fwd --detail
+
+Counted backends: ``triton`` (its launchers, as its custom ops call them) and ``torch`` (the eager
+oracle, forward and autograd backward). Grid-sized buffers (the tiled kernel's scratch) are counted
+with the grid of an H100 / H200 (132 SMs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .cost import Work, fusion_floor
+from .params import FusionParams, param_shapes
+
+# NYUDv2 480x640 with MiT-B1..B5 widths: (stage, tokens, width) (SPEC §4).
+NYUDV2_STAGES = ((1, 19200, 64), (2, 4800, 128), (3, 1200, 320), (4, 300, 512))
+_NO_LAUNCH_PREFIXES = ("empty", "new_empty", "_to_copy.meta", "lift_fresh", "detach", "alias")
+
+
+@dataclass
+class Launch:
+    name: str
+    bytes_read: int
+    bytes_written: int
+    flops: int
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+@dataclass
+class Ledger:
+    backend: str
+    passes: str
+    dim: int
+    pixels: int
+    dtype: torch.dtype
+    launches: List[Launch] = field(default_factory=list)
+    saved_bytes: int = 0  # kept by the forward for the backward, beyond x0, x1 and the parameters
+    backward_peak_bytes: int = 0  # largest live intermediate bytes during the backward
+
+    @property
+    def floor(self) -> Work:
+        return fusion_floor(self.dim, self.pixels, self.dtype.itemsize, self.passes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(launch.bytes for launch in self.launches)
+
+    @property
+    def flops(self) -> int:
+        return sum(launch.flops for launch in self.launches)
+
+    @property
+    def bytes_over_floor(self) -> float:
+        return self.bytes / self.floor.bytes
+
+    @property
+    def flops_over_floor(self) -> float:
+        return self.flops / self.floor.flops
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _matmul_flops(name: str, args, out) -> int:
+    """2 x multiply-adds of the matrix products among aten ops (the rest count 0 FLOPs)."""
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a = args[1] if name in ("addmm", "baddbmm") else args[0]
+        return 2 * out.numel() * a.shape[-1]
+    return 0
+
+
+class _Recorder(TorchDispatchMode):
+    """Records aten ops that launch work (not views, not allocations) and tracks live intermediates."""
+
+    def __init__(self, ledger: Ledger):
+        super().__init__()
+        self.ledger = ledger
+        self.live = 0
+        self.peak = 0
+        self.tracking = False
+
+    def _allocated(self, t: torch.Tensor):
+        if not self.tracking:
+            return
+        size = _nbytes(t)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._freed, size)
+
+    def _freed(self, size: int):
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or name.startswith(_NO_LAUNCH_PREFIXES):
+            if name.startswith(("empty", "new_empty")):
+                self._allocated(out)
+            return out
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:  # e.g. promote_types: answered on the host
+            return out
+        inplace = name.endswith("_") or "out" in kwargs
+        written = sum(_nbytes(t) for t in outs)
+        read = sum(_nbytes(t) for t in ins if not (inplace and any(t is o for o in outs)))
+        first = outs[0] if outs else None
+        self.ledger.launches.append(Launch(name, read, written, _matmul_flops(name, args, first)))
+        if not inplace:
+            for t in outs:
+                self._allocated(t)
+        return out
+
+
+@contextlib.contextmanager
+def _recording_triton(ledger: Ledger):
+    """Triton kernels of the backend record their launch instead of running."""
+    from .ops.triton_kernels import configs
+
+    def recorder(name, kernel, spec):
+        def run(*args, grid=None, warmup=False, **kwargs):
+            bound = dict(zip(kernel.arg_names, args), **kwargs)
+            tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+            written = sum(_nbytes(t) for k, t in tensors.items() if k in spec.writes)
+            read = sum(_nbytes(t) for k, t in tensors.items() if k not in spec.writes)
+            ledger.launches.append(Launch(name, read, written, spec.flops(bound) if spec.flops else 0))
+        return run
+
+    patched = []
+    for name, kernel in configs.KERNELS.items():
+        patched.append((kernel, kernel.__dict__.get("run")))
+        kernel.run = recorder(name, kernel, configs.LAUNCH_SPECS[name])
+    try:
+        yield
+    finally:
+        for kernel, previous in patched:
+            if previous is None:
+                del kernel.run
+            else:
+                kernel.run = previous
+
+
+def _meta_case(dim: int, pixels: int, dtype: torch.dtype):
+    x0, x1 = (torch.empty(pixels, dim, dtype=dtype, device="meta") for _ in range(2))
+    params = FusionParams(*(torch.empty(*s, dtype=dtype, device="meta") for s in param_shapes(dim).values()))
+    return x0, x1, params
+
+
+def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat16, passes: str = "fwd",
+          num_heads: int = 8) -> Ledger:
+    """The ledger of one call of ``backend`` on ``pixels`` pixels (batch x tokens) of width ``dim``."""
+    if passes not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"passes must be 'fwd' or 'fwd+bwd'; got {passes!r}")
+    ledger = Ledger(backend, passes, dim, pixels, dtype)
+    x0, x1, params = _meta_case(dim, pixels, dtype)
+    recorder = _Recorder(ledger)
+    if backend == "triton":
+        from .ops.triton_kernels.launch import backward_rows, forward_rows
+
+        with _recording_triton(ledger), recorder:
+            y0, y1 = forward_rows(x0, x1, params, num_heads)
+            if passes == "fwd+bwd":
+                # The custom op's autograd saves x0, x1 and the parameters only (triton_fusion.py).
+                gy0, gy1 = torch.empty_like(y0), torch.empty_like(y1)
+                recorder.tracking = True
+                grads = backward_rows(gy0, gy1, x0, x1, params, num_heads)
+                del grads
+        ledger.backward_peak_bytes = recorder.peak
+        return ledger
+    if backend == "torch":
+        from .reference import gemini_fusion_reference
+
+        leaves = [t.requires_grad_() for t in (x0, x1, *params)]
+        leaf_ids = {id(t) for t in leaves}
+        saved = {}
+
+        def pack(t):
+            if id(t) not in leaf_ids:
+                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y0, y1 = gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), num_heads)
+        ledger.saved_bytes = sum(saved.values())
+        if passes == "fwd+bwd":
+            gy0, gy1 = torch.empty_like(y0), torch.empty_like(y1)
+            with recorder:
+                recorder.tracking = True
+                torch.autograd.grad((y0, y1), leaves, (gy0, gy1))
+            ledger.backward_peak_bytes = recorder.peak
+        return ledger
+    raise ValueError(f"the ledger counts backend 'triton' or 'torch'; got {backend!r}")
+
+
+def table(ledgers: Sequence[Ledger]) -> str:
+    lines = [f"{'backend':8} {'pass':8} {'C':>5} {'pixels':>7} {'launches':>8} {'MB':>9} {'x floor':>7} "
+             f"{'GFLOP':>7} {'x floor':>7} {'saved MB':>8} {'bwd peak MB':>11}"]
+    for lg in ledgers:
+        lines.append(f"{lg.backend:8} {lg.passes:8} {lg.dim:>5} {lg.pixels:>7} {len(lg.launches):>8} "
+                     f"{lg.bytes / 1e6:>9.1f} {lg.bytes_over_floor:>7.2f} {lg.flops / 1e9:>7.1f} "
+                     f"{lg.flops_over_floor:>7.2f} {lg.saved_bytes / 1e6:>8.1f} {lg.backward_peak_bytes / 1e6:>11.1f}")
+    return "\n".join(lines)
+
+
+def detail(lg: Ledger) -> str:
+    rows = [f"{lg.backend} {lg.passes} C={lg.dim} pixels={lg.pixels} {str(lg.dtype).replace('torch.', '')}:"]
+    for i, launch in enumerate(lg.launches):
+        rows.append(f"  {i:3} {launch.name:24} read {launch.bytes_read / 1e6:9.2f} MB  write "
+                    f"{launch.bytes_written / 1e6:9.2f} MB  {launch.flops / 1e9:8.2f} GFLOP")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    parser = argparse.ArgumentParser(description="Count the launches, DRAM bytes and FLOPs of one GeminiFusion "
+                                                 "call (on meta tensors: counts, not timings).")
+    parser.add_argument("--backends", default="triton,torch", help="comma-separated: triton, torch")
+    parser.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    parser.add_argument("--batch", type=int, default=32, help="images per call (default 32)")
+    parser.add_argument("--dtype", choices=sorted(dtypes), default="bf16")
+    parser.add_argument("--detail", action="store_true", help="also list every launch")
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1; got {args.batch}")
+    ledgers = []
+    for backend in args.backends.split(","):
+        for passes in args.passes.split(","):
+            for _, tokens, dim in NYUDV2_STAGES:
+                ledgers.append(count(backend, dim, args.batch * tokens, dtypes[args.dtype], passes))
+    print(f"NYUDv2 stages, batch {args.batch}, {args.dtype}; floor: SPEC §4 (gemini_kernels.cost)")
+    print(table(ledgers))
+    if args.detail:
+        for lg in ledgers:
+            print(detail(lg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
