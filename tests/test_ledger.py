@@ -3,6 +3,8 @@
 The counts run on meta tensors (no data, no GPU), so they are exact and deterministic: the budgets
 below are issue 11's, at bf16, batch 32, NYUDv2 stage shapes. Budgets the backend does not meet yet
 are strict xfails: they fail the suite the day they start to hold, so that they become plain tests.
+The tiled kernels keep their scratch and weight-gradient partials per program: grid-sized buffers,
+counted as allocated (132 SMs).
 """
 import pytest
 import torch
@@ -32,9 +34,14 @@ def test_triton_forward_within_budget(stage):
     assert lg.launches[-1].name in ("narrow_fwd", "tiled_fwd")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the fused Triton backward has not landed (the backward runs "
-                                       "GEMMs and row kernels: ~62 launches, ~19x the floor)")
-@pytest.mark.parametrize("stage", sorted(STAGES))
+# Stage 2 (C = 128) runs the split backward: the tiled one spills on sm_90a at C = 96 ... 160
+# (configs._tiled_backward_compiles_clean), so its budgets are not met yet.
+_SPLIT_BACKWARD = pytest.mark.xfail(strict=True, reason="C = 128 runs the split backward (GEMMs and row "
+                                                        "kernels: ~62 launches, ~19x the floor)")
+TRAINING_STAGES = [1, pytest.param(2, marks=_SPLIT_BACKWARD), 3, 4]
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
 def test_triton_training_within_budget(stage):
     pixels, dim = STAGES[stage]
     lg = ledger.count("triton", dim, pixels, torch.bfloat16, "fwd+bwd")
@@ -42,14 +49,18 @@ def test_triton_training_within_budget(stage):
     assert len(lg.launches) <= launches and lg.bytes_over_floor <= ratio, ledger.table([lg])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the recomputing backward holds ~17 (2N, C) intermediates at "
-                                       "its peak, about what the eager oracle saves")
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
 def test_triton_training_memory_within_budget(stage):
     pixels, dim = STAGES[stage]
     ours = ledger.count("triton", dim, pixels, torch.bfloat16, "fwd+bwd")
     oracle = ledger.count("torch", dim, pixels, torch.bfloat16, "fwd")
     assert ours.saved_bytes + ours.backward_peak_bytes <= MEMORY_BUDGET[stage] * oracle.saved_bytes
+
+
+def test_tiled_backward_is_four_launches_with_grid_sized_partials():
+    lg = ledger.count("triton", 64, 614400, torch.bfloat16, "fwd+bwd")
+    assert [launch.name for launch in lg.launches] == ["narrow_fwd", "new_zeros", "tiled_bwd", "reduce_partials"]
+    assert lg.saved_bytes == 0  # the forward keeps x0, x1 and the parameters only
 
 
 def test_narrow_forward_moves_exactly_inputs_outputs_and_weights():

@@ -122,6 +122,33 @@ def test_tiled_forward_with_few_programs():
     assert rel_err(y0, r0) < BOUND[torch.float16] and rel_err(y1, r1) < BOUND[torch.float16]
 
 
+# The tiled backward in float64 on every kind of head group, several tiles per program, a partial
+# last tile; all 16 gradients against the oracle's.
+TILED_BACKWARD_CASES = [(12, 4, 70), (16, 8, 5), (40, 8, 33), (96, 8, 9), (128, 8, 67), (320, 8, 5)]
+
+
+@pytest.mark.parametrize("dim, num_heads, pixels", TILED_BACKWARD_CASES)
+def test_tiled_backward_float64(dim, num_heads, pixels):
+    x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 5)
+    with launch.forced_path("tiled"), launch.programs_at_most(2):
+        _check_all(x0, x1, params, num_heads, torch.float64)
+
+
+def test_backward_paths_agree_and_rerun_bitwise():
+    """The tiled backward (the table's for 16-bit) and the split one give the same gradients to
+    rounding, and a rerun gives bitwise the same (partials reduced in a fixed order)."""
+    x0, x1, params = make_case((45,), 64, dtype=torch.float16, device=DEVICE, seed=8)
+    gy0, gy1 = _output_grads((45,), 64, torch.float16, DEVICE)
+    p = FusionParams(*params)
+    tiled = launch.backward_rows(gy0, gy1, x0, x1, p, 8)  # the table's path
+    assert configs.backward_path(64, 8, torch.float16) == "tiled"
+    again = launch.backward_rows(gy0, gy1, x0, x1, p, 8)
+    split = launch.backward_rows(gy0, gy1, x0, x1, p, 8, path="split")
+    for a, b, c in zip(tiled, again, split):
+        assert torch.equal(a, b)
+        assert rel_err(a, c) < 5e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_narrow_forward_in_several_chunks(dtype):
     """The narrow kernel's chunk loops (relation hidden units, attention output channels), which the
@@ -140,8 +167,10 @@ def test_narrow_forward_in_several_chunks(dtype):
         (40, 8, (7,), torch.float32),  # head width 5
         (96, 8, (3,), torch.float32),  # head width 12
         (320, 8, (3,), torch.float64),  # head width 40
-        (64, 8, (2, 3), torch.bfloat16),  # fused forward, split backward
-        (40, 8, (5,), torch.float16),
+        (64, 8, (2, 3), torch.bfloat16),  # narrow forward, tiled backward
+        (40, 8, (5,), torch.float16),  # tiled forward and backward
+        (128, 8, (33,), torch.bfloat16),
+        (512, 8, (3,), torch.bfloat16),
     ],
 )
 def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
@@ -151,13 +180,13 @@ def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
 
 @pytest.mark.parametrize("path", ["split", "tiled"])
 def test_gradcheck_float64(path):
-    """Numerical derivatives of the forward path against the hand-written backward."""
+    """Numerical derivatives of the path's forward against its hand-written backward."""
     x0, x1, params = make_case((3,), 24, device=DEVICE, requires_grad=True)
 
     def f(a, b, *ps):
         return gemini_fusion(a, b, FusionParams(*ps), num_heads=8, backend="triton")
 
-    with launch.forced_forward_path(path):
+    with launch.forced_path(path):
         assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
 
 

@@ -84,24 +84,28 @@ def _(x0, x1, params, num_heads):
 @torch.library.custom_op("gemini_kernels::triton_fusion_bwd", mutates_args=())
 def fusion_bwd_op(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, params: List[Tensor],
                   num_heads: int) -> List[Tensor]:
-    """``[gx0, gx1, *param_grads]``: the gradients of ``fusion_fwd_op`` for output gradients gy0, gy1."""
+    """``[gx0, gx1, flat]``: the gradients of ``fusion_fwd_op`` for output gradients gy0, gy1; ``flat``
+    holds every parameter's gradient in FusionParams order (the backward writes them into one
+    buffer; custom-op outputs may not alias, so the autograd formula splits it)."""
     check_call(x0, x1, FusionParams(*params), num_heads)
     for name, g, x in (("gy0", gy0, x0), ("gy1", gy1, x1)):
         if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
             raise ValueError(f"{name} must match x{name[-1]} ({tuple(x.shape)}, {x.dtype}, {x.device}); "
                              f"got ({tuple(g.shape)}, {g.dtype}, {g.device})")
+    total = sum(t.numel() for t in params)
     if x0.numel() == 0:
-        return [torch.zeros_like(x0), torch.zeros_like(x1), *(torch.zeros_like(t) for t in params)]
+        return [torch.zeros_like(x0), torch.zeros_like(x1), x0.new_zeros(total)]
     dim = x0.shape[-1]
     p = FusionParams(*(t.contiguous() for t in params))
     with torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext():
-        grads = backward_rows(_rows(gy0, dim), _rows(gy1, dim), _rows(x0, dim), _rows(x1, dim), p, num_heads)
-    return [grads[0].view(x0.shape), grads[1].view(x1.shape), *grads[2:]]
+        gx0, gx1, flat = backward_rows(_rows(gy0, dim), _rows(gy1, dim), _rows(x0, dim), _rows(x1, dim), p,
+                                       num_heads)
+    return [gx0.view(x0.shape), gx1.view(x1.shape), flat]
 
 
 @fusion_bwd_op.register_fake
 def _(gy0, gy1, x0, x1, params, num_heads):
-    return [x0.new_empty(x0.shape), x1.new_empty(x1.shape), *(t.new_empty(t.shape) for t in params)]
+    return [x0.new_empty(x0.shape), x1.new_empty(x1.shape), x0.new_empty(sum(t.numel() for t in params))]
 
 
 def _setup_context(ctx, inputs, output):
@@ -113,8 +117,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     x0, x1, *params = ctx.saved_tensors
     gy0, gy1 = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, (x0, x1)))
-    g = fusion_bwd_op(gy0, gy1, x0, x1, params, ctx.num_heads)
-    return g[0], g[1], g[2:], None
+    gx0, gx1, flat = fusion_bwd_op(gy0, gy1, x0, x1, params, ctx.num_heads)
+    param_grads = [g.view(t.shape) for g, t in zip(flat.split([t.numel() for t in params]), params)]
+    return gx0, gx1, param_grads, None
 
 
 fusion_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -23,18 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
-from . import narrow, rows, tiled
+from . import narrow, rows, tiled, tiled_bwd
 
 # A 64-pixel tile of rows in registers spills from C = 128 on (sm_90a, 4 warps).
 NARROW_MAX_WIDTH = 64
 # SMs of the device the counts and the CPU compile check assume (H100 SXM / H200).
 DEFAULT_SMS = 132
+# Parameter-gradient elements per program of the partials' reduction.
+REDUCE_BLOCK = 1024
 
 KERNELS = {
     "gelu_fwd": rows._gelu_fwd_kernel, "gelu_bwd": rows._gelu_bwd_kernel,
     "relation_fwd": rows._relation_fwd_kernel, "relation_bwd": rows._relation_bwd_kernel,
     "gate_fwd": rows._gate_fwd_kernel, "gate_bwd": rows._gate_bwd_kernel,
     "narrow_fwd": narrow.narrow_fwd_kernel, "tiled_fwd": tiled.tiled_fwd_kernel,
+    "tiled_bwd": tiled_bwd.tiled_bwd_kernel, "reduce_partials": tiled_bwd.reduce_partials_kernel,
 }
 
 
@@ -60,6 +63,18 @@ def _tiled_flops(a: dict) -> int:
     return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BM"])
 
 
+def _tiled_bwd_flops(a: dict) -> int:
+    """Per pixel and direction on the padded tiles: the recomputed forward (judger 3 C^2; q, key and
+    the two value products over the padded head columns) and the backward's 16 C^2 (gm, four
+    products back to the inputs through q, key and values, two through the judger's fc2 and fc1
+    halves... : 7 input-gradient and 9 weight-gradient products)."""
+    bn, bk, ht, dl = a["BN"], a["BK"], a["HT"], a["DL"]
+    cn, ck = triton.cdiv(a["C"], bn) * bn, triton.cdiv(a["C"], bk) * bk
+    heads = triton.cdiv(a["NUM_HEADS"], ht) * triton.cdiv(a["HEAD_DIM"], dl) * ht * dl
+    macs = 3 * cn * ck + 4 * heads * ck + 16 * cn * ck
+    return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BM"])
+
+
 class LaunchSpec(NamedTuple):
     """What the launch ledger (gemini_kernels.ledger) needs of a kernel: the pointer arguments it
     writes (the others it reads) and its matrix-product FLOPs from its bound arguments (row kernels:
@@ -74,6 +89,8 @@ LAUNCH_SPECS = {
     "gate_fwd": LaunchSpec(("m_ptr",)), "gate_bwd": LaunchSpec(("gq_ptr", "gdk_ptr", "gdv_ptr")),
     "narrow_fwd": LaunchSpec(("y0_ptr", "y1_ptr"), _narrow_flops),
     "tiled_fwd": LaunchSpec(("y0_ptr", "y1_ptr", "scratch_ptr", "z_ptr"), _tiled_flops),
+    "tiled_bwd": LaunchSpec(("gx0_ptr", "gx1_ptr", "scratch_ptr", "partials_ptr"), _tiled_bwd_flops),
+    "reduce_partials": LaunchSpec(("out_ptr",)),
 }
 
 
@@ -188,6 +205,34 @@ def forward_path(dim: int, num_heads: int, dtype: torch.dtype, allow_tf32: Optio
     return "split"
 
 
+def _tiled_backward_compiles_clean(dim: int) -> bool:
+    # The tiled backward's chain keeps many rows' pointers and tiles live; on sm_90a it spills 16 to
+    # 120 bytes at C = 96 ... 160 and from 768 on (sm90_check), and in float32 (TF32) at 256 and 512.
+    # Those run the split backward until the kernel is restructured.
+    return dim <= 64 or 192 <= dim <= 512
+
+
+def tiled_bwd_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[TiledConfig]:
+    """The tiled backward's configuration (16-bit dtypes, the widths where it compiles clean), or None.
+
+    Two warpgroups on the 64-pixel tile from C = 64 on (the second takes the other half of each
+    product's columns), 32-wide product tiles: the backward's chain holds more rows live than the
+    forward's. Narrower layers have product tiles too narrow to split between two warpgroups (they
+    would compute the same rows): one warpgroup there. One CTA per SM (255 registers x 256 threads).
+    """
+    if dtype not in (torch.bfloat16, torch.float16) or not _tiled_backward_compiles_clean(dim):
+        return None
+    dl, ht = lane_chunk(dim // num_heads, 32)
+    return TiledConfig(block_m=64, block_n=_block(dim, 32), block_k=_block(dim, 32), heads_per_group=ht,
+                       lane_chunk=dl, num_warps=8 if dim >= 64 else 4, num_stages=1, ctas_per_sm=1,
+                       precision="ieee")
+
+
+def backward_path(dim: int, num_heads: int, dtype: torch.dtype) -> str:
+    """``"tiled"`` or ``"split"``: the backward a layer of this shape and dtype runs."""
+    return "tiled" if tiled_bwd_config(dim, num_heads, dtype) is not None else "split"
+
+
 def acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -230,6 +275,10 @@ def config_table(dims: Sequence[int] = CHECKED_WIDTHS, dtypes: Sequence[torch.dt
                 if til is not None and nar is None:
                     entries.append(("tiled_fwd", tiled_constexprs(dim, num_heads, til),
                                     til.num_warps, til.num_stages))
+            bwd = tiled_bwd_config(dim, num_heads, dtype)
+            if bwd is not None:
+                entries.append(("tiled_bwd", tiled_constexprs(dim, num_heads, bwd), bwd.num_warps, bwd.num_stages))
+                entries.append(("reduce_partials", dict(BLOCK=REDUCE_BLOCK), 4, 1))
             # Triton also specialises integer arguments divisible by 16: a distinct compilation.
             aligned = (dim % 16 == 0, (dim // num_heads) % 16 == 0)
             for name, constexprs, num_warps, num_stages in entries:

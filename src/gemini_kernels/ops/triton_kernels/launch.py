@@ -22,12 +22,14 @@ from torch import Tensor
 
 from ...params import FusionParams
 from .common import INTERPRETED
-from .configs import (DEFAULT_SMS, NarrowConfig, TiledConfig, _row_config, acc_type, forward_path, head_layout,
-                      lane_chunk, narrow_config, tiled_config, tiled_constexprs)
+from .configs import (DEFAULT_SMS, REDUCE_BLOCK, NarrowConfig, TiledConfig, _row_config, acc_type, backward_path, forward_path,
+                      head_layout,
+                      lane_chunk, narrow_config, tiled_bwd_config, tiled_config, tiled_constexprs)
 from .narrow import narrow_fwd_kernel
 from .rows import (_gate_bwd_kernel, _gate_fwd_kernel, _gelu_bwd_kernel, _gelu_fwd_kernel, _relation_bwd_kernel,
                    _relation_fwd_kernel)
 from .tiled import tiled_fwd_kernel
+from .tiled_bwd import NUM_SLOTS, reduce_partials_kernel, tiled_bwd_kernel
 
 
 def _launch_rows(kernel, n_rows: int, dim: int, *args):
@@ -116,8 +118,9 @@ _FORCED = {"path": None, "max_programs": None}
 
 
 @contextlib.contextmanager
-def forced_forward_path(path: str):
-    """Tests: every forward in the block runs ``path`` (e.g. the tiled kernel in float64 for gradcheck)."""
+def forced_path(path: str):
+    """Tests: every forward in the block runs ``path``, and every backward too where it has one
+    (``"tiled"``, ``"split"``): e.g. the tiled kernels in float64 for gradcheck."""
     previous, _FORCED["path"] = _FORCED["path"], path
     try:
         yield
@@ -158,6 +161,41 @@ def _tiled_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg:
     return y0, y1
 
 
+def backward_programs(n: int, dim: int, elem_size: int, cfg: TiledConfig, device: torch.device) -> int:
+    """Programs of the tiled backward: the persistent grid, fewer where each program's float32
+    weight-gradient partials (11 C^2 + 14 C) and scratch rows would together pass
+    ``BWD_BUFFERS_PER_INPUT_BYTE`` times the bytes of x0 and x1 (wide layers on few pixels)."""
+    per_program = (11 * dim * dim + 14 * dim + NUM_SLOTS * cfg.block_m * dim) * 4
+    cap = max(1, int(BWD_BUFFERS_PER_INPUT_BYTE * 2 * n * dim * elem_size) // per_program)
+    return min(triton.cdiv(n, cfg.block_m), num_sms(device) * cfg.ctas_per_sm, cap,
+               _FORCED["max_programs"] or n)
+
+
+# The tiled backward's grid-sized buffers may take at most this many bytes per byte of x0 and x1: with
+# what else the backward holds, half of what the eager oracle saves (the memory budget of tests/test_ledger.py).
+BWD_BUFFERS_PER_INPUT_BYTE = 6
+
+
+def _tiled_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int,
+                    cfg: TiledConfig):
+    """``(gx0, gx1, flat)``: the input gradients and every parameter's gradient in one flat tensor
+    in FusionParams order (11 C^2 + 14 C elements)."""
+    n, dim = x0.shape
+    programs = backward_programs(n, dim, x0.element_size(), cfg, x0.device)
+    acc = torch.promote_types(x0.dtype, torch.float32)
+    scratch = x0.new_empty((programs, NUM_SLOTS, cfg.block_m, dim), dtype=acc)
+    total = 11 * dim * dim + 14 * dim
+    partials = x0.new_zeros((programs, total), dtype=acc)
+    gx0, gx1 = torch.empty_like(x0), torch.empty_like(x1)
+    tiled_bwd_kernel[(programs,)](
+        gy0, gy1, x0, x1, gx0, gx1, *p, scratch, partials, n, programs, 1.0 / math.sqrt(dim // num_heads),
+        **tiled_constexprs(dim, num_heads, cfg), INTERPRET=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    flat = x0.new_empty(total)
+    reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](partials, flat, programs, total, BLOCK=REDUCE_BLOCK)
+    return gx0, gx1, flat
+
+
 def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: Optional[str] = None):
     """(y0, y1) for contiguous (N, C) inputs and contiguous parameters of their dtype.
 
@@ -186,7 +224,26 @@ def _forced_tiled_config(dim: int, num_heads: int) -> TiledConfig:
                        num_stages=1, ctas_per_sm=2, precision="ieee")
 
 
-def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
+def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int,
+                  path: Optional[str] = None):
+    """``(gx0, gx1, flat)`` for contiguous (N, C) rows: the input gradients and every parameter's
+    gradient in one flat tensor in FusionParams order (11 C^2 + 14 C elements).
+
+    ``path`` forces ``"tiled"`` or ``"split"``; by default ``configs.backward_path`` decides.
+    """
+    dim, dtype = x0.shape[1], x0.dtype
+    forced = _FORCED["path"] if _FORCED["path"] in ("tiled", "split") else None
+    path = path or forced or backward_path(dim, num_heads, dtype)
+    if path == "tiled":
+        cfg = tiled_bwd_config(dim, num_heads, dtype) or _forced_tiled_config(dim, num_heads)
+        return _tiled_backward(gy0, gy1, x0, x1, p, num_heads, cfg)
+    if path == "split":
+        grads = _split_backward(gy0, gy1, x0, x1, p, num_heads)
+        return grads[0], grads[1], torch.cat([g.reshape(-1) for g in grads[2:]])
+    raise ValueError(f"path must be 'tiled' or 'split'; got {path!r}")
+
+
+def _split_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
     """Gradients ``[gx0, gx1, *param_grads]`` (FusionParams order) for contiguous (N, C) rows.
 
     Every recomputed intermediate is dropped right after its last use (the ``del``s): the peak is
