@@ -4,6 +4,9 @@ token exchange and full cross-attention, on the stage shapes of SPEC §4, agains
     python bench/run.py                      # the default for this machine's device (see --help)
     python bench/run.py --datasets nyudv2,deliver --families mit-b0,mit-b1 --batch 8,32 --dtypes bf16,fp16
 
+Outputs (the JSON rows, a PNG plot, the Markdown section) go to --out-dir, bench/out/ by default, which
+git ignores; --append-results also appends the section to the tracked bench/RESULTS.md.
+
 Before a variant computing GeminiFusion is timed, its outputs (and, for fwd+bwd, its input gradients)
 are compared with the float64 oracle on the same inputs; one that disagrees is reported WRONG and not
 timed. Token exchange and cross-attention compute other functions: they are only checked to be finite.
@@ -387,9 +390,15 @@ def parse_args(argv=None):
                     help="torch CPU threads (default 1 on CPU: stable per-core timings on a shared machine, "
                          "where more threads than free cores stall at every barrier; 0 = torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out", help="JSON and PNG (default bench/out)")
-    ap.add_argument("--results-md", type=Path, default=BENCH_DIR / "RESULTS.md")
-    ap.add_argument("--no-results-md", action="store_true", help="do not append to --results-md")
+    ap.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out",
+                    help="where the run's JSON, PNG and Markdown section go (default bench/out, git-ignored)")
+    ap.add_argument("--append-results", action="store_true",
+                    help="also append the Markdown section to --results-md (the tracked bench/RESULTS.md by "
+                         "default); without it the clone is left unchanged")
+    ap.add_argument("--results-md", type=Path, default=BENCH_DIR / "RESULTS.md",
+                    help="the file --append-results appends to (default bench/RESULTS.md)")
+    ap.add_argument("--no-results-md", action="store_true",
+                    help="do not append to --results-md (the default; kept for older command lines)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--note", default="", help="a line for the RESULTS.md section (e.g. the machine's load)")
     args = ap.parse_args(argv)
@@ -438,7 +447,7 @@ def parse_args(argv=None):
         ap.error(f"every width must be divisible by --heads {args.heads}; got {bad}")
     # The outputs are written after the run: a directory that cannot be written fails now, not then.
     check_writable(ap, "--out-dir", args.out_dir)
-    if not args.no_results_md:
+    if args.append_results:
         check_writable(ap, "--results-md", args.results_md.parent, file=args.results_md)
     return args
 
@@ -506,9 +515,11 @@ def _main(args, extra_variants) -> dict:
         else:
             outputs["png"] = args.out_dir / f"{stamp}.png"
             bench_report.plot(outputs["png"], rows, f"GeminiFusion on {env['device_name']}, torch {env['torch']}")
-    if not args.no_results_md:
-        bench_report.append_markdown(args.results_md, bench_report.markdown_section(
-            meta, rows, outputs["png"].name if "png" in outputs else ""))
+    section = bench_report.markdown_section(meta, rows, outputs["png"].name if "png" in outputs else "")
+    outputs["section"] = args.out_dir / f"{stamp}.md"
+    outputs["section"].write_text(section)
+    if args.append_results and not args.no_results_md:
+        bench_report.append_markdown(args.results_md, section)
         outputs["markdown"] = args.results_md
     print("wrote " + ", ".join(str(p) for p in outputs.values()))
     return {"rows": rows, "meta": meta, "outputs": outputs}

@@ -1,6 +1,8 @@
 """The benchmark harness (bench/run.py) end to end on tiny CPU shapes."""
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def tiny(tmp_path, *extra):
 
 
 def test_tiny_run_writes_table_json_markdown_and_plot(bench_run, tmp_path, capsys):
-    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published,exchange,xattn"))
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published,exchange,xattn", "--append-results"))
     rows = result["rows"]
     assert {(r["variant"], r["pass"]) for r in rows} == {
         (v, p) for v in ("torch", "published", "exchange", "xattn") for p in ("fwd", "fwd+bwd")}
@@ -175,6 +177,29 @@ def test_an_unwritable_out_dir_is_refused_before_the_run(bench_run, tmp_path, ca
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"--out-dir {blocker / 'out'}: cannot be written" in err and "expected" in err
+
+
+def test_results_go_to_the_out_dir_and_results_md_only_when_asked(bench_run, tmp_path):
+    argv = tiny(tmp_path, "--variants", "torch", "--passes", "fwd", "--no-plot")
+    result = bench_run.main(argv)
+    assert not (tmp_path / "RESULTS.md").exists() and "markdown" not in result["outputs"]
+    section = result["outputs"]["section"]
+    assert section.parent == tmp_path / "out" and section.suffix == ".md"
+    assert "| custom | 24 | 16 | 2 | float32 | fwd | torch |" in section.read_text()
+
+    result = bench_run.main(argv + ["--append-results"])
+    assert result["outputs"]["markdown"] == tmp_path / "RESULTS.md"
+    assert "| custom | 24 | 16 | 2 | float32 | fwd | torch |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_default_outputs_leave_the_clone_clean(bench_run):
+    args = bench_run.parse_args(["--device", "cpu"])
+    assert not args.append_results and args.out_dir == BENCH / "out"
+    git = shutil.which("git")
+    if git is None or not (BENCH.parent / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run([git, "check-ignore", "-q", str(BENCH / "out" / "x.json")], cwd=BENCH.parent)
+    assert ignored.returncode == 0, "bench/out/ must be git-ignored"
 
 
 @pytest.mark.gpu
