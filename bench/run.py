@@ -28,6 +28,7 @@ import torch
 
 import gemini_kernels as gk
 from gemini_kernels.baselines import PublishedFusion, full_cross_attention, random_token_exchange
+from gemini_kernels.progress import Progress
 from gemini_kernels.reference import gemini_fusion_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,32 +124,9 @@ def all_variants(device: torch.device) -> list:
     return variants + [compile_variant(), published_variant(), exchange_variant(), xattn_variant()]
 
 
-class Progress:
-    """tqdm on stderr when it is installed, else a plain bar."""
-
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, file=sys.stderr, unit="cell", dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
-
-    def step(self, label: str):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_description(label[:60])
-            self.bar.update(1)
-            return
-        filled = int(30 * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:60]:60s}")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            sys.stderr.write("\n")
+def progress_bar(total: int) -> Progress:
+    """One step per cell, on stderr (the table goes to stdout): tqdm when installed, else plain lines."""
+    return Progress(total, file=sys.stderr, unit="cell")
 
 
 # Messages of allocation failures that torch raises as a plain RuntimeError: the CPU allocator
@@ -279,7 +257,7 @@ def run_benchmark(args, variants: list) -> tuple:
     for dtype in dtypes:
         rates["matmul"][dtype_name(dtype)] = {"tflops": matmul_rate(device, dtype) / 1e12}
 
-    progress = Progress(len(args.shape_list) * len(args.batch) * len(dtypes) * len(args.passes) * len(variants))
+    progress = progress_bar(len(args.shape_list) * len(args.batch) * len(dtypes) * len(args.passes) * len(variants))
     rows = []
     for shape in args.shape_list:
         for batch in args.batch:
@@ -315,7 +293,7 @@ def run_case(case: Case, variants: list, rates: dict, args, progress: Progress) 
     for pass_name in args.passes:
         group = []
         for variant in variants:
-            progress.step(f"{case.shape} B={case.batch} {dname} {pass_name} {variant.name}")
+            progress.update(f"{case.shape} B={case.batch} {dname} {pass_name} {variant.name}")
             work_done = work(variant.function, case.shape, case.batch, torch.finfo(case.dtype).bits // 8, pass_name)
             floor_s = max(work_done.flops / (rates["matmul"][dname]["tflops"] * 1e12),
                           work_done.bytes / (rates["copy_gbs"] * 1e9))
