@@ -52,9 +52,14 @@ def _extension() -> dict:
     try:
         ext = importlib.import_module("gemini_kernels._C")
     except ImportError as exc:
+        from ._jit_build import cache_dir
+
+        cached = sorted(str(p) for p in cache_dir().glob("_C*.so"))
         return {"present": False, "error": str(exc),
                 "hint": "built by `pip install --no-build-isolation -e .` (or `.`) where torch is importable at "
-                        "build time; a build-isolated `pip install .` skips it"}
+                        "build time; a build-isolated `pip install .` skips it; "
+                        + (f"a first-use build is cached at {cached[0]}" if cached
+                           else f"a first-use build (gemini_kernels._jit_build) would go to {cache_dir()}")}
     cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("gemini_kernels::fusion_forward", "CUDA")
     return {"present": True, "file": getattr(ext, "__file__", "?"),
             "built_with": "host C++ path and CUDA kernels" if cuda_kernels
