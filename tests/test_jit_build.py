@@ -66,6 +66,12 @@ def test_missing_sources_compiler_or_ninja_are_named(monkeypatch, tmp_path):
         _jit_build.build_host_extension()
 
     monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "gemini_kernels._C", None)  # an import that failed: not a module
+    monkeypatch.setenv("GK_NO_JIT_BUILD", "1")
+    with pytest.raises(RuntimeError, match=r"compiling it on first use is disabled \(GK_NO_JIT_BUILD=1\)"):
+        _jit_build.build_host_extension()
+
+    monkeypatch.undo()
     monkeypatch.delitem(sys.modules, "gemini_kernels._C", raising=False)
     from torch.utils import cpp_extension
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)

@@ -5,8 +5,8 @@ A plain ``pip install .`` builds in an isolated environment without torch, so se
 path (csrc/*.cpp without fusion_cuda.cpp: the CPU kernels, no CUDA kernels) with
 ``torch.utils.cpp_extension.load`` and ninja, once per torch and Python version, into
 ``~/.cache/gemini_kernels/`` (``$GK_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it), and registers the
-result as ``gemini_kernels._C``. The sources come from the package (setup.py ships csrc/ as
-``gemini_kernels/csrc/``) or, in a checkout, from the repository's csrc/.
+result as ``gemini_kernels._C``; ``GK_NO_JIT_BUILD=1`` turns this off. The sources come from the
+package (setup.py ships csrc/ as ``gemini_kernels/csrc/``) or, in a checkout, from the repository's csrc/.
 """
 from __future__ import annotations
 
@@ -76,8 +76,11 @@ def build_host_extension(verbose: bool = False) -> ModuleType:
     """Compiles (or loads the cached build of) the host extension and registers it as
     ``gemini_kernels._C``, which registers ``torch.ops.gemini_kernels.fusion_forward`` / ``_backward``.
     Raises RuntimeError naming what is missing (the sources, a C++ compiler, ninja)."""
-    if EXTENSION in sys.modules:
+    if sys.modules.get(EXTENSION) is not None:  # None: an import of it already failed, or was blocked
         return sys.modules[EXTENSION]
+    if os.environ.get("GK_NO_JIT_BUILD", "") not in ("", "0"):
+        raise RuntimeError(f"{EXTENSION} is not installed and compiling it on first use is disabled "
+                           "(GK_NO_JIT_BUILD=1)")
     sources = host_sources()
     compiler = _compiler()
     from torch.utils import cpp_extension
