@@ -11,6 +11,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXTENSION = "gemini_kernels._C"
@@ -82,5 +83,19 @@ def extension_build():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class build_py_with_csrc(build_py):
+    """Also ships csrc/ inside the package, as gemini_kernels/csrc/: an install built without torch (a
+    plain, build-isolated `pip install .`) then compiles the host extension on first use
+    (gemini_kernels/_jit_build.py)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "gemini_kernels", "csrc")
+        os.makedirs(target, exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(HERE, "csrc", "*"))):
+            if os.path.isfile(path):
+                self.copy_file(path, os.path.join(target, os.path.basename(path)))
+
+
 ext_modules, cmdclass = extension_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": build_py_with_csrc, **cmdclass})

@@ -4,6 +4,9 @@ token exchange and full cross-attention, on the stage shapes of SPEC §4, agains
     python bench/run.py                      # the default for this machine's device (see --help)
     python bench/run.py --datasets nyudv2,deliver --families mit-b0,mit-b1 --batch 8,32 --dtypes bf16,fp16
 
+Outputs (the JSON rows, a PNG plot, the Markdown section) go to --out-dir, bench/out/ by default, which
+git ignores; --append-results also appends the section to the tracked bench/RESULTS.md.
+
 Before a variant computing GeminiFusion is timed, its outputs (and, for fwd+bwd, its input gradients)
 are compared with the float64 oracle on the same inputs; one that disagrees is reported WRONG and not
 timed. Token exchange and cross-attention compute other functions: they are only checked to be finite.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 
 import gemini_kernels as gk
 from gemini_kernels.baselines import PublishedFusion, full_cross_attention, random_token_exchange
+from gemini_kernels.progress import Progress
 from gemini_kernels.reference import gemini_fusion_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +56,7 @@ class Case:
     dtype: torch.dtype
     device: torch.device
     num_heads: int
-    params: gk.FusionParams  # run dtype, requires_grad (used without grad for fwd)
+    params: Optional[gk.FusionParams]  # run dtype, requires_grad (used without grad for fwd); set by run_case
     generator: torch.Generator
 
 
@@ -119,36 +124,24 @@ def all_variants(device: torch.device) -> list:
     return variants + [compile_variant(), published_variant(), exchange_variant(), xattn_variant()]
 
 
-class Progress:
-    """tqdm on stderr when it is installed, else a plain bar."""
+def progress_bar(total: int) -> Progress:
+    """One step per cell, on stderr (the table goes to stdout): tqdm when installed, else plain lines."""
+    return Progress(total, file=sys.stderr, unit="cell")
 
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, file=sys.stderr, unit="cell", dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
 
-    def step(self, label: str):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_description(label[:60])
-            self.bar.update(1)
-            return
-        filled = int(30 * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:60]:60s}")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            sys.stderr.write("\n")
+# Messages of allocation failures that torch raises as a plain RuntimeError: the CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... bytes"), the CUDA caching
+# allocator and the MPS / XPU ones ("out of memory"), and errno ENOMEM ("Cannot allocate memory").
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """Whether ``exc`` says an allocation failed (any device), as opposed to a bug of the variant."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError,
+                                  MemoryError) if t is not None)
+    if isinstance(exc, oom_types):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -264,16 +257,12 @@ def run_benchmark(args, variants: list) -> tuple:
     for dtype in dtypes:
         rates["matmul"][dtype_name(dtype)] = {"tflops": matmul_rate(device, dtype) / 1e12}
 
-    progress = Progress(len(args.shape_list) * len(args.batch) * len(dtypes) * len(args.passes) * len(variants))
+    progress = progress_bar(len(args.shape_list) * len(args.batch) * len(dtypes) * len(args.passes) * len(variants))
     rows = []
     for shape in args.shape_list:
         for batch in args.batch:
             for dtype in dtypes:
-                params = gk.random_params(shape.dim, dtype=dtype, device=device,
-                                          generator=torch.Generator().manual_seed(args.seed))
-                case = Case(shape, batch, dtype, device, args.heads,
-                            gk.FusionParams(*(p.requires_grad_() for p in params)),
-                            torch.Generator().manual_seed(args.seed))
+                case = Case(shape, batch, dtype, device, args.heads, None, torch.Generator().manual_seed(args.seed))
                 rows += run_case(case, variants, rates, args, progress)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -289,17 +278,22 @@ def run_case(case: Case, variants: list, rates: dict, args, progress: Progress) 
     """The rows of every pass and variant of one (shape, batch, dtype)."""
     dname = dtype_name(case.dtype)
     try:
+        params = gk.random_params(case.shape.dim, dtype=case.dtype, device=case.device,
+                                  generator=torch.Generator().manual_seed(args.seed))
+        case.params = gk.FusionParams(*(p.requires_grad_() for p in params))
         inputs = Inputs(case, args.passes)
-    except Exception as exc:  # noqa: BLE001  (no room for this case's inputs: say so and go on)
+    except Exception as exc:  # noqa: BLE001  (no room for this case's parameters or inputs: say so, go on)
         if not is_oom(exc):
             raise
         inputs = None
+        if case.device.type == "cuda":
+            torch.cuda.empty_cache()
     built = {}  # each variant is built once per case, for both passes
     rows = []
     for pass_name in args.passes:
         group = []
         for variant in variants:
-            progress.step(f"{case.shape} B={case.batch} {dname} {pass_name} {variant.name}")
+            progress.update(f"{case.shape} B={case.batch} {dname} {pass_name} {variant.name}")
             work_done = work(variant.function, case.shape, case.batch, torch.finfo(case.dtype).bits // 8, pass_name)
             floor_s = max(work_done.flops / (rates["matmul"][dname]["tflops"] * 1e12),
                           work_done.bytes / (rates["copy_gbs"] * 1e9))
@@ -308,7 +302,7 @@ def run_case(case: Case, variants: list, rates: dict, args, progress: Progress) 
                    "function": variant.function, "flops": work_done.flops, "bytes": work_done.bytes,
                    "floor_ms": floor_s * 1e3}
             if inputs is None:
-                row.update(status="oom", check="out of memory for the inputs and the oracle's answers")
+                row.update(status="oom", check="out of memory for the parameters, inputs and the oracle's answers")
             else:
                 row.update(run_cell(variant, built, case, inputs, pass_name, floor_s, args))
             if row.get("ms"):
@@ -337,11 +331,11 @@ def run_cell(variant: Variant, built: dict, case: Case, inputs: Inputs, pass_nam
         fn, trainables = built[variant.name]
         return measure(variant, fn, trainables, case, inputs, pass_name, args)
     except Exception as exc:  # noqa: BLE001  (a failing variant is a result, not the end of the run)
+        message = " ".join(str(exc).split())[:160]
         if is_oom(exc):
             if case.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return {"status": "oom", "check": "out of memory"}
-        message = " ".join(str(exc).split())[:160]
+            return {"status": "oom", "check": f"out of memory ({message[:100]})"}
         return {"status": "error", "check": f"failed: {type(exc).__name__}: {message}"}
 
 
@@ -374,9 +368,15 @@ def parse_args(argv=None):
                     help="torch CPU threads (default 1 on CPU: stable per-core timings on a shared machine, "
                          "where more threads than free cores stall at every barrier; 0 = torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out", help="JSON and PNG (default bench/out)")
-    ap.add_argument("--results-md", type=Path, default=BENCH_DIR / "RESULTS.md")
-    ap.add_argument("--no-results-md", action="store_true", help="do not append to --results-md")
+    ap.add_argument("--out-dir", type=Path, default=BENCH_DIR / "out",
+                    help="where the run's JSON, PNG and Markdown section go (default bench/out, git-ignored)")
+    ap.add_argument("--append-results", action="store_true",
+                    help="also append the Markdown section to --results-md (the tracked bench/RESULTS.md by "
+                         "default); without it the clone is left unchanged")
+    ap.add_argument("--results-md", type=Path, default=BENCH_DIR / "RESULTS.md",
+                    help="the file --append-results appends to (default bench/RESULTS.md)")
+    ap.add_argument("--no-results-md", action="store_true",
+                    help="do not append to --results-md (the default; kept for older command lines)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--note", default="", help="a line for the RESULTS.md section (e.g. the machine's load)")
     args = ap.parse_args(argv)
@@ -389,9 +389,9 @@ def parse_args(argv=None):
     args.stages = args.stages or ([1, 2, 3, 4] if on_gpu else [3, 4])
     args.batch = args.batch or ([8, 32] if on_gpu else [2])
     args.dtypes = args.dtypes or (["bfloat16"] if on_gpu else ["float32"])
-    args.runs = args.runs or (100 if on_gpu else 10)
+    args.runs = args.runs if args.runs is not None else (100 if on_gpu else 10)
     args.warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 2)
-    args.max_call_s = args.max_call_s or (5.0 if on_gpu else 3.0)
+    args.max_call_s = args.max_call_s if args.max_call_s is not None else (5.0 if on_gpu else 3.0)
     if args.threads is None:
         args.threads = 0 if on_gpu else 1
     for name, values, allowed in (("--datasets", args.datasets, DATASETS), ("--families", args.families, FAMILIES),
@@ -400,17 +400,49 @@ def parse_args(argv=None):
         bad = [v for v in values if v not in allowed]
         if bad:
             ap.error(f"{name}: {bad} not among {list(allowed)}")
+    # Sizes that would run nothing ("ok nan" rows) or crash inside a case: refused here, naming the flag.
+    for name, values, least in (("--batch", args.batch, 1), ("--heads", [args.heads], 1),
+                                ("--runs", [args.runs], 1), ("--warmup", [args.warmup], 0),
+                                ("--threads", [args.threads], 0)):
+        bad = [v for v in values if v < least]
+        if bad:
+            ap.error(f"{name}: got {','.join(map(str, bad))}; expected integers >= {least}"
+                     + (" (0 = torch's choice)" if name == "--threads" else ""))
+    if args.max_call_s <= 0:
+        ap.error(f"--max-call-s: got {args.max_call_s:g}; expected a number of seconds > 0")
     if args.shapes:
         try:
             args.shape_list = [Shape("custom", int(n), int(c)) for n, c in (s.split(":") for s in args.shapes)]
         except ValueError:
-            ap.error(f"--shapes must be N:C pairs such as 300:512; got {args.shapes}")
+            ap.error(f"--shapes must be N:C pairs such as 300:512; got {','.join(args.shapes)}")
+        bad = [f"{s.tokens}:{s.dim}" for s in args.shape_list if s.tokens < 1 or s.dim < 1]
+        if bad:
+            ap.error(f"--shapes: got {','.join(bad)}; expected N:C pairs of integers >= 1 (tokens N, width C)")
     else:
         args.shape_list = stage_shapes(args.datasets, args.families, args.stages)
     bad = [s for s in args.shape_list if s.dim % args.heads]
     if bad:
         ap.error(f"every width must be divisible by --heads {args.heads}; got {bad}")
+    # The outputs are written after the run: a directory that cannot be written fails now, not then.
+    check_writable(ap, "--out-dir", args.out_dir)
+    if args.append_results:
+        check_writable(ap, "--results-md", args.results_md.parent, file=args.results_md)
     return args
+
+
+def check_writable(ap, flag: str, directory: Path, file: Optional[Path] = None) -> None:
+    """Creates ``directory`` if needed and writes a scratch file in it (and opens ``file`` for
+    appending, without changing it); an argparse error naming ``flag`` when that fails."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        if file is not None and file.exists():
+            with open(file, "a"):  # appends nothing: a file that exists keeps its contents and time
+                pass
+    except OSError as exc:
+        ap.error(f"{flag} {file or directory}: cannot be written ({exc.strerror or exc}); expected a "
+                 f"directory this user can create and write")
 
 
 def main(argv=None, extra_variants=()) -> dict:
@@ -461,9 +493,11 @@ def _main(args, extra_variants) -> dict:
         else:
             outputs["png"] = args.out_dir / f"{stamp}.png"
             bench_report.plot(outputs["png"], rows, f"GeminiFusion on {env['device_name']}, torch {env['torch']}")
-    if not args.no_results_md:
-        bench_report.append_markdown(args.results_md, bench_report.markdown_section(
-            meta, rows, outputs["png"].name if "png" in outputs else ""))
+    section = bench_report.markdown_section(meta, rows, outputs["png"].name if "png" in outputs else "")
+    outputs["section"] = args.out_dir / f"{stamp}.md"
+    outputs["section"].write_text(section)
+    if args.append_results and not args.no_results_md:
+        bench_report.append_markdown(args.results_md, section)
         outputs["markdown"] = args.results_md
     print("wrote " + ", ".join(str(p) for p in outputs.values()))
     return {"rows": rows, "meta": meta, "outputs": outputs}

@@ -47,8 +47,8 @@ for s in "${steps[@]}"; do
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q \
         -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations" ;;
-    bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" ;;
-    bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" ;;
+    bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
+    bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
     model) step model "$PY" models/bench_speed.py --json "$OUTDIR/model_speed.json" ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model)" >&2; failed=1 ;;
   esac

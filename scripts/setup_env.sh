@@ -20,7 +20,16 @@ fi
 PY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-missing() { ! "$PY" -c "import $1" 2>/dev/null; }
+# One interpreter start for every probe (each import of torch costs seconds): the modules that fail to import.
+MISSING=" $("$PY" -c '
+import importlib, sys
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        print(name, end=" ")
+' torch numpy pytest ninja triton matplotlib pytest_benchmark 2>/dev/null) "
+missing() { case "$MISSING" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 pip_install() { echo "[setup] pip install $*"; "$PY" -m pip install -q "$@"; }
 
 if missing torch; then
@@ -50,12 +59,20 @@ for opt in matplotlib:matplotlib pytest_benchmark:pytest-benchmark; do
   fi
 done
 
-# Build the package (and its C++ extension) against the torch installed above.
-if ! "$PY" -c "import gemini_kernels" 2>/dev/null || [ "${GK_REBUILD:-1}" = 1 ]; then
-  echo "[setup] building gemini_kernels"
+# Build the package (and its C++ extension) against the torch installed above: only when this checkout's
+# build is missing or stale (scripts/build_stamp.py: csrc/*, setup.py, pyproject.toml, the torch version
+# or the checkout changed since the last successful build, or the extension went missing), or when
+# GK_REBUILD=1. A fresh clone (CI's .ci/run) has no stamp, so it always builds.
+STAMP="$VENV/.gemini_kernels_build"
+if [ "${GK_REBUILD:-0}" = 1 ] || ! "$PY" "$ROOT/scripts/build_stamp.py" check "$STAMP"; then
+  if [ "${GK_REBUILD:-0}" = 1 ]; then echo "[setup] building gemini_kernels (GK_REBUILD=1)"; fi
+  rm -f "$STAMP"
   # A failed build (e.g. a compile error in csrc/) stops here, with the compiler output above.
   (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | { grep -vE '^\s*$|Warning|warn' || true; }) \
     || { echo "[setup] building gemini_kernels failed; the build output is above" >&2; exit 1; }
   "$PY" -c "import gemini_kernels" || { echo "[setup] gemini_kernels failed to build or import" >&2; exit 1; }
+  "$PY" "$ROOT/scripts/build_stamp.py" write "$STAMP"
+else
+  echo "[setup] gemini_kernels is up to date with csrc/, setup.py, pyproject.toml and torch (GK_REBUILD=1 rebuilds)"
 fi
 "$PY" -c "import torch, gemini_kernels as gk; print(f'[setup] torch {torch.__version__}, cuda available: {torch.cuda.is_available()}, backends on cpu: {gk.available_backends(\"cpu\")}')"

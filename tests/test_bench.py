@@ -1,6 +1,8 @@
 """The benchmark harness (bench/run.py) end to end on tiny CPU shapes."""
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def tiny(tmp_path, *extra):
 
 
 def test_tiny_run_writes_table_json_markdown_and_plot(bench_run, tmp_path, capsys):
-    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published,exchange,xattn"))
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch,published,exchange,xattn", "--append-results"))
     rows = result["rows"]
     assert {(r["variant"], r["pass"]) for r in rows} == {
         (v, p) for v in ("torch", "published", "exchange", "xattn") for p in ("fwd", "fwd+bwd")}
@@ -123,6 +125,82 @@ def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monke
     monkeypatch.setattr(bench_run, "Inputs", no_room)
     result = bench_run.main(tiny(tmp_path, "--variants", "torch,published", "--no-results-md", "--no-plot"))
     assert len(result["rows"]) == 4 and all(r["status"] == "oom" for r in result["rows"])
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--shapes", "0:16"), ("--shapes", "64:0"), ("--shapes", "64:-16"), ("--batch", "0"), ("--batch", "2,-1"),
+    ("--heads", "0"), ("--threads", "-1"), ("--runs", "0"), ("--warmup", "-1"), ("--max-call-s", "0"),
+])
+def test_sizes_that_run_nothing_are_argparse_errors_naming_the_flag(bench_run, tmp_path, capsys, flag, value):
+    argv = tiny(tmp_path)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: got {value.split(',')[-1]}" in err and "expected" in err, err
+
+
+def test_a_case_the_cpu_allocator_refuses_gets_oom_rows_and_the_run_goes_on(bench_run, tmp_path):
+    # C = 8e6: each C x C weight is 256 TB, past any machine's address space, so the allocation fails
+    # ("DefaultCPUAllocator: can't allocate memory") whatever the overcommit policy.
+    result = bench_run.main(tiny(tmp_path, "--shapes", "4:8000000,24:16", "--variants", "torch", "--passes", "fwd",
+                                 "--no-plot"))
+    rows = {r["dim"]: r for r in result["rows"]}
+    assert rows[8000000]["status"] == "oom" and rows[8000000]["check"].startswith("out of memory")
+    assert rows[16]["status"] == "ok"
+
+
+def test_a_variant_the_cpu_allocator_refuses_gets_an_oom_row(bench_run, tmp_path):
+    def build(case):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 824633720832 bytes. Error code 12 (Cannot allocate memory)")
+
+    result = bench_run.main(tiny(tmp_path, "--variants", "torch", "--passes", "fwd", "--no-plot"),
+                            extra_variants=[bench_run.Variant("huge", "xattn", build)])
+    statuses = {r["variant"]: r["status"] for r in result["rows"]}
+    assert statuses == {"torch": "ok", "huge": "oom"}
+    assert bench_run.is_oom(bench_run.torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not bench_run.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_an_unwritable_out_dir_is_refused_before_the_run(bench_run, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = tiny(tmp_path)
+    argv[argv.index("--out-dir") + 1] = str(blocker / "out")  # a directory under a file: cannot be made
+    monkeypatch.setattr(bench_run, "run_benchmark", lambda *a: pytest.fail("ran before checking --out-dir"))
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {blocker / 'out'}: cannot be written" in err and "expected" in err
+
+
+def test_results_go_to_the_out_dir_and_results_md_only_when_asked(bench_run, tmp_path):
+    argv = tiny(tmp_path, "--variants", "torch", "--passes", "fwd", "--no-plot")
+    result = bench_run.main(argv)
+    assert not (tmp_path / "RESULTS.md").exists() and "markdown" not in result["outputs"]
+    section = result["outputs"]["section"]
+    assert section.parent == tmp_path / "out" and section.suffix == ".md"
+    assert "| custom | 24 | 16 | 2 | float32 | fwd | torch |" in section.read_text()
+
+    result = bench_run.main(argv + ["--append-results"])
+    assert result["outputs"]["markdown"] == tmp_path / "RESULTS.md"
+    assert "| custom | 24 | 16 | 2 | float32 | fwd | torch |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_default_outputs_leave_the_clone_clean(bench_run):
+    args = bench_run.parse_args(["--device", "cpu"])
+    assert not args.append_results and args.out_dir == BENCH / "out"
+    git = shutil.which("git")
+    if git is None or not (BENCH.parent / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run([git, "check-ignore", "-q", str(BENCH / "out" / "x.json")], cwd=BENCH.parent)
+    assert ignored.returncode == 0, "bench/out/ must be git-ignored"
 
 
 @pytest.mark.gpu

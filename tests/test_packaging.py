@@ -42,3 +42,11 @@ def test_sdist_contains_csrc_and_license(tmp_path):
                    "models/gemini_seg/train.py"):
         assert needed in names, f"the sdist lacks {needed}"
     assert "License: MIT" in pkg_info or "License-Expression: MIT" in pkg_info, pkg_info[:1000]
+
+
+def test_readme_says_how_to_install_and_to_activate_the_environment():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    assert "pip install --no-build-isolation -e ." in section and "\npip install .  " in section
+    assert "NOT compiled" in section and "python -m gemini_kernels" in section  # what a plain install loses
+    assert "source .venv/bin/activate" in section

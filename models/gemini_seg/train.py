@@ -20,7 +20,6 @@ import math
 import os
 import random
 import sys
-import time
 from typing import Dict, List, Optional
 
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from gemini_kernels.checkpoint import checkpoint_file_problem, load_checkpoint_file
+from gemini_kernels.progress import Progress
 
 from .build import build_model
 from .checkpoint import load_imagenet_mit, load_published_checkpoint, to_published_state_dict
@@ -259,28 +259,10 @@ def make_optimizer(model, args):
 
 
 # -------------------------------------------------------------------------------------------- helpers
-class Progress:
-    """A one-line progress bar on a terminal; a line every 10% otherwise (logs, CI)."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.total, self.enabled, self.label = max(total, 1), enabled, label
-        self.start, self.done = time.time(), 0
-        self.tty = sys.stdout.isatty()
-        self.next_report = 0
-
-    def update(self, note: str = "") -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        fraction = self.done / self.total
-        rate = self.done / max(time.time() - self.start, 1e-9)
-        bar = "#" * int(30 * fraction) + "." * (30 - int(30 * fraction))
-        line = f"{self.label} [{bar}] {self.done}/{self.total} {rate:.2f} it/s {note}"
-        if self.tty:
-            print("\r" + line, end="\n" if self.done >= self.total else "", flush=True)
-        elif fraction * 10 >= self.next_report or self.done >= self.total:
-            print(line, flush=True)
-            self.next_report = math.floor(fraction * 10) + 1
+def progress_bar(total: int, enabled: bool, label: str) -> Progress:
+    """The progress bar of training and evaluation, on stdout with the run's other lines: tqdm when it
+    is installed, else a bar on a terminal and a line every 10% otherwise (logs, CI); both with an ETA."""
+    return Progress(total, label=label, file=sys.stdout, enabled=enabled)
 
 
 def autocast_dtype(args, device: torch.device) -> Optional[torch.dtype]:
@@ -317,7 +299,7 @@ def evaluate(model, val_set, args, env: Dist, amp_dtype) -> Dict[str, Dict[str, 
     names = output_names(model)
     num_classes = model.num_classes
     matrices = [torch.zeros(num_classes, num_classes, dtype=torch.int64) for _ in names]
-    progress = Progress(len(loader), env.main and not args.quiet, "eval ")
+    progress = progress_bar(len(loader), env.main and not args.quiet, "eval ")
     for batch in loader:
         target = batch["mask"].to(env.device)
         with _autocast(env.device, amp_dtype):
@@ -326,6 +308,7 @@ def evaluate(model, val_set, args, env: Dist, amp_dtype) -> Dict[str, Dict[str, 
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
             matrices[i] += confusion_matrix(target, logits.argmax(1), num_classes)
         progress.update()
+    progress.close()
     return {name: scores(env.all_sum(m)) for name, m in zip(names, matrices)}
 
 
@@ -465,7 +448,7 @@ def _run(args, env: Dist) -> dict:
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     losses, results = [], {}
-    progress = Progress(total_steps - step, env.main and not args.quiet, "train")
+    progress = progress_bar(total_steps - step, env.main and not args.quiet, "train")
     epoch = step // steps_per_epoch
     while step < total_steps:
         train_set.set_epoch(epoch)
@@ -518,6 +501,7 @@ def _run(args, env: Dist) -> dict:
             set_train_mode(model, args.train_bn)
         if epoch_done:
             epoch += 1
+    progress.close()
     save_checkpoint(os.path.join(args.out_dir, "last.pth.tar"), model, optimizer, scaler, step, epoch, best,
                     args, env)
     env.barrier()

@@ -9,6 +9,7 @@ Layout:
     params.py      parameter names, shapes and the FusionParams tuple
     validation.py  argument checks with messages that say what was expected
     checkpoint.py  load_checkpoint_file: reads checkpoints (published ones included) without running pickles
+    info.py        the environment report of `python -m gemini_kernels` (versions, devices, backends)
 """
 from .backends import available_backends
 from .checkpoint import load_checkpoint_file

@@ -1,0 +1,49 @@
+"""python -m gemini_kernels: the environment report (gemini_kernels/info.py)."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import gemini_kernels as gk
+from gemini_kernels import info
+
+
+def run(*args):
+    done = subprocess.run([sys.executable, "-m", "gemini_kernels", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_python_m_gemini_kernels_prints_versions_and_every_backend_with_its_reason():
+    out = run()
+    lines = out.splitlines()
+    assert lines[0].startswith(f"gemini_kernels {gk.__version__}: ")
+    assert f"torch {torch.__version__}" in out and "\ntriton " in out and "\nnumpy " in out
+    assert f"CUDA available: {torch.cuda.is_available()}" in out
+    assert "extension gemini_kernels._C: " in out
+    for device in ("cpu", "cuda"):
+        for name, backend in gk.backends.BACKENDS.items():
+            reason = backend.unavailable_reason(torch.device(device))  # the same environment as the child
+            line = next(l for l in lines if l.startswith(f"backend {name} ") and f" on {device}" in l)
+            assert line.endswith("available" if reason is None else f"unavailable: {reason}"), line
+        assert any(l.startswith(f"backend='auto' on {device}: ") for l in lines)
+    assert "backend torch  on cpu : available" in out
+
+
+def test_json_report_and_an_absent_extension_says_how_to_build_it(monkeypatch):
+    report = json.loads(run("--json"))
+    assert report["backends"]["cpu"]["torch"] is None and set(report["backends"]) == {"cpu", "cuda"}
+    assert report["auto"]["cpu"] in gk.available_backends("cpu")
+
+    def no_extension(name, *a, **k):
+        if name == "gemini_kernels._C":
+            raise ImportError("No module named 'gemini_kernels._C'")
+        return importlib_import(name, *a, **k)
+
+    importlib_import = info.importlib.import_module
+    monkeypatch.setattr(info.importlib, "import_module", no_extension)
+    text = info.format_report(info.collect())
+    assert "extension gemini_kernels._C: absent (No module named 'gemini_kernels._C')" in text
+    assert "--no-build-isolation" in text
