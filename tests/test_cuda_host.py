@@ -283,6 +283,7 @@ def test_unavailable_reasons(monkeypatch):
     # Without the compiled module: the reason says how to build it, and the backend raises it.
     monkeypatch.setattr(cuda_fusion, "_loaded", False)
     monkeypatch.setattr(cuda_fusion, "_load_error", None)
+    monkeypatch.setenv("GK_NO_JIT_BUILD", "1")  # else the first use would compile the extension
     monkeypatch.setitem(sys.modules, "gemini_kernels._C", None)
     monkeypatch.delattr(gemini_kernels, "_C")
     reason = cuda_fusion.unavailable_reason(torch.device("cpu"))

@@ -32,8 +32,16 @@ def _load() -> bool:
     try:
         from .. import _C  # noqa: F401  (importing registers torch.ops.gemini_kernels.*)
     except ImportError as exc:
-        _load_error = f"the compiled extension gemini_kernels._C is not importable ({exc}); {_BUILD_HINT}"
-        return False
+        # An install without the extension (a plain `pip install .` builds without torch): compile the
+        # host path now, once per torch version (_jit_build.py; GK_NO_JIT_BUILD=1 turns this off).
+        try:
+            from .._jit_build import build_host_extension
+
+            build_host_extension()
+        except Exception as jit_exc:  # no sources, compiler or ninja, or a compile error
+            _load_error = (f"the compiled extension gemini_kernels._C is not importable ({exc}); compiling it on "
+                           f"first use failed ({jit_exc}); {_BUILD_HINT}")
+            return False
     torch.library.register_fake("gemini_kernels::fusion_forward")(_fusion_forward_fake)
     torch.library.register_fake("gemini_kernels::fusion_backward")(_fusion_backward_fake)
     _loaded = True
