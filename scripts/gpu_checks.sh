@@ -11,6 +11,9 @@
 #   bench      the benchmark harness, NYUDv2 stages, bf16, batch 8 and 32 (appends to bench/RESULTS.md);
 #              bench8 / bench32: one batch size each, where one call may run 10 minutes at most
 #   model      MiT-B3 480x640 batch 8 bf16 training step / inference: fused vs no fusion vs published loop
+#   quick      the Triton backend's checks in about 6 minutes, most important first: its GPU tests against
+#              the float64 oracle, then the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton, cuda and
+#              torch.compile side by side, forward and forward + backward, peak memory), then the ledger
 #
 # Logs, bench/RESULTS.md and the JSON/PNG outputs go to $OUT when set (the device tool), else to
 # bench/out/gpu_checks/. summary.txt gives each step's exit code; the script's exit code is non-zero
@@ -50,7 +53,12 @@ for s in "${steps[@]}"; do
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
     model) step model "$PY" models/bench_speed.py --json "$OUTDIR/model_speed.json" ;;
-    *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model)" >&2; failed=1 ;;
+    quick)
+      step triton-tests "$PY" -m pytest tests/test_triton.py -m gpu -q -x
+      step triton-bench "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 1,2,3,4 --variants triton,cuda,compile \
+        --runs 30 --warmup 5 --out-dir "$OUTDIR" --append-results
+      step ledger "$PY" -m gemini_kernels.ledger ;;
+    *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;
   esac
 done
 cp bench/RESULTS.md "$OUTDIR/RESULTS.md" 2>/dev/null
