@@ -185,13 +185,13 @@ def _check_one(cfg: dict, capability: int) -> dict:
     }
 
 
-def check_all(configs=None, capability: int = 90, jobs: Optional[int] = None) -> list:
+def check_all(configs=None, capability: int = 90, jobs: int = 1) -> list:
     """Compile each configuration (default: the launcher's whole table) for sm_90a (or ``capability``)
-    and report it, in ``jobs`` processes (default: one per CPU; compiling is CPU-bound)."""
+    and report it, in ``jobs`` spawned processes (compiling is CPU-bound; more than one needs the
+    caller's script to be import-safe, as spawned workers import it)."""
     from .triton_kernels import configs as tf
 
     configs = tf.config_table() if configs is None else configs
-    jobs = jobs or os.cpu_count() or 1
     if jobs == 1 or len(configs) == 1:
         return [_check_one(cfg, capability) for cfg in configs]
     # Spawned workers: they import the kernels afresh, without the parent's driver state.
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, choices=sorted(MAX_SHARED_BYTES), default=90,
                         help="compute capability to compile for: 90 (H100, sm_90a; default) or 80 (A100)")
     args = parser.parse_args(argv)
-    report = check_all(capability=args.arch)
+    report = check_all(capability=args.arch, jobs=os.cpu_count() or 1)
     failed = [(row, problems(row)) for row in report if problems(row)]
     if args.json:
         print(json.dumps(report))
