@@ -190,6 +190,22 @@ def test_gradcheck_float64(path):
         assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
 
 
+@pytest.mark.parametrize("dim, dtype", [(16, torch.bfloat16), (40, torch.float16), (24, torch.float64)],
+                         ids=["narrow", "tiled", "split"])
+def test_outputs_are_not_views_and_take_inplace_ops(dim, dtype):
+    """As the oracle's: `y0 += x0` under autograd works (a view of an internal (N, C) tensor would
+    raise "returns multiple views"), and the gradient is the oracle's."""
+    x0, x1, params = make_case((2, 3), dim, dtype=dtype, device=DEVICE, requires_grad=True)
+    y0, y1 = gemini_fusion(x0, x1, params, num_heads=8, backend="triton")
+    assert y0._base is None and y1._base is None
+    y0 += x0
+    (y0.double().sum() + y1.double().sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x0, x1, *params)]
+    r0, r1 = gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), 8)
+    ((r0 + leaves[0]).sum() + r1.sum()).backward()
+    assert rel_err(x0.grad, leaves[0].grad) < BOUND[dtype]
+
+
 def test_second_derivatives_raise():
     """The backward is not itself differentiable: asking for it raises, instead of returning zeros."""
     x0, x1, params = make_case((3,), 16, device=DEVICE, requires_grad=True)

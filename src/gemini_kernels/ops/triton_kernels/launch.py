@@ -97,16 +97,27 @@ def _split_state(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int) -> _Sp
     return _SplitState(x, other, p_fc1, h, z, u, w, q, dk, dv, m)
 
 
-def _split_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):
+def _outputs(x0: Tensor, x1: Tensor, out):
+    """``out`` (tensors of any shape with N x C contiguous elements, e.g. the caller's (B, N, C)
+    outputs, so that what the op returns is not a view of an internal (N, C) tensor) as (N, C) rows,
+    or fresh ones."""
+    if out is None:
+        return torch.empty_like(x0), torch.empty_like(x1)
+    return tuple(t.view(x0.shape) for t in out)
+
+
+def _split_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, out=None):
     st = _split_state(x0, x1, p, num_heads)
     _, _, _, _, _, wo, bo = _direction_weights(p, x0.shape[1])
-    out = torch.baddbmm(bo, st.m, wo.transpose(1, 2))
-    return out[0] + x0, out[1] + x1  # the residual last, rounded as the oracle rounds it
+    attn = torch.baddbmm(bo, st.m, wo.transpose(1, 2))
+    y0, y1 = _outputs(x0, x1, out)
+    # The residual last, rounded as the oracle rounds it.
+    return torch.add(attn[0], x0, out=y0), torch.add(attn[1], x1, out=y1)
 
 
-def _narrow_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: NarrowConfig):
+def _narrow_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: NarrowConfig, out=None):
     n, dim = x0.shape
-    y0, y1 = torch.empty_like(x0), torch.empty_like(x1)
+    y0, y1 = _outputs(x0, x1, out)
     narrow_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
         x0, x1, y0, y1, *p, n, 1.0 / math.sqrt(dim // num_heads),
         C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=cfg.block_m, CHUNK=cfg.chunk, INTERPRET=INTERPRETED,
@@ -146,9 +157,9 @@ def num_sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def _tiled_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: TiledConfig):
+def _tiled_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg: TiledConfig, out=None):
     n, dim = x0.shape
-    y0, y1 = torch.empty_like(x0), torch.empty_like(x1)
+    y0, y1 = _outputs(x0, x1, out)
     programs = min(triton.cdiv(n, cfg.block_m), num_sms(x0.device) * cfg.ctas_per_sm,
                    _FORCED["max_programs"] or n)
     # Each program's own rows of h / u / m and of z: grid-sized, so they stay in L2.
@@ -196,8 +207,9 @@ def _tiled_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionP
     return gx0, gx1, flat
 
 
-def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: Optional[str] = None):
-    """(y0, y1) for contiguous (N, C) inputs and contiguous parameters of their dtype.
+def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: Optional[str] = None, out=None):
+    """(y0, y1) for contiguous (N, C) inputs and contiguous parameters of their dtype, written into
+    ``out`` (two contiguous tensors of N x C elements) when given.
 
     ``path`` forces ``"narrow"``, ``"tiled"`` or ``"split"`` (tests compare them); by default
     ``configs.forward_path`` decides. Forcing ``"tiled"`` in float32 without TF32, or in float64,
@@ -209,12 +221,12 @@ def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: 
         cfg = narrow_config(dim, num_heads, dtype)
         if cfg is None:
             raise ValueError(f"the narrow path does not run dim={dim}, num_heads={num_heads}, {dtype}")
-        return _narrow_forward(x0, x1, p, num_heads, cfg)
+        return _narrow_forward(x0, x1, p, num_heads, cfg, out)
     if path == "tiled":
         cfg = tiled_config(dim, num_heads, dtype) or _forced_tiled_config(dim, num_heads)
-        return _tiled_forward(x0, x1, p, num_heads, cfg)
+        return _tiled_forward(x0, x1, p, num_heads, cfg, out)
     if path == "split":
-        return _split_forward(x0, x1, p, num_heads)
+        return _split_forward(x0, x1, p, num_heads, out)
     raise ValueError(f"path must be 'narrow', 'tiled' or 'split'; got {path!r}")
 
 
