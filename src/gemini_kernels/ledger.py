@@ -13,9 +13,11 @@ what a GPU makes of them is the benchmark's business (``bench/run.py``).
     python -m gemini_kernels.ledger                      # triton and the eager oracle, NYUDv2 stages, bf16, batch 32
     python -m gemini_kernels.ledger --backends triton --passes fwd --detail
 
-Counted backends: ``triton`` (its launchers, as its custom ops call them) and ``torch`` (the eager
-oracle, forward and autograd backward). Grid-sized buffers (the tiled kernel's scratch) are counted
-with the grid of an H100 / H200 (132 SMs).
+Counted backends: ``triton`` (its launchers, as its custom ops call them; what autograd saves, through
+the custom op) and ``torch`` (the eager oracle, forward and autograd backward). Grid-sized buffers
+(the tiled kernels' scratch and partials) are counted with the grid of an H100 / H200 (132 SMs),
+once per launch while all programs' buffers fit in its 50 MiB of L2, and reread and rewritten for
+every tile the grid walks when they do not.
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ from .params import FusionParams, param_shapes
 
 # NYUDv2 480x640 with MiT-B1..B5 widths: (stage, tokens, width) (SPEC §4).
 NYUDV2_STAGES = ((1, 19200, 64), (2, 4800, 128), (3, 1200, 320), (4, 300, 512))
-_NO_LAUNCH_PREFIXES = ("empty", "new_empty", "_to_copy.meta", "lift_fresh", "detach", "alias")
+_NO_LAUNCH_PREFIXES = ("empty", "new_empty", "lift_fresh", "detach", "alias")
+# L2 of an H100 SXM / H200: a persistent kernel's per-program buffers that fit stay there; those that
+# do not are DRAM traffic for every tile the grid walks.
+L2_BYTES = 50 * 2 ** 20
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Launch:
     bytes_read: int
     bytes_written: int
     flops: int
+    programs: Optional[int] = None  # a persistent Triton kernel's grid (None: not persistent)
 
     @property
     def bytes(self) -> int:
@@ -71,6 +77,12 @@ class Ledger:
     @property
     def flops(self) -> int:
         return sum(launch.flops for launch in self.launches)
+
+    @property
+    def smallest_grid(self) -> Optional[int]:
+        """The fewest programs among the call's persistent launches (None: there are none)."""
+        grids = [launch.programs for launch in self.launches if launch.programs is not None]
+        return min(grids) if grids else None
 
     @property
     def bytes_over_floor(self) -> float:
@@ -148,7 +160,14 @@ def _recording_triton(ledger: Ledger):
             tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
             written = sum(_nbytes(t) for k, t in tensors.items() if k in spec.writes)
             read = sum(_nbytes(t) for k, t in tensors.items() if k not in spec.writes)
-            ledger.launches.append(Launch(name, read, written, spec.flops(bound) if spec.flops else 0))
+            programs = None
+            if spec.grid_buffers is not None:
+                buffers, tiles, programs = spec.grid_buffers(bound)
+                if buffers > L2_BYTES:  # reread and rewritten per tile beyond each program's first
+                    per_program = buffers // programs
+                    read += (tiles - programs) * per_program
+                    written += (tiles - programs) * per_program
+            ledger.launches.append(Launch(name, read, written, spec.flops(bound) if spec.flops else 0, programs))
         return run
 
     patched = []
@@ -171,6 +190,22 @@ def _meta_case(dim: int, pixels: int, dtype: torch.dtype):
     return x0, x1, params
 
 
+def _saved_bytes(forward, *inputs) -> int:
+    """Bytes autograd keeps for the backward of ``forward(*inputs)``, beyond the inputs themselves."""
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+    leaf_ids = {id(t) for t in leaves}
+    saved = {}
+
+    def pack(t):
+        if id(t) not in leaf_ids:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(*leaves)
+    return sum(saved.values())
+
+
 def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat16, passes: str = "fwd",
           num_heads: int = 8) -> Ledger:
     """The ledger of one call of ``backend`` on ``pixels`` pixels (batch x tokens) of width ``dim``."""
@@ -180,8 +215,13 @@ def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat
     x0, x1, params = _meta_case(dim, pixels, dtype)
     recorder = _Recorder(ledger)
     if backend == "triton":
+        from .ops import triton_fusion
         from .ops.triton_kernels.launch import backward_rows, forward_rows
 
+        # What autograd keeps: the custom op's forward on meta tensors runs its fake implementation,
+        # and its setup_context saves what the backward will get.
+        ledger.saved_bytes = _saved_bytes(lambda *t: triton_fusion.fusion_fwd_op(t[0], t[1], list(t[2:]), num_heads),
+                                          x0, x1, *params)
         with _recording_triton(ledger), recorder:
             y0, y1 = forward_rows(x0, x1, params, num_heads)
             if passes == "fwd+bwd":
@@ -196,17 +236,10 @@ def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat
         from .reference import gemini_fusion_reference
 
         leaves = [t.requires_grad_() for t in (x0, x1, *params)]
-        leaf_ids = {id(t) for t in leaves}
-        saved = {}
-
-        def pack(t):
-            if id(t) not in leaf_ids:
-                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
-        with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ledger.saved_bytes = _saved_bytes(
+            lambda *t: gemini_fusion_reference(t[0], t[1], FusionParams(*t[2:]), num_heads), *leaves)
+        with recorder:
             y0, y1 = gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), num_heads)
-        ledger.saved_bytes = sum(saved.values())
         if passes == "fwd+bwd":
             gy0, gy1 = torch.empty_like(y0), torch.empty_like(y1)
             with recorder:
@@ -219,11 +252,12 @@ def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat
 
 def table(ledgers: Sequence[Ledger]) -> str:
     lines = [f"{'backend':8} {'pass':8} {'C':>5} {'pixels':>7} {'launches':>8} {'MB':>9} {'x floor':>7} "
-             f"{'GFLOP':>7} {'x floor':>7} {'saved MB':>8} {'bwd peak MB':>11}"]
+             f"{'GFLOP':>7} {'x floor':>7} {'saved MB':>8} {'bwd peak MB':>11} {'grid':>5}"]
     for lg in ledgers:
         lines.append(f"{lg.backend:8} {lg.passes:8} {lg.dim:>5} {lg.pixels:>7} {len(lg.launches):>8} "
                      f"{lg.bytes / 1e6:>9.1f} {lg.bytes_over_floor:>7.2f} {lg.flops / 1e9:>7.1f} "
-                     f"{lg.flops_over_floor:>7.2f} {lg.saved_bytes / 1e6:>8.1f} {lg.backward_peak_bytes / 1e6:>11.1f}")
+                     f"{lg.flops_over_floor:>7.2f} {lg.saved_bytes / 1e6:>8.1f} {lg.backward_peak_bytes / 1e6:>11.1f} "
+                     f"{lg.smallest_grid if lg.smallest_grid is not None else '-':>5}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,10 @@ Forward paths, per layer:
 * ``split`` (``launch.py``): float32 with IEEE products and float64: cuBLAS GEMMs with the per-pixel
   math in row kernels (``rows.py``). Triton runs IEEE float32 / float64 products on FMA units with
   operand tiles in registers, and those spill in the tiled kernel at some widths; these dtypes are
-  for accuracy (float64: gradcheck), not speed. The backward always runs split.
+  for accuracy (float64: gradcheck), not speed.
+
+Backward paths (``backward_path``): ``tiled`` (``tiled_bwd.py``) for 16-bit layers where it compiles
+without spills (``tiled_bwd_config``), ``split`` elsewhere.
 """
 from __future__ import annotations
 
@@ -75,12 +78,23 @@ def _tiled_bwd_flops(a: dict) -> int:
     return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BM"])
 
 
+def _grid_buffers(*names):
+    """(bytes of the named per-program buffers, tiles the grid walks): what a persistent kernel
+    rereads and rewrites for every tile it walks."""
+    def per_tile(a: dict):
+        buffers = sum(a[k].numel() * a[k].element_size() for k in names)
+        return buffers, triton.cdiv(a["n_pix"], a["BM"]), a["n_prog"]
+    return per_tile
+
+
 class LaunchSpec(NamedTuple):
     """What the launch ledger (gemini_kernels.ledger) needs of a kernel: the pointer arguments it
-    writes (the others it reads) and its matrix-product FLOPs from its bound arguments (row kernels:
-    none)."""
+    writes (the others it reads), its matrix-product FLOPs from its bound arguments (row kernels:
+    none), and for a persistent kernel its per-program buffers, which every tile rereads and
+    rewrites (DRAM traffic unless they fit in L2)."""
     writes: tuple
     flops: object = None
+    grid_buffers: object = None
 
 
 LAUNCH_SPECS = {
@@ -88,8 +102,10 @@ LAUNCH_SPECS = {
     "relation_fwd": LaunchSpec(("u_ptr", "w_ptr")), "relation_bwd": LaunchSpec(("gz_ptr", "gs_ptr")),
     "gate_fwd": LaunchSpec(("m_ptr",)), "gate_bwd": LaunchSpec(("gq_ptr", "gdk_ptr", "gdv_ptr")),
     "narrow_fwd": LaunchSpec(("y0_ptr", "y1_ptr"), _narrow_flops),
-    "tiled_fwd": LaunchSpec(("y0_ptr", "y1_ptr", "scratch_ptr", "z_ptr"), _tiled_flops),
-    "tiled_bwd": LaunchSpec(("gx0_ptr", "gx1_ptr", "scratch_ptr", "partials_ptr"), _tiled_bwd_flops),
+    "tiled_fwd": LaunchSpec(("y0_ptr", "y1_ptr", "scratch_ptr", "z_ptr"), _tiled_flops,
+                            _grid_buffers("scratch_ptr", "z_ptr")),
+    "tiled_bwd": LaunchSpec(("gx0_ptr", "gx1_ptr", "scratch_ptr", "partials_ptr"), _tiled_bwd_flops,
+                            _grid_buffers("scratch_ptr", "partials_ptr")),
     "reduce_partials": LaunchSpec(("out_ptr",)),
 }
 

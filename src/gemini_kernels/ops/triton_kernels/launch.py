@@ -1,10 +1,10 @@
-"""Launch code of the Triton backend: each forward path, the recomputing backward, on (N, C) rows.
+"""Launch code of the Triton backend: each forward and backward path, on (N, C) rows.
 
-The backward is hand-written (no autograd through the kernels). It saves only ``x0``, ``x1`` and the
-parameters, recomputes the forward intermediates with the split path, and runs the chain rule with
-three row kernels (gate, relation softmax, GELU derivative) between batched GEMMs. Weight gradients
-are GEMMs over the per-pixel gradients and ``torch.sum`` over pixels: no atomics, so two backward
-runs give bitwise-equal gradients.
+The backward is hand-written (no autograd through the kernels) and saves only ``x0``, ``x1`` and the
+parameters. The tiled backward (``tiled_bwd.py``) recomputes per tile; the split one recomputes the
+split forward's intermediates and runs the chain rule with three row kernels (gate, relation
+softmax, GELU derivative) between batched GEMMs, its weight gradients GEMMs over the per-pixel
+gradients and ``torch.sum`` over pixels. Neither uses atomics: reruns give bitwise-equal gradients.
 
 The split path stores its intermediates in the input dtype (as the oracle's ``F.linear`` outputs
 are); the fused paths keep them in float32 except where they become tensor-core operands (h, the
@@ -173,18 +173,24 @@ def _tiled_forward(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, cfg:
 
 
 def backward_programs(n: int, dim: int, elem_size: int, cfg: TiledConfig, device: torch.device) -> int:
-    """Programs of the tiled backward: the persistent grid, fewer where each program's float32
-    weight-gradient partials (11 C^2 + 14 C) and scratch rows would together pass
-    ``BWD_BUFFERS_PER_INPUT_BYTE`` times the bytes of x0 and x1 (wide layers on few pixels)."""
+    """Programs of the tiled backward: the persistent grid, fewer where all programs' float32
+    weight-gradient partials (11 C^2 + 14 C) and scratch rows would not fit in L2 (every tile rereads
+    and rewrites them: beyond L2 that is DRAM traffic per tile) or would pass
+    ``BWD_BUFFERS_PER_INPUT_BYTE`` times the bytes of x0 and x1 (memory).
+
+    At MiT stage 1 (C = 64) that is 80 programs; wide layers get very few (C = 320: 6, C = 512: 2),
+    which starves the GPU: they want the weight gradients split over pixels instead (not written)."""
     per_program = (11 * dim * dim + 14 * dim + NUM_SLOTS * cfg.block_m * dim) * 4
-    cap = max(1, int(BWD_BUFFERS_PER_INPUT_BYTE * 2 * n * dim * elem_size) // per_program)
-    return min(triton.cdiv(n, cfg.block_m), num_sms(device) * cfg.ctas_per_sm, cap,
-               _FORCED["max_programs"] or n)
+    memory_cap = int(BWD_BUFFERS_PER_INPUT_BYTE * 2 * n * dim * elem_size) // per_program
+    return max(1, min(triton.cdiv(n, cfg.block_m), num_sms(device) * cfg.ctas_per_sm, memory_cap,
+                      BWD_L2_BYTES // per_program, _FORCED["max_programs"] or n))
 
 
 # The tiled backward's grid-sized buffers may take at most this many bytes per byte of x0 and x1: with
 # what else the backward holds, half of what the eager oracle saves (the memory budget of tests/test_ledger.py).
 BWD_BUFFERS_PER_INPUT_BYTE = 6
+# ... and at most this much of the L2 (H100 / H200: 50 MiB), the rest left to the streamed weights.
+BWD_L2_BYTES = 40 * 2 ** 20
 
 
 def _tiled_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int,

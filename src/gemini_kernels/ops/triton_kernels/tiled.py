@@ -15,7 +15,7 @@ Per direction (self ``s``, other ``o``), with the identities of SPEC §1:
 3. ``u = k_noise + s - s * softmax(z)``                  -> scratch slot 1
 4. per group of heads: ``q = s Wq^T + bq``, ``dk = u Wk^T``, the gate ``a = sigmoid(q . dk / sqrt(dh))``
    per head, then the attention output ``m`` before Wo      -> scratch slot 0 (h is dead by then)
-   - one head per group (head width >= 16): the value identity, one product
+   - one head per group (head width 9 and up, ``configs.lane_chunk``): the value identity, one product
      ``m = (o + a (v_noise + s - o)) Wv^T + bv``;
    - several narrow heads per group: ``m = o Wv^T + bv + a ((v_noise + s - o) Wv^T)``, two products.
 5. ``y = s + m Wo^T + bo``                                   -> DRAM
