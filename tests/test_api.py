@@ -254,3 +254,11 @@ def test_float64_is_left_alone_under_autocast(backend):
         under = gemini_fusion(x0, x1, params, backend=backend)
     assert under[0].dtype == torch.float64
     assert rel_err(under[0], plain[0]) < 1e-14 and rel_err(under[1], plain[1]) < 1e-14
+
+
+@pytest.mark.parametrize("backend", [b for b in gk.available_backends("cpu") if b != "torch"])
+def test_kernel_backends_refuse_forward_mode_ad(backend):
+    """No kernel backend has a forward-mode formula: a jvp raises instead of a zero tangent."""
+    x0, x1, params = make_case((3,), 16)
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' has no forward-mode derivative"):
+        torch.func.jvp(lambda a: gk.gemini_fusion(a, x1, params, 4, backend=backend)[0], (x0,), (torch.randn_like(x0),))

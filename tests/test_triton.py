@@ -221,6 +221,24 @@ def test_outputs_are_not_views_and_take_inplace_ops(dim, dtype):
     assert rel_err(x0.grad, leaves[0].grad) < BOUND[dtype]
 
 
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
+    x0, x1, params = make_case((3,), 16, device=DEVICE)
+    tangent = torch.randn_like(x0)
+
+    def f(a):
+        return gemini_fusion(a, x1, params, num_heads=4, backend="triton")[0]
+
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        torch.func.jvp(f, (x0,), (tangent,))
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative.*dual"):
+        f(forward_ad.make_dual(x0, tangent))
+    # The oracle has one.
+    _, t_ref = torch.func.jvp(lambda a: gemini_fusion(a, x1, params, num_heads=4, backend="torch")[0],
+                              (x0,), (tangent,))
+    assert t_ref.norm() > 0
+
+
 def test_second_derivatives_raise():
     """The backward is not itself differentiable: asking for it raises, instead of returning zeros."""
     x0, x1, params = make_case((3,), 16, device=DEVICE, requires_grad=True)

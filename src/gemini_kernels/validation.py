@@ -5,6 +5,8 @@ rejected here with a message that names the argument, what it got and what was e
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -92,3 +94,20 @@ def check_call(x0, x1, params: FusionParams, num_heads) -> None:
     check_width(dim, num_heads)
     check_inputs(x0, x1, dim)
     check_params(params, x0)
+
+
+def forward_mode_ad_in_use(tensors) -> Optional[str]:
+    """The forward-mode AD a call runs under (dual tensors, or a ``torch.func.jvp`` / ``jacfwd``
+    transform), or None. The kernel backends have no forward-mode formula: through them a tangent
+    would silently come out zero."""
+    import torch.autograd.forward_ad as forward_ad
+
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "torch.autograd.forward_ad (dual tensors)"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            return "a torch.func forward-mode transform (jvp, jacfwd, linearize)"
+    return None
