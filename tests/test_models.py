@@ -15,7 +15,8 @@ from gemini_kernels import GeminiFusion, load_checkpoint_file
 from gemini_seg import build_model, load_imagenet_mit, load_published_checkpoint, to_published_state_dict
 from gemini_seg.data import FolderRGBD, SyntheticRGBD
 from gemini_seg.mit import MIT_CONFIGS
-from gemini_seg.train import parse_args, run
+from gemini_seg import train as train_cli
+from gemini_seg.train import lr_factor, parse_args, run
 from helpers import GPU, rel_err
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +310,8 @@ def test_loss_curve_matches_oracle(tmp_path, backend):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["--fusion-backend", "torch", "--dpr", "0.2", "--eval-every", "100"]
+    # --max-iters: the schedule of the 5-step run (a resume keeps the first run's schedule otherwise)
+    common = ["--fusion-backend", "torch", "--dpr", "0.2", "--eval-every", "100", "--max-iters", "5"]
     straight = run(small_run(tmp_path / "a", *common, "--max-steps", "5"))
     run(small_run(tmp_path / "b", *common, "--max-steps", "2"))  # stops mid-epoch (3 steps per epoch)
     resumed = run(small_run(tmp_path / "b", *common, "--max-steps", "5", "--resume", str(tmp_path / "b" / "last.pth.tar")))
@@ -397,6 +399,82 @@ def test_resume_from_a_segmenter_only_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=rf"--resume {path}: not a checkpoint written by this script \(it lacks "
                                          r"\['optimizer', 'step', 'rng'\].*use --init-checkpoint"):
         run(small_run(tmp_path, "--fusion-backend", "torch", "--resume", str(path)))
+
+
+def test_resume_takes_the_model_settings_from_the_checkpoint(tmp_path):
+    """Issue 12: --resume without repeating --backbone (default mit_b3) failed with size mismatches; the
+    checkpoint's settings are used, and an explicit conflicting flag is a clear error."""
+    common = ["--fusion-backend", "torch", "--dpr", "0", "--eval-every", "100"]
+    run(small_run(tmp_path, *common, "--max-steps", "1"))
+    last = str(tmp_path / "last.pth.tar")
+    bare = ["--synthetic-size", "32", "32", "--synthetic-train", "6", "--synthetic-val", "2", "--val-batch-size",
+            "2", "--workers", "0", "--quiet", "--fusion-backend", "torch", "--eval-every", "100", "--resume", last]
+    resumed = run(parse_args([*bare, "--max-steps", "2"]))
+    assert resumed["step"] == 2 and len(resumed["losses"]) == 1
+    with pytest.raises(ValueError, match=r"--backbone mit_b1 conflicts with the checkpoint .*last\.pth\.tar, "
+                                         r"which was trained with --backbone mit_b0"):
+        run(parse_args([*bare, "--max-steps", "3", "--backbone", "mit_b1"]))
+
+
+def test_resume_with_more_steps_keeps_the_lr_schedule(tmp_path):
+    """Issue 12: a larger --max-steps on resume recomputed the poly decay with the new total (the LR
+    jumped from 1/3 to 1/2 of its peak here); the first resumed step uses the original run's LR."""
+    common = ["--fusion-backend", "torch", "--dpr", "0", "--eval-every", "100", "--warmup-iters", "1"]
+    run(small_run(tmp_path, *common, "--max-steps", "3"))
+    run(small_run(tmp_path, *common, "--max-steps", "6", "--resume", str(tmp_path / "last.pth.tar")))
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    assert lrs[4] == pytest.approx(2e-4 * lr_factor(3, 1, 3, 1e-6, 1.0))
+    assert lrs[4] <= lrs[3]
+
+
+def test_runs_get_a_fresh_out_dir_and_say_where_the_checkpoint_is(tmp_path, monkeypatch, capsys):
+    """Issue 12: every run wrote into runs/gemini_seg, silently overwriting; the default is a fresh
+    timestamped directory, a non-empty --out-dir is refused without --resume / --overwrite, and the
+    end of a run prints the checkpoint's path."""
+    monkeypatch.chdir(tmp_path)
+    first = parse_args([])
+    assert os.path.dirname(first.out_dir) == os.path.join("runs", "gemini_seg") and not os.path.exists(first.out_dir)
+    os.makedirs(first.out_dir)
+    assert parse_args([]).out_dir != first.out_dir
+    out = run(small_run(tmp_path / "a", "--fusion-backend", "torch", "--dpr", "0", "--max-steps", "1"))
+    assert out["checkpoint"] == str(tmp_path / "a" / "last.pth.tar") and os.path.isfile(out["checkpoint"])
+    assert f"checkpoint saved to {out['checkpoint']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        small_run(tmp_path / "a")
+    assert exc.value.code == 2
+    assert f"--out-dir {tmp_path / 'a'} exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert small_run(tmp_path / "a", "--overwrite").out_dir == str(tmp_path / "a")
+    assert parse_args(["--resume", out["checkpoint"]]).out_dir == str(tmp_path / "a")
+
+
+def test_interrupt_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Issue 12: Ctrl-C saved nothing and a killed save left its temp file behind. Here the interrupt
+    lands inside the save of step 1 (--save-every 1): its temp file is removed, the checkpoint of step 1
+    is saved, the message says where, the exit code is 130; a stale temp file is removed on resume."""
+    real_save, calls = torch.save, []
+
+    def interrupted_save(obj, path, *a, **k):
+        calls.append(path)
+        real_save(obj, path, *a, **k)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    flags = ["--backbone", "mit_b0", "--synthetic-size", "32", "32", "--synthetic-train", "6", "--synthetic-val",
+             "2", "--workers", "0", "--quiet", "--fusion-backend", "torch", "--dpr", "0", "--eval-every", "100",
+             "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*flags, "--max-steps", "3", "--save-every", "1"])
+    assert exc.value.code == 130
+    last = tmp_path / "last.pth.tar"
+    assert f"interrupted at step 1; checkpoint saved to {last}" in capsys.readouterr().out
+    assert load_checkpoint_file(last)["step"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    (tmp_path / "best.pth.tar.tmp").write_bytes(b"half a checkpoint")  # as a killed save leaves it
+    resumed = run(parse_args([*flags, "--max-steps", "2", "--resume", str(last)]))
+    assert resumed["step"] == 2 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_ddp_two_processes_match_one(tmp_path):

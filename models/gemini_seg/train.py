@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
 import random
 import sys
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -81,7 +83,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     o.add_argument("--warmup-iters", type=int, default=1500)
     o.add_argument("--warmup-ratio", type=float, default=1e-6)
     o.add_argument("--max-iters", type=int, default=None,
-                   help="end of the poly decay; default: the run's total steps (published: 40000)")
+                   help="end of the poly decay; default: the run's total steps (published: 40000); on "
+                        "--resume: the checkpoint's, so that a larger --max-steps does not make the LR jump")
     o.add_argument("--power", type=float, default=1.0)
     o.add_argument("--train-bn", action="store_true", help="update BatchNorm statistics (published: frozen)")
     o.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
@@ -89,8 +92,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     o.add_argument("--seed", type=int, default=42)
 
     r = p.add_argument_group("run")
-    r.add_argument("--out-dir", default="runs/gemini_seg")
-    r.add_argument("--resume", default=None, help="a checkpoint written by this script (e.g. <out-dir>/last.pth.tar)")
+    r.add_argument("--out-dir", default=None,
+                   help="default: a fresh runs/gemini_seg/<timestamp>, with --resume the checkpoint's directory; "
+                        "an existing non-empty one is refused unless --resume or --overwrite")
+    r.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out-dir")
+    r.add_argument("--resume", default=None,
+                   help="a checkpoint written by this script (e.g. <out-dir>/last.pth.tar); the model's and the "
+                        "schedule's settings are taken from it")
     r.add_argument("--eval-every", type=int, default=5,
                    help="epochs between evaluations (and at the end; 0: at the end only)")
     r.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at evaluations and the end)")
@@ -103,7 +111,59 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.modalities[0] != "rgb" or len(set(args.modalities)) != len(args.modalities):
         p.error("--modalities must be 'rgb' or 'rgb depth'")
     check_args(p, args)
+    args.explicit = _explicit_dests(p, argv)
+    if args.out_dir is None:
+        args.out_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else _fresh_run_dir()
+    elif (not args.resume and not args.overwrite and int(os.environ.get("RANK", "0")) == 0
+          and os.path.isdir(args.out_dir) and os.listdir(args.out_dir)):
+        p.error(f"--out-dir {args.out_dir} exists and is not empty; pass --overwrite to write into it, "
+                f"--resume to continue a run there, or another --out-dir")
     return args
+
+
+def _explicit_dests(p: argparse.ArgumentParser, argv: Optional[List[str]]) -> set:
+    """The flags given on the command line (not left at their defaults): parsed again without defaults."""
+    defaults = {a: a.default for a in p._actions}
+    try:
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for a, default in defaults.items():
+            a.default = default
+
+
+def _fresh_run_dir(root: str = "runs/gemini_seg") -> str:
+    base = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path
+
+
+# Taken from the checkpoint on --resume (they define the model, or the optimizer state and schedule that
+# it restores); an explicitly given, different value is an error.
+RESUME_KEYS = ("backbone", "modalities", "no_fusion", "dpr", "drop_rate", "decoder_dropout",
+               "lr", "weight_decay", "warmup_iters", "warmup_ratio", "power")
+
+
+def apply_checkpoint_settings(args: argparse.Namespace, state: dict) -> None:
+    """On --resume: the settings of RESUME_KEYS stored in the checkpoint replace the defaults; a flag
+    given explicitly with another value raises ValueError naming it and both values."""
+    stored = state.get("args") or {}
+    explicit = getattr(args, "explicit", set())
+    for key in RESUME_KEYS:
+        if key not in stored:
+            continue
+        if key in explicit and getattr(args, key) != stored[key]:
+            raise ValueError(f"{_flag(key)} {_show(getattr(args, key))} conflicts with the checkpoint "
+                             f"{args.resume}, which was trained with {_flag(key)} {_show(stored[key])}; "
+                             f"drop the flag to use the checkpoint's value")
+        setattr(args, key, stored[key])
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 # flag -> smallest allowed value; None (the default of an optional flag) is not checked
@@ -333,9 +393,14 @@ def set_train_mode(model: nn.Module, train_bn: bool) -> None:
                 module.eval()
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, epoch, best, args, env: Dist) -> None:
-    rng = env.gather({"torch": torch.get_rng_state(),
-                      "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None})
+def save_checkpoint(path, model, optimizer, scaler, step, epoch, best, args, env: Dist, max_iters: int,
+                    collective: bool = True) -> None:
+    """Writes ``path`` atomically (a temp file, removed if the save is interrupted, then renamed).
+    ``collective=False`` (on an interrupt, when the other ranks may not be at the same point): no
+    gather, the other ranks' RNG states are not stored."""
+    own = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
+    rng = env.gather(own) if collective else [own]
     if not env.main:
         return
     state = {
@@ -346,11 +411,18 @@ def save_checkpoint(path, model, optimizer, scaler, step, epoch, best, args, env
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,
-        "args": {k: v for k, v in vars(args).items()},
+        "max_iters": max_iters,  # the poly schedule's end, kept on resume
+        "num_classes": model.num_classes,
+        "args": {k: v for k, v in vars(args).items() if k != "explicit"},
     }
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _log(path: Optional[str], record: dict) -> None:
@@ -375,9 +447,23 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _run(args, env: Dist) -> dict:
+    state = None
+    if args.resume:
+        state = load_checkpoint_file(args.resume)
+        needed = ("segmenter", "optimizer", "step", "best_val", "rng")
+        lacking = [k for k in needed if k not in state] if isinstance(state, dict) else list(needed)
+        if lacking:
+            raise ValueError(
+                f"--resume {args.resume}: not a checkpoint written by this script (it lacks {lacking}, which "
+                f"resuming needs; it has {sorted(state) if isinstance(state, dict) else type(state).__name__}); "
+                f"to start from a published or segmenter-only file use --init-checkpoint")
+        apply_checkpoint_settings(args, state)
     random.seed(args.seed + env.rank)
     torch.manual_seed(args.seed + env.rank)
     train_set, val_set, num_classes = make_datasets(args)
+    if state is not None and state.get("num_classes", num_classes) != num_classes:
+        raise ValueError(f"--dataset {args.dataset} has {num_classes} classes but the checkpoint {args.resume} "
+                         f"was trained with {state['num_classes']}")
     # Parameters are initialised identically on every rank (DDP also broadcasts them from rank 0).
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, num_classes, args.fusion_backend, num_modalities=len(args.modalities),
@@ -394,6 +480,8 @@ def _run(args, env: Dist) -> dict:
     log_path = None
     if env.main:
         os.makedirs(args.out_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), "*.pth.tar.tmp")):
+            os.remove(stale)  # left by a save that was killed
         log_path = os.path.join(args.out_dir, "metrics.jsonl")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[gemini_seg] {args.backbone} {'+'.join(args.modalities)} fusion="
@@ -418,17 +506,15 @@ def _run(args, env: Dist) -> dict:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     max_iters = args.max_iters or total_steps
+    if state is not None and "max_iters" not in getattr(args, "explicit", ()):
+        # Keep the original run's schedule (a larger --max-steps would otherwise make the LR jump). Older
+        # checkpoints lack "max_iters": the end their run computed from its own flags.
+        old = state.get("args") or {}
+        max_iters = state.get("max_iters") or old.get("max_iters") or min(
+            old.get("epochs", args.epochs) * steps_per_epoch, old.get("max_steps") or math.inf)
 
     step, best = 0, 0.0
-    if args.resume:
-        state = load_checkpoint_file(args.resume)
-        needed = ("segmenter", "optimizer", "step", "best_val", "rng")
-        lacking = [k for k in needed if k not in state] if isinstance(state, dict) else list(needed)
-        if lacking:
-            raise ValueError(
-                f"--resume {args.resume}: not a checkpoint written by this script (it lacks {lacking}, which "
-                f"resuming needs; it has {sorted(state) if isinstance(state, dict) else type(state).__name__}); "
-                f"to start from a published or segmenter-only file use --init-checkpoint")
+    if state is not None:
         load_published_checkpoint(model, state)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -441,6 +527,7 @@ def _run(args, env: Dist) -> dict:
                 torch.cuda.set_rng_state(rng["cuda"])
         if env.main:
             print(f"[gemini_seg] resumed from {args.resume} at step {step}", flush=True)
+    last_path = os.path.join(args.out_dir, "last.pth.tar")
 
     train_model = model
     if env.world > 1:
@@ -450,66 +537,79 @@ def _run(args, env: Dist) -> dict:
     losses, results = [], {}
     progress = progress_bar(total_steps - step, env.main and not args.quiet, "train")
     epoch = step // steps_per_epoch
-    while step < total_steps:
-        train_set.set_epoch(epoch)
-        batches = epoch_batches(len(train_set), args.batch_size, epoch, args.seed, env.rank, env.world)
-        batches = batches[step - epoch * steps_per_epoch:]  # resuming mid-epoch: skip what was done
-        loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers, collate_fn=collate,
-                            pin_memory=env.device.type == "cuda", generator=_private_generator())
-        set_train_mode(model, args.train_bn)
-        for batch in loader:
-            factor = lr_factor(step, args.warmup_iters, max_iters, args.warmup_ratio, args.power)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            target = batch["mask"].to(env.device, non_blocking=True)
-            with _autocast(env.device, amp_dtype):
-                outputs = train_model(model_inputs(batch, model, env.device))
-            loss = segmentation_loss(outputs, target)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            step += 1
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step}; lower --lr or use --amp bf16/none")
-            losses.append(value)
-            if env.main:
-                _log(log_path, {"step": step, "epoch": epoch, "loss": value, "lr": optimizer.param_groups[0]["lr"]})
-            progress.update(f"loss {value:.4f}")
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(os.path.join(args.out_dir, "last.pth.tar"), model, optimizer, scaler, step,
-                                epoch, best, args, env)
-            if step >= total_steps:
-                break
-        epoch_done = step % steps_per_epoch == 0
-        every = epoch_done and args.eval_every > 0 and (epoch + 1) % args.eval_every == 0
-        if every or step >= total_steps:
-            results = evaluate(model, val_set, args, env, amp_dtype)
-            score = results[output_names(model)[-1]]["miou"]
-            if env.main:
-                print(f"[eval] epoch {epoch} step {step}  " + format_scores(results), flush=True)
-                _log(log_path, {"epoch": epoch, "step": step, "eval": results})
-            if score > best:
-                best = score
-                save_checkpoint(os.path.join(args.out_dir, "best.pth.tar"), model, optimizer, scaler, step,
-                                epoch, best, args, env)
+    try:
+        while step < total_steps:
+            train_set.set_epoch(epoch)
+            batches = epoch_batches(len(train_set), args.batch_size, epoch, args.seed, env.rank, env.world)
+            batches = batches[step - epoch * steps_per_epoch:]  # resuming mid-epoch: skip what was done
+            loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers, collate_fn=collate,
+                                pin_memory=env.device.type == "cuda", generator=_private_generator())
             set_train_mode(model, args.train_bn)
-        if epoch_done:
-            epoch += 1
+            for batch in loader:
+                factor = lr_factor(step, args.warmup_iters, max_iters, args.warmup_ratio, args.power)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                target = batch["mask"].to(env.device, non_blocking=True)
+                with _autocast(env.device, amp_dtype):
+                    outputs = train_model(model_inputs(batch, model, env.device))
+                loss = segmentation_loss(outputs, target)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at step {step}; lower --lr or use --amp bf16/none")
+                losses.append(value)
+                if env.main:
+                    _log(log_path, {"step": step, "epoch": epoch, "loss": value, "lr": optimizer.param_groups[0]["lr"]})
+                progress.update(f"loss {value:.4f}")
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(last_path, model, optimizer, scaler, step, epoch, best, args, env, max_iters)
+                if step >= total_steps:
+                    break
+            epoch_done = step % steps_per_epoch == 0
+            every = epoch_done and args.eval_every > 0 and (epoch + 1) % args.eval_every == 0
+            if every or step >= total_steps:
+                results = evaluate(model, val_set, args, env, amp_dtype)
+                score = results[output_names(model)[-1]]["miou"]
+                if env.main:
+                    print(f"[eval] epoch {epoch} step {step}  " + format_scores(results), flush=True)
+                    _log(log_path, {"epoch": epoch, "step": step, "eval": results})
+                if score > best:
+                    best = score
+                    save_checkpoint(os.path.join(args.out_dir, "best.pth.tar"), model, optimizer, scaler, step,
+                                    epoch, best, args, env, max_iters)
+                set_train_mode(model, args.train_bn)
+            if epoch_done:
+                epoch += 1
+    except KeyboardInterrupt:
+        progress.close()
+        # Not collective: the other ranks may be anywhere. A step interrupted before its end is not counted.
+        save_checkpoint(last_path, model, optimizer, scaler, step, epoch, best, args, env, max_iters,
+                        collective=False)
+        if env.main:
+            print(f"\n[gemini_seg] interrupted at step {step}; checkpoint saved to {last_path} "
+                  f"(continue with --resume {last_path})", flush=True)
+        raise
     progress.close()
-    save_checkpoint(os.path.join(args.out_dir, "last.pth.tar"), model, optimizer, scaler, step, epoch, best,
-                    args, env)
+    save_checkpoint(last_path, model, optimizer, scaler, step, epoch, best, args, env, max_iters)
     env.barrier()
-    return {"losses": losses, "eval": results, "step": step}
+    if env.main:
+        print(f"[gemini_seg] checkpoint saved to {last_path}", flush=True)
+    return {"losses": losses, "eval": results, "step": step, "checkpoint": last_path}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    run(parse_args(argv))
+    try:
+        run(parse_args(argv))
+    except KeyboardInterrupt:
+        sys.exit(130)  # the shell's code for SIGINT; the checkpoint was saved (see the message)
 
 
 if __name__ == "__main__":
