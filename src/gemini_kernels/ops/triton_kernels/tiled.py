@@ -54,6 +54,25 @@ def _load_wt(w_ptr, k_idx, k_mask, n_idx, n_mask, LD: tl.constexpr):
 
 
 @triton.jit
+def _rows_times_w(a_ptr, a_rows, a_mask, w_ptr, w_ld, n_idx, n_mask, TRANSPOSED: tl.constexpr,
+                  C: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, dtype,
+                  INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """(BM, N) = A[a_rows, :C] @ B[:, n_idx], A rows of stride C (cast to ``dtype`` for the product);
+    B = W^T (element (k, n) = W[n, k]) when TRANSPOSED, else W (element (k, n) = W[k, n])."""
+    acc_t = tl.float64 if dtype == tl.float64 else tl.float32
+    acc = tl.zeros((BM, N), dtype=acc_t)
+    for k0 in range(0, C, BK):
+        ks, kmask = _tile_cols(k0, BK, C)
+        a = _load_rows(a_ptr, a_rows, a_mask, ks, kmask, C).to(dtype)
+        if TRANSPOSED:
+            b = _load_wt(w_ptr, ks, kmask, n_idx, n_mask, w_ld)
+        else:
+            b = tl.load(w_ptr + ks[:, None] * w_ld + n_idx[None, :], mask=kmask[:, None] & n_mask[None, :], other=0.0)
+        acc = mm(a, b, acc, INTERPRET, PRECISION)
+    return acc
+
+
+@triton.jit
 def _group_cols(g, l0, HT: tl.constexpr, DL: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Channels of head group ``g``, lane chunk ``l0`` in the ``[HT, DL]`` layout, and their mask."""
     n = tl.arange(0, HT * DL)
@@ -78,13 +97,10 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     # 1. h = GELU(fc1([s, o])), BN hidden units at a time.
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        acc = tl.zeros((BM, BN), dtype=acc_t)
-        for k0 in range(0, C, BK):
-            ks, kmask = _tile_cols(k0, BK, C)
-            s = _load_rows(s_ptr, rows, row_mask, ks, kmask, C)
-            o = _load_rows(o_ptr, rows, row_mask, ks, kmask, C)
-            acc = mm(s, _load_wt(w1_ptr, ks, kmask, cols, cmask, 2 * C), acc, INTERPRET, PRECISION)
-            acc = mm(o, _load_wt(w1_ptr + C, ks, kmask, cols, cmask, 2 * C), acc, INTERPRET, PRECISION)
+        acc = _rows_times_w(s_ptr, rows, row_mask, w1_ptr, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
+                            INTERPRET, PRECISION)
+        acc += _rows_times_w(o_ptr, rows, row_mask, w1_ptr + C, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
+                             INTERPRET, PRECISION)
         b1 = tl.load(b1_ptr + cols, mask=cmask, other=0.0).to(acc_t)
         h = gelu(acc + b1[None, :])
         tl.store(h_slot + local[:, None] * C + cols[None, :], h.to(dtype), mask=cmask[None, :])
@@ -95,11 +111,8 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     z_sum = tl.zeros((BM,), dtype=acc_t)
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        acc = tl.zeros((BM, BN), dtype=acc_t)
-        for k0 in range(0, C, BK):
-            ks, kmask = _tile_cols(k0, BK, C)
-            h = _load_rows(h_slot, local, all_rows, ks, kmask, C)
-            acc = mm(h, _load_wt(w2_ptr, ks, kmask, cols, cmask, C), acc, INTERPRET, PRECISION)
+        acc = _rows_times_w(h_slot, local, all_rows, w2_ptr, C, cols, cmask, True, C, BM, BK, BN, dtype,
+                            INTERPRET, PRECISION)
         b2 = tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(acc_t)
         # Rounded to the input dtype, as the oracle's F.linear output is, before the statistics.
         z = tl.where(cmask[None, :], (acc + b2[None, :]).to(dtype).to(acc_t), float("-inf"))
@@ -125,14 +138,10 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
         logit = tl.zeros((BM, HT), dtype=acc_t)
         for l0 in range(0, HEAD_DIM, DL):
             chans, nmask = _group_cols(g, l0, HT, DL, NUM_HEADS, HEAD_DIM)
-            q = tl.zeros((BM, HT * DL), dtype=acc_t)
-            dk = tl.zeros((BM, HT * DL), dtype=acc_t)
-            for k0 in range(0, C, BK):
-                ks, kmask = _tile_cols(k0, BK, C)
-                s = _load_rows(s_ptr, rows, row_mask, ks, kmask, C)
-                u = _load_rows(u_slot, local, all_rows, ks, kmask, C)
-                q = mm(s, _load_wt(in_w_ptr, ks, kmask, chans, nmask, C), q, INTERPRET, PRECISION)
-                dk = mm(u, _load_wt(in_w_ptr + C * C, ks, kmask, chans, nmask, C), dk, INTERPRET, PRECISION)
+            q = _rows_times_w(s_ptr, rows, row_mask, in_w_ptr, C, chans, nmask, True, C, BM, BK, HT * DL, dtype,
+                              INTERPRET, PRECISION)
+            dk = _rows_times_w(u_slot, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
+                               dtype, INTERPRET, PRECISION)
             bq = tl.load(in_b_ptr + chans, mask=nmask, other=0.0).to(acc_t)
             qk = (q + bq[None, :]) * dk  # zero in masked columns: their weights load as 0
             logit += tl.sum(tl.reshape(qk, (BM, HT, DL)), axis=2)
@@ -172,11 +181,8 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     # 5. y = s + m Wo^T + bo.
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        acc = tl.zeros((BM, BN), dtype=acc_t)
-        for k0 in range(0, C, BK):
-            ks, kmask = _tile_cols(k0, BK, C)
-            m = _load_rows(h_slot, local, all_rows, ks, kmask, C)
-            acc = mm(m, _load_wt(out_w_ptr, ks, kmask, cols, cmask, C), acc, INTERPRET, PRECISION)
+        acc = _rows_times_w(h_slot, local, all_rows, out_w_ptr, C, cols, cmask, True, C, BM, BK, BN, dtype,
+                            INTERPRET, PRECISION)
         bo = tl.load(out_b_ptr + cols, mask=cmask, other=0.0).to(acc_t)
         out = (acc + bo[None, :]).to(dtype).to(acc_t)  # rounded as the oracle's F.linear output is
         s = _load_rows(s_ptr, rows, row_mask, cols, cmask, C).to(acc_t)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import gelu, gelu_grad, mm
-from .tiled import _group_cols, _load_rows, _load_wt, _tile_cols
+from .tiled import _group_cols, _load_rows, _load_wt, _rows_times_w, _tile_cols
 
 # Scratch slots of (BM, C) float32 rows per program: pre, h, z, u, w, q, dk, dv, m, the gates, gm,
 # a gm, g_q, g_dk, g_u, g_z, g_pre (rewritten per direction), dx0, dx1 (per tile) and the relation
@@ -62,25 +62,6 @@ def _per_head(ptr, local, chans, nmask, HEAD_DIM: tl.constexpr, C: tl.constexpr)
     """Column j of a per-head slot (head j's value), gathered for the channels ``chans``: a load from
     scratch instead of a broadcast through a reshape, which costs registers."""
     return tl.load(ptr + local[:, None] * C + (chans // HEAD_DIM)[None, :], mask=nmask[None, :], other=0.0)
-
-
-@triton.jit
-def _rows_times_w(a_ptr, a_rows, a_mask, w_ptr, w_ld, n_idx, n_mask, TRANSPOSED: tl.constexpr,
-                  C: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, dtype,
-                  INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """(BM, N) = A[a_rows, :C] @ B[:, n_idx], A rows of stride C (cast to ``dtype`` for the product);
-    B = W^T (element (k, n) = W[n, k]) when TRANSPOSED, else W (element (k, n) = W[k, n])."""
-    acc_t = tl.float64 if dtype == tl.float64 else tl.float32
-    acc = tl.zeros((BM, N), dtype=acc_t)
-    for k0 in range(0, C, BK):
-        ks, kmask = _tile_cols(k0, BK, C)
-        a = _load_rows(a_ptr, a_rows, a_mask, ks, kmask, C).to(dtype)
-        if TRANSPOSED:
-            b = _load_wt(w_ptr, ks, kmask, n_idx, n_mask, w_ld)
-        else:
-            b = tl.load(w_ptr + ks[:, None] * w_ld + n_idx[None, :], mask=kmask[:, None] & n_mask[None, :], other=0.0)
-        acc = mm(a, b, acc, INTERPRET, PRECISION)
-    return acc
 
 
 @triton.jit
