@@ -135,12 +135,14 @@ def test_tiled_backward_float64(dim, num_heads, pixels):
         _check_all(x0, x1, params, num_heads, torch.float64)
 
 
-def test_tiled_backward_float64_in_the_16_bit_configuration():
-    """The 16-bit configuration's tiles (32 wide, 32 lanes per head chunk, 8 warps) in float64."""
-    x0, x1, params = make_case((5,), 256, device=DEVICE, seed=9)
-    gy0, gy1 = _output_grads((5,), 256, torch.float64, DEVICE)
-    cfg = configs.tiled_bwd_config(256, 8, torch.bfloat16)
-    assert (cfg.block_n, cfg.block_k, cfg.lane_chunk) == (32, 32, 32)
+@pytest.mark.parametrize("dim, tiles", [(256, (32, 32, 32)), (128, (64, 64, 16))])
+def test_tiled_backward_float64_in_the_16_bit_configuration(dim, tiles):
+    """The 16-bit configurations' tiles (product tiles, lanes per head chunk, 8 warps) in float64:
+    32-wide products from C = 192 on, 64-wide ones at C = 96 ... 128."""
+    x0, x1, params = make_case((5,), dim, device=DEVICE, seed=9)
+    gy0, gy1 = _output_grads((5,), dim, torch.float64, DEVICE)
+    cfg = configs.tiled_bwd_config(dim, 8, torch.bfloat16)
+    assert (cfg.block_n, cfg.block_k, cfg.lane_chunk) == tiles
     got = launch._tiled_backward(gy0, gy1, x0, x1, FusionParams(*params), 8, cfg)
     want = launch.backward_rows(gy0, gy1, x0, x1, FusionParams(*params), 8, path="split")
     for a, b in zip(got, want):
@@ -326,6 +328,26 @@ def test_availability_and_path_table():
     assert configs.forward_path(320, 8, torch.float32, allow_tf32=False) == "split"
     assert configs.forward_path(320, 8, torch.float32, allow_tf32=True) == "tiled"
     assert configs.tiled_config(320, 8, torch.float32, allow_tf32=True).precision == "tf32"
+
+
+def test_backward_path_table():
+    """The tiled backward where it compiles clean for sm_90a (C <= 128 and 192 ... 512, 16-bit), the
+    split one elsewhere; MiT stages 1-4 (64, 128, 320, 512) all run tiled."""
+    for dim in (16, 64, 96, 128, 192, 320, 512):
+        assert configs.backward_path(dim, 8, torch.bfloat16) == "tiled", dim
+    for dim, dtype in ((160, torch.bfloat16), (768, torch.float16), (1536, torch.bfloat16),
+                       (64, torch.float32), (64, torch.float64)):
+        assert configs.backward_path(dim, 8, dtype) == "split", (dim, dtype)
+
+
+@pytest.mark.parametrize("version, ok", [("3.6.0", True), ("3.7.1+git1234", True), ("4.0", True),
+                                         ("3.5.1", False), ("2.3.0", False)])
+def test_triton_version_floor(version, ok):
+    if ok:
+        tf.check_triton_version(version)
+    else:
+        with pytest.raises(ImportError, match=r"triton >= 3\.6; found triton " + version.replace(".", r"\.")):
+            tf.check_triton_version(version)
 
 
 @pytest.mark.parametrize("head_dim, expected", [(2, (2, 8)), (3, (4, 4)), (8, (8, 2)), (12, (16, 1)),

@@ -9,6 +9,7 @@ their autograd. The kernels and their launch code live in ``triton_kernels/``:
 | ``triton_kernels/configs.py`` | the configuration table: which forward path and launch settings each width and dtype gets (read by the launchers and by the sm_90a compile check) |
 | ``triton_kernels/narrow.py`` | the narrow forward: C = 16 ... 64, whole rows in registers, one launch |
 | ``triton_kernels/tiled.py`` | the tiled forward: any width, one persistent launch, weight tiles streamed, rows in per-program scratch |
+| ``triton_kernels/tiled_bwd.py`` | the tiled backward: input gradients and per-program weight-gradient partials in one persistent launch, and their fixed-order reduction |
 | ``triton_kernels/rows.py`` | row kernels: the per-pixel math between the GEMMs of the split forward and of the backward |
 | ``triton_kernels/launch.py`` | the launchers: ``forward_rows`` / ``backward_rows`` on (N, C) rows |
 | ``triton_kernels/common.py`` | GELU, the dot helper, the interpreter flag |
@@ -30,12 +31,28 @@ import contextlib
 from typing import List, Optional
 
 import torch
+import triton
 from torch import Tensor
 
-from ..params import FusionParams
-from ..validation import check_call
-from .triton_kernels.common import INTERPRETED
-from .triton_kernels.launch import backward_rows, forward_rows
+# The Triton release the kernels, the interpreter's rounding fix (triton_kernels/common.py) and the
+# sm_90a compile check are verified with; pyproject.toml declares the same floor.
+MIN_TRITON = (3, 6)
+
+
+def check_triton_version(version: str) -> None:
+    found = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if found < MIN_TRITON:
+        raise ImportError(f"the Triton kernels need triton >= {'.'.join(map(str, MIN_TRITON))}; "
+                          f"found triton {version} (pip install 'triton>=3.6')")
+
+
+# An ImportError: the backend registry reports it as the reason the backend is unavailable.
+check_triton_version(triton.__version__)
+
+from ..params import FusionParams  # noqa: E402
+from ..validation import check_call  # noqa: E402
+from .triton_kernels.common import INTERPRETED  # noqa: E402
+from .triton_kernels.launch import backward_rows, forward_rows  # noqa: E402
 
 
 def unavailable_reason(device) -> Optional[str]:

@@ -223,23 +223,30 @@ def forward_path(dim: int, num_heads: int, dtype: torch.dtype, allow_tf32: Optio
 
 def _tiled_backward_compiles_clean(dim: int) -> bool:
     # The tiled backward's chain keeps many rows' pointers and tiles live; on sm_90a it spills 16 to
-    # 120 bytes at C = 96 ... 160 and from 768 on (sm90_check), and in float32 (TF32) at 256 and 512.
-    # Those run the split backward until the kernel is restructured.
-    return dim <= 64 or 192 <= dim <= 512
+    # 232 bytes at C = 160 and from 768 on (sm90_check), whatever the product tiles, and in float32
+    # (TF32) at 256 and 512. Those run the split backward.
+    return dim <= 128 or 192 <= dim <= 512
+
+
+def _bwd_block(dim: int) -> int:
+    # 32-wide product tiles spill 72 to 120 bytes at C = 96 and 128 (sm_90a, 8 warps); 64-wide ones
+    # compile clean there (234 / 255 registers). From 192 on 32 is clean and 64 spills.
+    return 64 if 64 < dim <= 128 else _block(dim, 32)
 
 
 def tiled_bwd_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[TiledConfig]:
     """The tiled backward's configuration (16-bit dtypes, the widths where it compiles clean), or None.
 
     Two warpgroups on the 64-pixel tile from C = 64 on (the second takes the other half of each
-    product's columns), 32-wide product tiles: the backward's chain holds more rows live than the
-    forward's. Narrower layers have product tiles too narrow to split between two warpgroups (they
-    would compute the same rows): one warpgroup there. One CTA per SM (255 registers x 256 threads).
+    product's columns): the backward's chain holds more rows live than the forward's. Narrower
+    layers have product tiles too narrow to split between two warpgroups (they would compute the
+    same rows): one warpgroup there. One CTA per SM (255 registers x 256 threads).
     """
     if dtype not in (torch.bfloat16, torch.float16) or not _tiled_backward_compiles_clean(dim):
         return None
     dl, ht = lane_chunk(dim // num_heads, 32)
-    return TiledConfig(block_m=64, block_n=_block(dim, 32), block_k=_block(dim, 32), heads_per_group=ht,
+    block = _bwd_block(dim)
+    return TiledConfig(block_m=64, block_n=block, block_k=block, heads_per_group=ht,
                        lane_chunk=dl, num_warps=8 if dim >= 64 else 4, num_stages=1, ctas_per_sm=1,
                        precision="ieee")
 
