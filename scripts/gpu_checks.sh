@@ -11,9 +11,14 @@
 #   bench      the benchmark harness, NYUDv2 stages, bf16, batch 8 and 32 (appends to bench/RESULTS.md);
 #              bench8 / bench32: one batch size each, where one call may run 10 minutes at most
 #   model      MiT-B3 480x640 batch 8 bf16 training step / inference: fused vs no fusion vs published loop
-#   quick      the Triton backend's checks in about 6 minutes, most important first: its GPU tests against
-#              the float64 oracle, then the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton, cuda and
-#              torch.compile side by side, forward and forward + backward, peak memory), then the ledger
+#   quick      the kernel issues' checks in about 6 minutes, most important first: the Triton backend's GPU
+#              tests against the float64 oracle, the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton,
+#              cuda and torch.compile side by side, forward and forward + backward, peak memory), the cuda
+#              backend's GPU tests, a memcheck pass over a few of them, then the ledger
+#
+# The CUDA extension is built for the present GPU only (TORCH_CUDA_ARCH_LIST from nvidia-smi unless set).
+# Test steps run in several processes (scripts/pytest_parallel.py: Triton compiles each configuration on
+# first use, on one core per process; the processes share its cache and the GPU).
 #
 # Logs, bench/RESULTS.md and the JSON/PNG outputs go to $OUT when set (the device tool), else to
 # bench/out/gpu_checks/. summary.txt gives each step's exit code; the script's exit code is non-zero
@@ -21,6 +26,10 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/include ]; then export CUDA_HOME=/usr/local/cuda; fi
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
+  TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
+  export TORCH_CUDA_ARCH_LIST
+fi
 source scripts/setup_env.sh || exit 1
 set +e
 OUTDIR="${OUT:-bench/out/gpu_checks}"
@@ -30,6 +39,8 @@ export PYTHONUNBUFFERED=1
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name())" \
   || { echo "gpu_checks: no CUDA device; nothing to do" >&2; exit 1; }
 
+JOBS=$(( $(nproc) < 8 ? $(nproc) : 8 ))
+ptest() { "$PY" scripts/pytest_parallel.py -j "$JOBS" --log-dir "$OUTDIR/pytest" "$@"; }
 failed=0
 step() {
   local name=$1; shift
@@ -45,7 +56,7 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests sanitizer bench8 bench32 model)
 for s in "${steps[@]}"; do
   case "$s" in
-    tests) step tests "$PY" -m pytest tests -m gpu -ra -q ;;
+    tests) step tests ptest -m gpu tests ;;
     sanitizer)
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q \
@@ -54,9 +65,12 @@ for s in "${steps[@]}"; do
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
     model) step model "$PY" models/bench_speed.py --json "$OUTDIR/model_speed.json" ;;
     quick)
-      step triton-tests "$PY" -m pytest tests/test_triton.py -m gpu -q -x
+      step triton-tests ptest -m gpu tests/test_triton.py
       step triton-bench "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 1,2,3,4 --variants triton,cuda,compile \
         --runs 30 --warmup 5 --out-dir "$OUTDIR" --append-results
+      step cuda-tests ptest -m gpu tests/test_cuda_host.py
+      step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q -k "gpu_matches_oracle and (300 or 33)"
       step ledger "$PY" -m gemini_kernels.ledger ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;
   esac
