@@ -195,6 +195,21 @@ def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
     _check_all(x0, x1, params, num_heads, dtype)
 
 
+def test_backward_at_the_widest_width():
+    """Swin-L stage 4 (C = 1536, head width 192): the table's backward (split) against the float64
+    oracle's 16 gradients. The launcher directly: the interpreter takes minutes over the tiled
+    forward at this width, which test_forward_matches_oracle checks."""
+    dim, num_heads = 1536, 8
+    x0, x1, params = make_case((2,), dim, dtype=torch.bfloat16, device=DEVICE, seed=15)
+    gy0, gy1 = _output_grads((2,), dim, torch.bfloat16, DEVICE)
+    _, ref = _oracle(x0, x1, params, num_heads, gy0, gy1)
+    assert configs.backward_path(dim, num_heads, torch.bfloat16) == "split"
+    gx0, gx1, flat = launch.backward_rows(gy0, gy1, x0, x1, FusionParams(*params), num_heads)
+    got = [gx0, gx1, *torch.split(flat, [t.numel() for t in params])]
+    for name, g, r in zip(NAMES, got, ref):
+        assert rel_err(g.reshape(r.shape), r) < BOUND[torch.bfloat16], name
+
+
 @pytest.mark.parametrize("path", ["split", "tiled"])
 def test_gradcheck_float64(path):
     """Numerical derivatives of the path's forward against its hand-written backward."""
