@@ -16,7 +16,8 @@ Forward paths, per layer:
   for accuracy (float64: gradcheck), not speed.
 
 Backward paths (``backward_path``): ``tiled`` (``tiled_bwd.py``) for 16-bit layers where it compiles
-without spills (``tiled_bwd_config``), ``split`` elsewhere.
+without spills (``tiled_bwd_config``), ``split`` elsewhere; the launcher also runs ``split`` where the
+tiled one's grid would be starved at the call's pixel count (``launch.TILED_BWD_MIN_PROGRAMS``).
 """
 from __future__ import annotations
 

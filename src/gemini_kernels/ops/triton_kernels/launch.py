@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -242,16 +243,48 @@ def _forced_tiled_config(dim: int, num_heads: int) -> TiledConfig:
                        num_stages=1, ctas_per_sm=2, precision="ieee")
 
 
+# The tiled backward is chosen only where its grid holds at least this many programs or one per tile.
+# Its weight-gradient partials and scratch rows must stay in L2 (``backward_programs``), which at
+# batch 32 leaves 79 programs at C = 64, 29 at 128, 6 at 320 and 2 at 512. Modelled on an H100 (the
+# backward's FLOPs over P SMs at ~2.25 TFLOP/s each, a third of the tensor cores' peak, against the
+# split backward at ~0.9x torch.compile's time): it beats the split one from about 23 programs at
+# C = 128 and 33 at C = 320, and is 10-15x slower than it with 2-6 (C = 320, 512). A model, not a
+# measurement: the GPU check's benchmark is what confirms or moves this.
+TILED_BWD_MIN_PROGRAMS = 24
+
+
+def _backward_from_env() -> Optional[str]:
+    """``GK_TRITON_BACKWARD=tiled|split`` forces the backward (the GPU check times both, to check
+    ``TILED_BWD_MIN_PROGRAMS`` against the device)."""
+    value = os.environ.get("GK_TRITON_BACKWARD", "")
+    if value in ("", "auto"):
+        return None
+    if value not in ("tiled", "split"):
+        raise ValueError(f"GK_TRITON_BACKWARD must be 'tiled', 'split' or 'auto'; got {value!r}")
+    return value
+
+
+def _tiled_backward_starved(n: int, dim: int, dtype: torch.dtype, num_heads: int, like: Tensor) -> bool:
+    cfg = tiled_bwd_config(dim, num_heads, dtype)
+    if cfg is None:
+        return False
+    programs = backward_programs(n, dim, like.element_size(), cfg, like.device)
+    return programs < min(TILED_BWD_MIN_PROGRAMS, triton.cdiv(n, cfg.block_m))
+
+
 def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int,
                   path: Optional[str] = None):
     """``(gx0, gx1, flat)`` for contiguous (N, C) rows: the input gradients and every parameter's
     gradient in one flat tensor in FusionParams order (11 C^2 + 14 C elements).
 
-    ``path`` forces ``"tiled"`` or ``"split"``; by default ``configs.backward_path`` decides.
+    ``path`` forces ``"tiled"`` or ``"split"``; by default ``configs.backward_path`` decides, and
+    the split one runs where the tiled one's grid would be starved (``TILED_BWD_MIN_PROGRAMS``).
     """
-    dim, dtype = x0.shape[1], x0.dtype
-    forced = _FORCED["path"] if _FORCED["path"] in ("tiled", "split") else None
+    n, dim, dtype = x0.shape[0], x0.shape[1], x0.dtype
+    forced = _FORCED["path"] if _FORCED["path"] in ("tiled", "split") else _backward_from_env()
     path = path or forced or backward_path(dim, num_heads, dtype)
+    if path == "tiled" and not forced and _tiled_backward_starved(n, dim, dtype, num_heads, x0):
+        path = "split"
     if path == "tiled":
         cfg = tiled_bwd_config(dim, num_heads, dtype) or _forced_tiled_config(dim, num_heads)
         return _tiled_backward(gy0, gy1, x0, x1, p, num_heads, cfg)
