@@ -138,11 +138,11 @@ def _kernel_args(name: str, dtype: torch.dtype, dim: int, num_heads: int):
     if name == "relation_fwd":
         return (*rows, *rows, t(2, dim), t(2, dim), *rows, *rows, n, dim), acc
     if name == "relation_bwd":
-        return (*rows * 5, 2 * n, dim), acc
+        return (*rows * 5, n, dim), acc
     if name == "gate_fwd":
-        return (*rows * 5, 2 * n, dim, head_dim, num_heads, scale), acc
+        return (*rows * 5, n, dim, head_dim, num_heads, scale), acc
     if name == "gate_bwd":
-        return (*rows * 7, 2 * n, dim, head_dim, num_heads, scale), acc
+        return (*rows * 7, n, dim, head_dim, num_heads, scale), acc
     params = [t(*shape) for shape in param_shapes(dim).values()]
     if name == "narrow_fwd":
         return (t(n, dim), t(n, dim), t(n, dim), t(n, dim), *params, n, scale), {}

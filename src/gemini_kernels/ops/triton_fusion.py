@@ -18,9 +18,12 @@ The math is SPEC §1 (docs/spec.md) with its exact identities. Per direction, fo
 ``s`` and other ``o`` (both directions read the pre-fusion inputs)::
 
     h  = GELU(s W1a^T + o W1b^T + b1);   r = softmax_C(h W2^T + b2)
-    q  = (s Wq^T + bq) / sqrt(dh);        dk = (k_noise[d] + s - s*r) Wk^T     (the key bias cancels)
-    vc = o Wv^T + bv;                     dv = (v_noise[d] + s - o) Wv^T
-    a_j = sigmoid(q_j . dk_j) per head;   m = vc + a * dv;   y = s + m Wo^T + bo
+    q  = (s Wq^T + bq) / sqrt(dh);        key_delta   = (k_noise[d] + s - s*r) Wk^T   (the key bias cancels)
+    vc = o Wv^T + bv;                     value_delta = (v_noise[d] + s - o) Wv^T
+    a_j = sigmoid(q_j . key_delta_j) per head;   m = vc + a * value_delta;   y = s + m Wo^T + bo
+
+``key_delta`` and ``value_delta`` are the differences of the two keys and values (SPEC §1's two-way
+softmax and value identity); a ``g`` prefix marks a gradient (``g_key_delta`` = dL/d key_delta).
 
 Precision: loads are upcast to float32 (float64 stays float64: the interpreter runs float64 for
 gradcheck); every sum and softmax is float32 or wider.

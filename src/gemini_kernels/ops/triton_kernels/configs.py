@@ -101,7 +101,7 @@ class LaunchSpec(NamedTuple):
 LAUNCH_SPECS = {
     "gelu_fwd": LaunchSpec(("h_ptr",)), "gelu_bwd": LaunchSpec(("gpre_ptr",)),
     "relation_fwd": LaunchSpec(("u_ptr", "w_ptr")), "relation_bwd": LaunchSpec(("gz_ptr", "gs_ptr")),
-    "gate_fwd": LaunchSpec(("m_ptr",)), "gate_bwd": LaunchSpec(("gq_ptr", "gdk_ptr", "gdv_ptr")),
+    "gate_fwd": LaunchSpec(("m_ptr",)), "gate_bwd": LaunchSpec(("gq_ptr", "g_key_delta_ptr", "g_value_delta_ptr")),
     "narrow_fwd": LaunchSpec(("y0_ptr", "y1_ptr"), _narrow_flops),
     "tiled_fwd": LaunchSpec(("y0_ptr", "y1_ptr", "scratch_ptr", "z_ptr"), _tiled_flops,
                             _grid_buffers("scratch_ptr", "z_ptr")),

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -33,20 +34,24 @@ from .tiled import tiled_fwd_kernel
 from .tiled_bwd import NUM_SLOTS, reduce_partials_kernel, tiled_bwd_kernel
 
 
-def _launch_rows(kernel, n_rows: int, dim: int, *args):
+def _launch_rows(kernel, n_pix: int, dim: int, **tensors):
+    """A row kernel over the 2 ``n_pix`` rows of both directions, its tensors by name."""
     cfg = _row_config(triton.next_power_of_2(dim))
-    kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-        *args, ACC=acc_type(args[0].dtype), BLOCK_M=cfg.block_m, BLOCK_C=triton.next_power_of_2(dim),
+    acc = acc_type(next(iter(tensors.values())).dtype)
+    kernel[(triton.cdiv(2 * n_pix, cfg.block_m),)](
+        **tensors, n_pix=n_pix, C=dim, ACC=acc, BLOCK_M=cfg.block_m, BLOCK_C=triton.next_power_of_2(dim),
         num_warps=cfg.num_warps)
 
 
-def _launch_heads(kernel, n_rows: int, dim: int, num_heads: int, *args):
+def _launch_heads(kernel, n_pix: int, dim: int, num_heads: int, **tensors):
+    """A gate kernel over the 2 ``n_pix`` rows of both directions, in the padded head layout."""
     h_pad, dh_pad = head_layout(dim, num_heads)
     cfg = _row_config(h_pad * dh_pad)
     head_dim = dim // num_heads
-    kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-        *args, n_rows, dim, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
-        ACC=acc_type(args[0].dtype), BLOCK_M=cfg.block_m, H_PAD=h_pad, DH_PAD=dh_pad, num_warps=cfg.num_warps)
+    acc = acc_type(next(iter(tensors.values())).dtype)
+    kernel[(triton.cdiv(2 * n_pix, cfg.block_m),)](
+        **tensors, n_pix=n_pix, C=dim, head_dim=head_dim, num_heads=num_heads, scale=1.0 / math.sqrt(head_dim),
+        ACC=acc, BLOCK_M=cfg.block_m, H_PAD=h_pad, DH_PAD=dh_pad, num_warps=cfg.num_warps)
 
 
 def _direction_weights(p: FusionParams, dim: int):
@@ -60,19 +65,21 @@ def _direction_weights(p: FusionParams, dim: int):
     return wq, wk, wv, bq, bv, wo, bo
 
 
-class _SplitState(NamedTuple):
-    """The split forward's intermediates, both directions stacked: (2, N, C) or (2N, C) views."""
+@dataclass
+class _SplitState:
+    """The split forward's intermediates, both directions stacked: (2, N, C) or (2N, C) views. The
+    backward deletes each attribute after its last use, which frees it."""
     x: Tensor  # self of direction d at [d]
     other: Tensor
-    p_fc1: Tensor  # (2N, 2C): [x0; x1] @ [W1a; W1b]^T
+    fc1: Tensor  # (2N, 2C): [x0; x1] @ [W1a; W1b]^T
     h: Tensor
     z: Tensor
     u: Tensor  # key input  k_noise + s - s*r
     w: Tensor  # value input v_noise + s - o
     q: Tensor  # s Wq^T + bq, before the 1/sqrt(dh) scale (the gate kernels apply it)
-    dk: Tensor
-    dv: Tensor
-    m: Tensor  # vc + a * dv, the attention output before Wo
+    key_delta: Tensor  # u Wk^T
+    value_delta: Tensor  # w Wv^T
+    m: Tensor  # vc + a * value_delta, the attention output before Wo
 
 
 def _split_state(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int) -> _SplitState:
@@ -81,21 +88,24 @@ def _split_state(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int) -> _Sp
     other = x.flip(0)
     x_rows = x.view(2 * n, dim)
     w1 = p.fc1_weight
-    p_fc1 = x_rows @ torch.cat((w1[:, :dim], w1[:, dim:])).t()
+    fc1 = x_rows @ torch.cat((w1[:, :dim], w1[:, dim:])).t()
     h = torch.empty_like(x_rows)
-    _launch_rows(_gelu_fwd_kernel, 2 * n, dim, p_fc1, p.fc1_bias, h, n, dim)
+    _launch_rows(_gelu_fwd_kernel, n, dim, fc1_ptr=fc1, b1_ptr=p.fc1_bias, h_ptr=h)
     z = torch.addmm(p.fc2_bias, h, p.fc2_weight.t())
     u, w = torch.empty_like(x_rows), torch.empty_like(x_rows)
-    _launch_rows(_relation_fwd_kernel, 2 * n, dim, z, x_rows, p.k_noise, p.v_noise, u, w, n, dim)
+    _launch_rows(_relation_fwd_kernel, n, dim, z_ptr=z, x_ptr=x_rows, kn_ptr=p.k_noise, vn_ptr=p.v_noise,
+                 u_ptr=u, w_ptr=w)
     u, w = u.view(2, n, dim), w.view(2, n, dim)
     wq, wk, wv, bq, bv, _, _ = _direction_weights(p, dim)
     q = torch.baddbmm(bq, x, wq.transpose(1, 2))
-    dk = torch.bmm(u, wk.transpose(1, 2))
+    key_delta = torch.bmm(u, wk.transpose(1, 2))
     vc = torch.baddbmm(bv, other, wv.transpose(1, 2))
-    dv = torch.bmm(w, wv.transpose(1, 2))
+    value_delta = torch.bmm(w, wv.transpose(1, 2))
     m = torch.empty_like(x)
-    _launch_heads(_gate_fwd_kernel, 2 * n, dim, num_heads, q, dk, vc, dv, m)
-    return _SplitState(x, other, p_fc1, h, z, u, w, q, dk, dv, m)
+    _launch_heads(_gate_fwd_kernel, n, dim, num_heads, q_ptr=q, key_delta_ptr=key_delta, vc_ptr=vc,
+                  value_delta_ptr=value_delta, m_ptr=m)
+    return _SplitState(x=x, other=other, fc1=fc1, h=h, z=z, u=u, w=w, q=q, key_delta=key_delta,
+                       value_delta=value_delta, m=m)
 
 
 def _outputs(x0: Tensor, x1: Tensor, out):
@@ -302,26 +312,28 @@ def _split_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionP
     ~27 that holding everything to the end would take.
     """
     n, dim = x0.shape
-    x, other, p_fc1, h, z, u, w, q, dk, dv, m = _split_state(x0, x1, p, num_heads)
-    x_rows, other_rows = x.view(2 * n, dim), other.view(2 * n, dim)
+    st = _split_state(x0, x1, p, num_heads)
+    x_rows, other_rows = st.x.view(2 * n, dim), st.other.view(2 * n, dim)
     wq, wk, wv, _, _, wo, _ = _direction_weights(p, dim)
     gy = torch.stack((gy0, gy1))
-    g_wo, g_bo = [gy[d].t() @ m[d] for d in (0, 1)], [gy[d].sum(0) for d in (0, 1)]
-    del m
+    g_wo, g_bo = [gy[d].t() @ st.m[d] for d in (0, 1)], [gy[d].sum(0) for d in (0, 1)]
+    del st.m
     gm = torch.bmm(gy, wo)  # = dL/dvc
-    gq, gdk, gdv = torch.empty_like(gm), torch.empty_like(gm), torch.empty_like(gm)
-    _launch_heads(_gate_bwd_kernel, 2 * n, dim, num_heads, q, dk, dv, gm, gq, gdk, gdv)
-    del q, dk, dv
-    g_wq, g_bq = torch.bmm(gq.transpose(1, 2), x), gq.sum(1)
+    gq, g_key_delta, g_value_delta = torch.empty_like(gm), torch.empty_like(gm), torch.empty_like(gm)
+    _launch_heads(_gate_bwd_kernel, n, dim, num_heads, q_ptr=st.q, key_delta_ptr=st.key_delta,
+                  value_delta_ptr=st.value_delta, gm_ptr=gm, gq_ptr=gq, g_key_delta_ptr=g_key_delta,
+                  g_value_delta_ptr=g_value_delta)
+    del st.q, st.key_delta, st.value_delta
+    g_wq, g_bq = torch.bmm(gq.transpose(1, 2), st.x), gq.sum(1)
     g_self = torch.baddbmm(gy, gq, wq)  # dL/ds: the residual and the query
     del gq, gy
-    g_wk = torch.bmm(gdk.transpose(1, 2), u)
-    gu = torch.bmm(gdk, wk)
-    del u, gdk
-    g_wv = torch.bmm(gdv.transpose(1, 2), w) + torch.bmm(gm.transpose(1, 2), other)
+    g_wk = torch.bmm(g_key_delta.transpose(1, 2), st.u)
+    gu = torch.bmm(g_key_delta, wk)
+    del st.u, g_key_delta
+    g_wv = torch.bmm(g_value_delta.transpose(1, 2), st.w) + torch.bmm(gm.transpose(1, 2), st.other)
     g_bv = gm.sum(1)
-    gw = torch.bmm(gdv, wv)
-    del w, gdv
+    gw = torch.bmm(g_value_delta, wv)
+    del st.w, g_value_delta
     g_other = torch.bmm(gm, wv)  # dL/do: the cross value
     del gm
     g_self += gw  # w = v_noise + s - o
@@ -330,16 +342,17 @@ def _split_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionP
     del gw
 
     gz, gs_relation = torch.empty_like(x_rows), torch.empty_like(x_rows)
-    _launch_rows(_relation_bwd_kernel, 2 * n, dim, z, x_rows, gu.view(2 * n, dim), gz, gs_relation, 2 * n, dim)
-    del z, gu
+    _launch_rows(_relation_bwd_kernel, n, dim, z_ptr=st.z, x_ptr=x_rows, gu_ptr=gu.view(2 * n, dim), gz_ptr=gz,
+                 gs_ptr=gs_relation)
+    del st.z, gu
     g_self += gs_relation.view(2, n, dim)
     del gs_relation
-    g_w2, g_b2 = gz.t() @ h, gz.sum(0)
+    g_w2, g_b2 = gz.t() @ st.h, gz.sum(0)
     gh = gz @ p.fc2_weight
-    del h, gz
+    del st.h, gz
     gpre = torch.empty_like(x_rows)
-    _launch_rows(_gelu_bwd_kernel, 2 * n, dim, p_fc1, p.fc1_bias, gh, gpre, n, dim)
-    del p_fc1, gh
+    _launch_rows(_gelu_bwd_kernel, n, dim, fc1_ptr=st.fc1, b1_ptr=p.fc1_bias, gh_ptr=gh, gpre_ptr=gpre)
+    del st.fc1, gh
     g_w1 = torch.cat((gpre.t() @ x_rows, gpre.t() @ other_rows), dim=1)
     g_b1 = gpre.sum(0)
     w1 = p.fc1_weight

@@ -28,13 +28,13 @@ def _load_row(v_ptr, idx):
 def _fused_direction(s_ptr, o_ptr, y_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr,
                      in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr, scale,
                      C: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
-    """y = s + Wo(vc + a * dv) + bo for one direction and a tile of pixels (self s, other o).
+    """y = s + Wo(vc + a * value_delta) + bo for one direction and a tile of pixels (self s, other o).
 
     Register pressure, not bandwidth, limits this kernel, so: ``s`` and ``o`` are re-read where
     needed (L1 hits after the first read) rather than kept live in the several register layouts
     their uses want; the relation judger finishes before the attention starts; and the attention
     runs over CHUNK output channels at a time (whole heads), accumulating its out-projection, so
-    that only chunk-wide q, dk, vc, dv tiles are ever live.
+    that only chunk-wide q, key_delta, vc, value_delta tiles are ever live.
     """
     dtype = s_ptr.dtype.element_ty
     chunk_lanes = tl.arange(0, CHUNK)
@@ -63,9 +63,9 @@ def _fused_direction(s_ptr, o_ptr, y_ptr, offs, mask, lanes, w1_ptr, b1_ptr, w2_
     y = tl.zeros((s.shape[0], C), dtype=tl.float32)
     for c0 in tl.static_range(0, C, CHUNK):
         cols = c0 + chunk_lanes
-        dk = _mm(key_in, _load_wt(in_w_ptr + C * C, lanes, cols, C), INTERPRET=INTERPRET)
+        key_delta = _mm(key_in, _load_wt(in_w_ptr + C * C, lanes, cols, C), INTERPRET=INTERPRET)
         q = _mm(s, _load_wt(in_w_ptr, lanes, cols, C), INTERPRET=INTERPRET) + _load_row(in_b_ptr, cols)
-        qk = q * dk
+        qk = q * key_delta
         qk_head = qk.to(tl.bfloat16)
         logits = _mm(qk_head, same_head, INTERPRET=INTERPRET)
         logits = _mm((qk - qk_head.to(tl.float32)).to(tl.bfloat16), same_head, logits, INTERPRET=INTERPRET)

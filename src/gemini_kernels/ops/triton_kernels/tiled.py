@@ -13,7 +13,7 @@ Per direction (self ``s``, other ``o``), with the identities of SPEC §1:
 1. ``h = GELU(s W1a^T + o W1b^T + b1)``                  -> scratch slot 0 (input dtype)
 2. ``z = h W2^T + b2``, with the running max and sum of ``exp(z)`` of each row  -> z scratch
 3. ``u = k_noise + s - s * softmax(z)``                  -> scratch slot 1
-4. per group of heads: ``q = s Wq^T + bq``, ``dk = u Wk^T``, the gate ``a = sigmoid(q . dk / sqrt(dh))``
+4. per group of heads: ``q = s Wq^T + bq``, ``key_delta = u Wk^T``, the gate ``a = sigmoid(q . key_delta / sqrt(dh))``
    per head, then the attention output ``m`` before Wo      -> scratch slot 0 (h is dead by then)
    - one head per group (head width 9 and up, ``configs.lane_chunk``): the value identity, one product
      ``m = (o + a (v_noise + s - o)) Wv^T + bv``;
@@ -140,10 +140,10 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
             chans, nmask = _group_cols(g, l0, HT, DL, NUM_HEADS, HEAD_DIM)
             q = _rows_times_w(s_ptr, rows, row_mask, in_w_ptr, C, chans, nmask, True, C, BM, BK, HT * DL, dtype,
                               INTERPRET, PRECISION)
-            dk = _rows_times_w(u_slot, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
+            key_delta = _rows_times_w(u_slot, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
                                dtype, INTERPRET, PRECISION)
             bq = tl.load(in_b_ptr + chans, mask=nmask, other=0.0).to(acc_t)
-            qk = (q + bq[None, :]) * dk  # zero in masked columns: their weights load as 0
+            qk = (q + bq[None, :]) * key_delta  # zero in masked columns: their weights load as 0
             logit += tl.sum(tl.reshape(qk, (BM, HT, DL)), axis=2)
         a = tl.sigmoid(logit * scale)
         for l0 in range(0, HEAD_DIM, DL):
@@ -163,7 +163,7 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
                 m += bv[None, :]
             else:
                 vc = tl.zeros((BM, HT * DL), dtype=acc_t)
-                dv = tl.zeros((BM, HT * DL), dtype=acc_t)
+                value_delta = tl.zeros((BM, HT * DL), dtype=acc_t)
                 for k0 in range(0, C, BK):
                     ks, kmask = _tile_cols(k0, BK, C)
                     s = _load_rows(s_ptr, rows, row_mask, ks, kmask, C)
@@ -172,9 +172,9 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
                     w_in = vn[None, :] + s.to(acc_t) - o.to(acc_t)
                     wv_t = _load_wt(in_w_ptr + 2 * C * C, ks, kmask, chans, nmask, C)
                     vc = mm(o, wv_t, vc, INTERPRET, PRECISION)
-                    dv = mm(w_in.to(dtype), wv_t, dv, INTERPRET, PRECISION)
+                    value_delta = mm(w_in.to(dtype), wv_t, value_delta, INTERPRET, PRECISION)
                 a_cols = tl.reshape(tl.broadcast_to(a[:, :, None], (BM, HT, DL)), (BM, HT * DL))
-                m = vc + bv[None, :] + a_cols * dv
+                m = vc + bv[None, :] + a_cols * value_delta
             tl.store(h_slot + local[:, None] * C + chans[None, :], m.to(dtype), mask=nmask[None, :])
     tl.debug_barrier()
 

@@ -11,15 +11,15 @@ own float32 partials (a grid-sized buffer, in the flat FusionParams layout), whi
 Per direction (self ``s``, other ``o``, output gradient ``gy``), with ``w = v_noise + s - o``:
 
 recompute: ``pre``, ``h = GELU(pre)``, ``z`` and its row statistics, ``u = k_noise + s - s r``,
-per head group ``q``, ``dk``, the gate ``a``, ``dv = w Wv^T`` and ``m = o Wv^T + bv + a dv``;
+per head group ``q``, ``key_delta``, the gate ``a``, ``value_delta = w Wv^T`` and ``m = o Wv^T + bv + a value_delta``;
 
 backward::
 
     gm = gy Wo                      g_Wo += gy^T m,  g_bo += sum gy
-    g_a = sum_head gm * dv          g_logit = g_a a (1 - a) / sqrt(dh)
-    g_q = g_logit dk,  g_dk = g_logit q,  agm = a gm
-    g_s += g_q Wq,  g_u = g_dk Wk,  g_o += gm Wv,  g_w = agm Wv: g_s += g_w, g_o -= g_w
-    g_Wq += g_q^T s,  g_Wk += g_dk^T u,  g_Wv += gm^T o + agm^T w   (and the biases / noises)
+    g_a = sum_head gm * value_delta          g_logit = g_a a (1 - a) / sqrt(dh)
+    g_q = g_logit key_delta,  g_key_delta = g_logit q,  agm = a gm
+    g_s += g_q Wq,  g_u = g_key_delta Wk,  g_o += gm Wv,  g_w = agm Wv: g_s += g_w, g_o -= g_w
+    g_Wq += g_q^T s,  g_Wk += g_key_delta^T u,  g_Wv += gm^T o + agm^T w   (and the biases / noises)
     g_s += g_u (1 - r),  g_z = r (g_r - sum(g_r r)) with g_r = -g_u s
     g_h = g_z W2,  g_pre = g_h GELU'(pre):  g_W2 += g_z^T h,  g_W1 += g_pre^T [s, o]
     g_s += g_pre W1a,  g_o += g_pre W1b
@@ -34,8 +34,8 @@ import triton.language as tl
 from .common import gelu, gelu_grad, mm
 from .tiled import _group_cols, _load_rows, _load_wt, _rows_times_w, _tile_cols
 
-# Scratch slots of (BM, C) float32 rows per program: pre, h, z, u, w, q, dk, dv, m, the gates, gm,
-# a gm, g_q, g_dk, g_u, g_z, g_pre (rewritten per direction), dx0, dx1 (per tile) and the relation
+# Scratch slots of (BM, C) float32 rows per program: pre, h, z, u, w, q, key_delta, value_delta, m, the gates, gm,
+# a gm, g_q, g_key_delta, g_u, g_z, g_pre (rewritten per direction), dx0, dx1 (per tile) and the relation
 # softmax's row statistics (columns 0 and 1: max, sum of exp), kept there rather than in registers
 # across the whole backward.
 NUM_SLOTS = 21  # and slot 20: the gates' logit gradients (column j: head j)
@@ -109,14 +109,14 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
     s_u = _slot(scratch_ptr, 3, BM, C)
     s_win = _slot(scratch_ptr, 4, BM, C)
     s_q = _slot(scratch_ptr, 5, BM, C)
-    s_dk = _slot(scratch_ptr, 6, BM, C)
-    s_dv = _slot(scratch_ptr, 7, BM, C)
+    s_key_delta = _slot(scratch_ptr, 6, BM, C)
+    s_value_delta = _slot(scratch_ptr, 7, BM, C)
     s_m = _slot(scratch_ptr, 8, BM, C)
     s_gate = _slot(scratch_ptr, 9, BM, C)  # column j: the gate of head j
     s_gm = _slot(scratch_ptr, 10, BM, C)
     s_agm = _slot(scratch_ptr, 11, BM, C)
     s_gq = _slot(scratch_ptr, 12, BM, C)
-    s_gdk = _slot(scratch_ptr, 13, BM, C)
+    s_g_key_delta = _slot(scratch_ptr, 13, BM, C)
     s_gu = _slot(scratch_ptr, 14, BM, C)
     s_gz = _slot(scratch_ptr, 15, BM, C)
     s_gpre = _slot(scratch_ptr, 16, BM, C)
@@ -172,11 +172,11 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
             q = _rows_times_w(s_ptr, rows, row_mask, in_w_ptr, C, chans, nmask, True, C, BM, BK, HT * DL, dtype,
                               INTERPRET, PRECISION)
             q += tl.load(in_b_ptr + chans, mask=nmask, other=0.0).to(acc_t)[None, :]
-            dk = _rows_times_w(s_u, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
+            key_delta = _rows_times_w(s_u, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
                                dtype, INTERPRET, PRECISION)
             _store_slot(s_q, local, chans, nmask, q, C)
-            _store_slot(s_dk, local, chans, nmask, dk, C)
-            logit += tl.sum(tl.reshape(q * dk, (BM, HT, DL)), axis=2)
+            _store_slot(s_key_delta, local, chans, nmask, key_delta, C)
+            logit += tl.sum(tl.reshape(q * key_delta, (BM, HT, DL)), axis=2)
         a = tl.sigmoid(logit * scale)
         heads = g * HT + tl.arange(0, HT)
         tl.store(s_gate + local[:, None] * C + heads[None, :], a, mask=(heads < NUM_HEADS)[None, :])
@@ -187,10 +187,10 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
             vc = _rows_times_w(o_ptr, rows, row_mask, in_w_ptr + 2 * C * C, C, chans, nmask, True, C, BM, BK,
                                HT * DL, dtype, INTERPRET, PRECISION)
             vc += tl.load(in_b_ptr + 2 * C + chans, mask=nmask, other=0.0).to(acc_t)[None, :]
-            dv = _rows_times_w(s_win, local, all_rows, in_w_ptr + 2 * C * C, C, chans, nmask, True, C, BM, BK,
+            value_delta = _rows_times_w(s_win, local, all_rows, in_w_ptr + 2 * C * C, C, chans, nmask, True, C, BM, BK,
                                HT * DL, dtype, INTERPRET, PRECISION)
-            _store_slot(s_dv, local, chans, nmask, dv, C)
-            _store_slot(s_m, local, chans, nmask, (vc + a_cols * dv).to(dtype).to(acc_t), C)
+            _store_slot(s_value_delta, local, chans, nmask, value_delta, C)
+            _store_slot(s_m, local, chans, nmask, (vc + a_cols * value_delta).to(dtype).to(acc_t), C)
     tl.debug_barrier()
 
     # ---- backward ----------------------------------------------------------------------------
@@ -213,8 +213,8 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
         for l0 in range(0, HEAD_DIM, DL):
             chans, nmask = _group_cols(g, l0, HT, DL, NUM_HEADS, HEAD_DIM)
             gm = _load_rows(s_gm, local, all_rows, chans, nmask, C)
-            dv = _load_rows(s_dv, local, all_rows, chans, nmask, C)
-            g_a += tl.sum(tl.reshape(gm * dv, (BM, HT, DL)), axis=2)
+            value_delta = _load_rows(s_value_delta, local, all_rows, chans, nmask, C)
+            g_a += tl.sum(tl.reshape(gm * value_delta, (BM, HT, DL)), axis=2)
         s_glogit = _slot(scratch_ptr, 20, BM, C)
         tl.store(s_glogit + local[:, None] * C + heads[None, :], g_a * a * (1.0 - a) * scale,
                  mask=(heads < NUM_HEADS)[None, :])
@@ -224,13 +224,13 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
             gl_cols = _per_head(s_glogit, local, chans, nmask, HEAD_DIM, C)
             a_cols = _per_head(s_gate, local, chans, nmask, HEAD_DIM, C)
             gm = _load_rows(s_gm, local, all_rows, chans, nmask, C)
-            _store_slot(s_gq, local, chans, nmask, (gl_cols * _load_rows(s_dk, local, all_rows, chans, nmask, C))
+            _store_slot(s_gq, local, chans, nmask, (gl_cols * _load_rows(s_key_delta, local, all_rows, chans, nmask, C))
                         , C)
-            _store_slot(s_gdk, local, chans, nmask, (gl_cols * _load_rows(s_q, local, all_rows, chans, nmask, C))
+            _store_slot(s_g_key_delta, local, chans, nmask, (gl_cols * _load_rows(s_q, local, all_rows, chans, nmask, C))
                         , C)
             _store_slot(s_agm, local, chans, nmask, (a_cols * gm), C)
     tl.debug_barrier()
-    # Products back to the inputs, one accumulator at a time: g_s += g_q Wq + g_w, g_u = g_dk Wk,
+    # Products back to the inputs, one accumulator at a time: g_s += g_q Wq + g_w, g_u = g_key_delta Wk,
     # g_o += gm Wv - g_w with g_w = agm Wv.
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
@@ -239,7 +239,7 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
         _add_slot(dx_self, local, cols, cmask, g_s, C)
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        g_u = _rows_times_w(s_gdk, local, all_rows, in_w_ptr + C * C, C, cols, cmask, False, C, BM, BK, BN, dtype,
+        g_u = _rows_times_w(s_g_key_delta, local, all_rows, in_w_ptr + C * C, C, cols, cmask, False, C, BM, BK, BN, dtype,
                             INTERPRET, PRECISION)
         _store_slot(s_gu, local, cols, cmask, g_u, C)
     for n0 in range(0, C, BN):
@@ -258,7 +258,7 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
         tl.store(g_vn_ptr + cols, tl.load(g_vn_ptr + cols, mask=cmask, other=0.0) + gw_sum, mask=cmask)
     _add_weight_grad(g_in_w_ptr, C, s_gq, local, row_mask, s_ptr, rows, row_mask, C, C, BM, BN, BK, dtype,
                      INTERPRET, PRECISION)
-    _add_weight_grad(g_in_w_ptr + C * C, C, s_gdk, local, row_mask, s_u, local, all_rows, C, C, BM, BN, BK, dtype,
+    _add_weight_grad(g_in_w_ptr + C * C, C, s_g_key_delta, local, row_mask, s_u, local, all_rows, C, C, BM, BN, BK, dtype,
                      INTERPRET, PRECISION)
     _add_weight_grad(g_in_w_ptr + 2 * C * C, C, s_gm, local, row_mask, o_ptr, rows, row_mask, C, C, BM, BN, BK,
                      dtype, INTERPRET, PRECISION)
