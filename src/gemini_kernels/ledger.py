@@ -8,7 +8,9 @@ backward, and compares the totals with the minimum of SPEC §4 (``gemini_kernels
 It counts, it does not time: the call runs on ``meta`` tensors (shapes, no data), Triton launches
 are recorded instead of run and aten ops are recorded by a dispatch mode, so the counts are exact,
 deterministic and the same on a laptop as in CI. A memory-bound kernel's speed follows its bytes;
-what a GPU makes of them is the benchmark's business (``bench/run.py``).
+what a GPU makes of them is the benchmark's business (``bench/run.py``). The one column that is not a
+count, "model ms", is a roofline over the counted launches (``Roofline``: assumed H100 rates, the
+SMs a persistent grid occupies): a model to compare designs, never a measurement.
 
     python -m gemini_kernels.ledger                      # triton and the eager oracle, NYUDv2 stages, bf16, batch 32
     python -m gemini_kernels.ledger --backends triton --passes fwd --detail
@@ -42,6 +44,32 @@ _NO_LAUNCH_PREFIXES = ("empty", "new_empty", "lift_fresh", "detach", "alias")
 L2_BYTES = 50 * 2 ** 20
 
 
+@dataclass(frozen=True)
+class Roofline:
+    """A time model of an H100 SXM for counted launches. A launch costs ``launch_s`` plus the longer
+    of its bytes at ``dram_bytes_per_s`` and its FLOPs at a compute rate: cuBLAS products (aten
+    mm / bmm) at ``gemm_flops``; a Triton kernel's tile products at ``triton_sm_flops`` per SM on the
+    SMs its grid occupies (a persistent grid of P programs: min(P, SMs); any other grid: all SMs).
+    The rates are assumptions (the tensor cores' dense bf16 peak is ~990 TFLOP/s: 600 for cuBLAS,
+    a third of an SM's share for the Triton tiles), not calibrated against this project's kernels."""
+    launch_s: float = 4e-6
+    dram_bytes_per_s: float = 3.0e12
+    gemm_flops: float = 600e12
+    triton_sm_flops: float = 2.5e12
+    sms: int = 132
+
+    def seconds(self, launch: "Launch") -> float:
+        if launch.triton:
+            sms = self.sms if launch.programs is None else min(launch.programs, self.sms)
+            rate = self.triton_sm_flops * sms
+        else:
+            rate = self.gemm_flops
+        return self.launch_s + max(launch.bytes / self.dram_bytes_per_s, launch.flops / rate)
+
+
+H100_MODEL = Roofline()
+
+
 @dataclass
 class Launch:
     name: str
@@ -49,6 +77,7 @@ class Launch:
     bytes_written: int
     flops: int
     programs: Optional[int] = None  # a persistent Triton kernel's grid (None: not persistent)
+    triton: bool = False  # a Triton kernel (else an aten op)
 
     @property
     def bytes(self) -> int:
@@ -83,6 +112,10 @@ class Ledger:
         """The fewest programs among the call's persistent launches (None: there are none)."""
         grids = [launch.programs for launch in self.launches if launch.programs is not None]
         return min(grids) if grids else None
+
+    def model_seconds(self, model: Roofline = H100_MODEL) -> float:
+        """The roofline model's time for the call's launches (not a measurement)."""
+        return sum(model.seconds(launch) for launch in self.launches)
 
     @property
     def bytes_over_floor(self) -> float:
@@ -167,7 +200,8 @@ def _recording_triton(ledger: Ledger):
                     per_program = buffers // programs
                     read += (tiles - programs) * per_program
                     written += (tiles - programs) * per_program
-            ledger.launches.append(Launch(name, read, written, spec.flops(bound) if spec.flops else 0, programs))
+            ledger.launches.append(Launch(name, read, written, spec.flops(bound) if spec.flops else 0, programs,
+                                          triton=True))
         return run
 
     patched = []
@@ -252,20 +286,23 @@ def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat
 
 def table(ledgers: Sequence[Ledger]) -> str:
     lines = [f"{'backend':8} {'pass':8} {'C':>5} {'pixels':>7} {'launches':>8} {'MB':>9} {'x floor':>7} "
-             f"{'GFLOP':>7} {'x floor':>7} {'saved MB':>8} {'bwd peak MB':>11} {'grid':>5}"]
+             f"{'GFLOP':>7} {'x floor':>7} {'saved MB':>8} {'bwd peak MB':>11} {'grid':>5} {'model ms':>8}"]
     for lg in ledgers:
         lines.append(f"{lg.backend:8} {lg.passes:8} {lg.dim:>5} {lg.pixels:>7} {len(lg.launches):>8} "
                      f"{lg.bytes / 1e6:>9.1f} {lg.bytes_over_floor:>7.2f} {lg.flops / 1e9:>7.1f} "
                      f"{lg.flops_over_floor:>7.2f} {lg.saved_bytes / 1e6:>8.1f} {lg.backward_peak_bytes / 1e6:>11.1f} "
-                     f"{lg.smallest_grid if lg.smallest_grid is not None else '-':>5}")
+                     f"{lg.smallest_grid if lg.smallest_grid is not None else '-':>5} "
+                     f"{lg.model_seconds() * 1e3:>8.2f}")
     return "\n".join(lines)
 
 
 def detail(lg: Ledger) -> str:
     rows = [f"{lg.backend} {lg.passes} C={lg.dim} pixels={lg.pixels} {str(lg.dtype).replace('torch.', '')}:"]
     for i, launch in enumerate(lg.launches):
+        grid = f"  grid {launch.programs}" if launch.programs is not None else ""
         rows.append(f"  {i:3} {launch.name:24} read {launch.bytes_read / 1e6:9.2f} MB  write "
-                    f"{launch.bytes_written / 1e6:9.2f} MB  {launch.flops / 1e9:8.2f} GFLOP")
+                    f"{launch.bytes_written / 1e6:9.2f} MB  {launch.flops / 1e9:8.2f} GFLOP  "
+                    f"model {H100_MODEL.seconds(launch) * 1e3:7.3f} ms{grid}")
     return "\n".join(rows)
 
 
@@ -286,7 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for passes in args.passes.split(","):
             for _, tokens, dim in NYUDV2_STAGES:
                 ledgers.append(count(backend, dim, args.batch * tokens, dtypes[args.dtype], passes))
-    print(f"NYUDv2 stages, batch {args.batch}, {args.dtype}; floor: SPEC §4 (gemini_kernels.cost)")
+    print(f"NYUDv2 stages, batch {args.batch}, {args.dtype}; floor: SPEC §4 (gemini_kernels.cost); "
+          f"model ms: a roofline with assumed H100 rates (ledger.Roofline), not a measurement")
     print(table(ledgers))
     if args.detail:
         for lg in ledgers:

@@ -255,11 +255,13 @@ def _forced_tiled_config(dim: int, num_heads: int) -> TiledConfig:
 
 # The tiled backward is chosen only where its grid holds at least this many programs or one per tile.
 # Its weight-gradient partials and scratch rows must stay in L2 (``backward_programs``), which at
-# batch 32 leaves 79 programs at C = 64, 29 at 128, 6 at 320 and 2 at 512. Modelled on an H100 (the
-# backward's FLOPs over P SMs at ~2.25 TFLOP/s each, a third of the tensor cores' peak, against the
-# split backward at ~0.9x torch.compile's time): it beats the split one from about 23 programs at
-# C = 128 and 33 at C = 320, and is 10-15x slower than it with 2-6 (C = 320, 512). A model, not a
-# measurement: the GPU check's benchmark is what confirms or moves this.
+# batch 32 leaves 79 programs at C = 64, 29 at 128, 6 at 320 and 2 at 512. The ledger's roofline
+# (``gemini_kernels.ledger.Roofline``, assumed H100 rates) puts forward + backward with the tiled
+# backward against the split one at 1.5 vs 5.6 ms (C = 64), 3.5 vs 3.0 (128), 25 vs 2.2 (320) and
+# 47 vs 1.2 (512): the split one only where the grid is starved; at C = 128 the two are within the
+# model's error (it is 20-60 % below the eager oracle's measured times, which are aten launches like
+# the split backward's), and the tiled one keeps a tenth of the memory. A model, not a measurement:
+# the GPU check times both (GK_TRITON_BACKWARD) to confirm or move this.
 TILED_BWD_MIN_PROGRAMS = 24
 
 
