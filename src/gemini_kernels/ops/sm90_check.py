@@ -45,6 +45,9 @@ from triton.runtime import driver
 MAX_SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}
 SHARED_BYTES_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 SM90_MAX_SHARED_BYTES = MAX_SHARED_BYTES[90]
+# The least opt-in shared memory per block of the GPUs the backend runs on (sm_86 / sm_89, 99 KB):
+# one configuration serves them all.
+SMALLEST_SHARED_BYTES = 99 * 1024
 _REGISTERS_PER_SM, _MAX_WARPS_PER_SM = 65536, 64
 
 
