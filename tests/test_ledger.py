@@ -168,6 +168,15 @@ def test_counts_are_deterministic_and_the_oracle_is_counted_too():
     assert forward.flops == pytest.approx(forward.floor.flops * 9 / 7, rel=1e-3)
 
 
+def test_in_place_products_count_their_flops(monkeypatch):
+    """The split backward's fc1 input gradients are in-place addmm_: 2 x (2N) x C x C FLOPs each."""
+    monkeypatch.setenv("GK_TRITON_BACKWARD", "split")
+    dim, pixels = 64, 1000
+    lg = ledger.count("triton", dim, pixels, torch.bfloat16, "fwd+bwd")
+    in_place = [launch for launch in lg.launches if launch.name == "addmm_"]
+    assert len(in_place) == 2 and all(launch.flops == 2 * 2 * pixels * dim * dim for launch in in_place)
+
+
 def test_floor_is_spec_section_4():
     floor = cost.fusion_floor(64, 1000, 2, "fwd")
     assert floor.flops == 28 * 64 ** 2 * 1000

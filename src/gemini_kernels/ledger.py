@@ -132,8 +132,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _matmul_flops(name: str, args, out) -> int:
     """2 x multiply-adds of the matrix products among aten ops (the rest count 0 FLOPs)."""
-    if name in ("mm", "addmm", "bmm", "baddbmm"):
-        a = args[1] if name in ("addmm", "baddbmm") else args[0]
+    if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"):
+        a = args[1] if name.startswith(("addmm", "baddbmm")) else args[0]
         return 2 * out.numel() * a.shape[-1]
     return 0
 
