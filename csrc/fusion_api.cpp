@@ -244,7 +244,10 @@ ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::Ten
                            save_activations ? KeyChainUse::SavingForward : KeyChainUse::Forward, {}, run);
   const int64_t M = k.x[0].size(0);
 
-  at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
+  // Allocated in the inputs' shape and written through (M, C) views, so that the outputs are not views
+  // themselves: autograd refuses in-place changes (y0 += x0, relu_) to a view a custom op returns.
+  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  at::Tensor y[2] = {out[0].view({M, C}), out[1].view({M, C})};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
   const at::Tensor mixed = k.hidden;  // hidden and e, which shares its buffer, are dead once dk is computed
   FusionBuffers& b = k.buffers;
@@ -256,7 +259,7 @@ ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::Ten
   for (int d = 0; d < 2; ++d) y[d].addmm_(mixed[d], w.wo[d].t());
   std::vector<at::Tensor> activations;
   if (save_activations) activations = {k.g[0], k.g[1], k.z, k.dk};
-  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate, activations};
+  return {out[0], out[1], gate, activations};
 }
 
 std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
@@ -299,8 +302,11 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   at::Tensor grad_wo[2], grad_x[2];
   for (int d = 0; d < 2; ++d) grad_wo[d] = at::mm(gy[d].t(), mixed[d]);
   const at::Tensor grad_wk = at::bmm(grad_dk.transpose(1, 2), k.e);
+  at::Tensor grad_x_out[2];  // in the inputs' shape, for the reason of fusion_forward's outputs
   for (int d = 0; d < 2; ++d) {
-    grad_x[d] = at::mm(grad_dk[d], w.wk[d]);  // d/de, overwritten in place with the elementwise d/dx_d
+    grad_x_out[d] = at::empty((d == 0 ? x0 : x1).sizes(), options);
+    grad_x[d] = grad_x_out[d].view({M, C});
+    at::mm_out(grad_x[d], grad_dk[d], w.wk[d]);  // d/de, overwritten in place with the elementwise d/dx_d
     b.grad_e[d] = grad_x[d].const_data_ptr();
     b.grad_x[d] = grad_x[d].data_ptr();
   }
@@ -322,7 +328,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   }
   WeightGradients r;
   for (int d = 0; d < 2; ++d) {
-    r.grad_x[d] = grad_x[d];
+    r.grad_x[d] = grad_x_out[d];
     r.grad_wx[d] = grad_wx[d];
     r.grad_g_sum[d] = grad_g[d].sum(0);
     r.grad_wo[d] = grad_wo[d];
@@ -345,8 +351,8 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
   auto block = [C](const at::Tensor& t, int64_t i) { return t.narrow(0, i * C, C); };
   std::vector<at::Tensor> grads;
   grads.reserve(2 + kNumParams);
-  grads.push_back(r.grad_x[0].view(x0.sizes()));
-  grads.push_back(r.grad_x[1].view(x1.sizes()));
+  grads.push_back(r.grad_x[0]);
+  grads.push_back(r.grad_x[1]);
   // fc1: W1a and W1b are shared by the directions.
   grads.push_back(at::cat({block(grad_wx[0], 0) + block(grad_wx[1], 0), block(grad_wx[0], 1) + block(grad_wx[1], 1)}, 1));
   grads.push_back(block(grad_g_sum[0], 0) + block(grad_g_sum[1], 0));

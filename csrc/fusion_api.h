@@ -45,7 +45,7 @@ std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads);
 
 // The reduced gradients of a backward, before they are rearranged into the parameters' layout.
 struct WeightGradients {
-  at::Tensor grad_x[2];      // (M, C): d/dx_d
+  at::Tensor grad_x[2];      // d/dx_d in x_d's shape (not a view of an (M, C) tensor)
   at::Tensor grad_wx[2];     // (5C, C): d/dwx[d]
   at::Tensor grad_g_sum[2];  // (5C,): column sums of d/dg[d]
   at::Tensor grad_w2;        // (C, C)

@@ -222,7 +222,9 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
   const PackedWeights w = pack_weights(params, C);
   const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
   const at::Tensor w2 = w.w2.contiguous();
-  at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
+  // In the inputs' shape, not views of (M, C) tensors (see fusion_forward in fusion_api.cpp).
+  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  at::Tensor y[2] = {out[0].view({M, C}), out[1].view({M, C})};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), H), x0.options().dtype(accumulation_type(x0.scalar_type())));
   std::vector<at::Tensor> saved;  // g[0], g[1], z, dk (check_activations); the tiles write g there directly
   if (save_activations)
@@ -278,7 +280,7 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
       }
     }
   });
-  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate, saved};
+  return {out[0], out[1], gate, saved};
 }
 
 // ---- tiled backward ---------------------------------------------------------------------------
@@ -305,7 +307,8 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
   const at::Tensor gate_rows = gate.contiguous();
   const at::Tensor w2 = w.w2.contiguous();
-  at::Tensor grad_x[2] = {at::empty({M, C}, options), at::empty({M, C}, options)};
+  const at::Tensor grad_x_out[2] = {at::empty(x0.sizes(), options), at::empty(x1.sizes(), options)};
+  at::Tensor grad_x[2] = {grad_x_out[0].view({M, C}), grad_x_out[1].view({M, C})};
   const FusionBuffers base = parameter_buffers(w, C, H);
   const T* wx = w.wx.const_data_ptr<T>();
   const T* wk = w.wk.const_data_ptr<T>();
@@ -429,7 +432,7 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   };
   WeightGradients r;
   for (int d = 0; d < 2; ++d) {
-    r.grad_x[d] = grad_x[d];
+    r.grad_x[d] = grad_x_out[d];
     r.grad_wx[d] = tensor(total.wx, d * 5 * C * C, {5 * C, C});
     r.grad_g_sum[d] = tensor(total.g_sum, d * 5 * C, {5 * C});
     r.grad_wo[d] = tensor(total.wo, d * C * C, {C, C});

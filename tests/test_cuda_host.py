@@ -302,6 +302,73 @@ def test_second_derivatives_raise():
         grad_x0.sum().backward()
 
 
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
+def test_gradient_penalty_raises_instead_of_a_wrong_gradient(save, monkeypatch):
+    """create_graph=True, then a loss on the gradient: the second derivative is not available, so it
+    raises (before the fix it ran, and the gradient had relative error ~1 against the oracle)."""
+    monkeypatch.setattr(cuda_fusion, "SAVE_ACTIVATIONS_FROM_WIDTH", SAVE_MODES["saved" if save else "recompute"])
+    x0, x1, params = make_case((2, 5), 16, requires_grad=True, seed=21)
+    y0, y1 = cuda_backend(x0, x1, params, 4)
+    (grad_x0,) = torch.autograd.grad(y0.sum(), x0, create_graph=True)  # upstream gradient: no grad of its own
+    penalty = (y0 * y1).sum() + grad_x0.square().sum()
+    with pytest.raises(RuntimeError, match="cannot differentiate twice"):
+        torch.autograd.grad(penalty, [x0, *params])
+
+
+@pytest.mark.parametrize("entry", ["gemini_fusion", "backend", "raw op"])
+def test_forward_mode_ad_names_what_is_unsupported(entry):
+    x0, x1, params = make_case((2, 3), 16, seed=22)
+    calls = {
+        "gemini_fusion": lambda a: gemini_fusion(a, x1, params, 4, backend="cuda")[0],
+        "backend": lambda a: cuda_fusion.fusion(a, x1, params, 4)[0],
+        "raw op": lambda a: torch.ops.gemini_kernels.fusion_forward(a, x1, list(params), 4)[0],
+    }
+    f = calls[entry]
+    tangent = torch.randn_like(x0)
+    with pytest.raises(RuntimeError, match="backend='cuda' has no forward-mode derivative.*torch.func"):
+        torch.func.jvp(f, (x0,), (tangent,))
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative.*dual tensors"):
+        f(forward_ad.make_dual(x0, tangent))
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
+def test_raw_op_is_differentiable(save):
+    """torch.ops.gemini_kernels.fusion_forward has an autograd formula: its gradients are the oracle's."""
+    x0, x1, params = make_case((3, 4), 16, requires_grad=True, seed=23)
+    inputs = [x0, x1, *params]
+    y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4, save)
+    assert not gate.requires_grad and not any(a.requires_grad for a in activations)
+    g0, g1 = _upstream(y0, y1, 24)
+    grads = torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), inputs)
+    r0, r1 = gemini_fusion_reference(x0, x1, params, 4)
+    ref = torch.autograd.grad((r0 * g0).sum() + (r1 * g1).sum(), inputs)
+    for name, g, r in zip(GRAD_NAMES, grads, ref):
+        assert rel_err(g, r) < 1e-11, name
+
+
+@pytest.mark.parametrize("dim", [16, 320], ids=["tiled", "untiled"])
+@pytest.mark.parametrize("inplace", ["add", "relu"])
+def test_outputs_can_be_modified_in_place_under_autograd(dim, inplace, save_mode):
+    """The outputs are not views of internal (M, C) tensors: in-place ops on them work under autograd
+    and differentiate as the oracle's."""
+    x0, x1, params = make_case((2, 3), dim, requires_grad=True, seed=25)
+    inputs = [x0, x1, *params]
+
+    def loss(fn):
+        y0, y1 = fn(x0, x1, params, 8)
+        assert y0._base is None and y1._base is None
+        if inplace == "add":
+            y0 += x0
+        else:
+            torch.relu_(y1)
+        return torch.autograd.grad((y0 * y1).sum(), inputs)
+
+    for name, g, r in zip(GRAD_NAMES, loss(cuda_backend), loss(gemini_fusion_reference)):
+        assert rel_err(g, r) < 1e-11, name
+
+
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
 GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
