@@ -113,6 +113,27 @@ GK_HD float erf_(float x) {
 GK_HD double erf_(double x) { return erf(x); }
 GK_HD float log_(float x) { return logf(x); }
 GK_HD double log_(double x) { return log(x); }
+// A product that is rounded before anything is added to it, as the oracle's separate multiply and sum
+// round it: never contracted into an fma. On the device through the _rn intrinsics, which nvcc does
+// not fuse (its default --fmad=true fuses a * b + c elsewhere); on the host the build passes
+// -ffp-contract=off (setup.py, _jit_build.py), which keeps every a * b + c of the AVX2+FMA stages
+// unfused. Where it matters: an fma never rounds its product, so a product that overflows in the
+// oracle (+-inf, and inf - inf = NaN) stays finite, and a sum -x + fma(a, b, x) is not the zero it
+// is when a * b was rounded on its own (a saturated softmax's gradient).
+GK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GK_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 // A comparison rather than fmax, which the host compiler can vectorize (NaNs still reach the softmax
 // through exp).
 template <class A>
@@ -332,7 +353,7 @@ struct MixForward {
       A logit = 0;
       GK_SIMD_SUM(logit)
       for (int c = lo + team.first(); c < hi; c += team.stride())
-        logit += (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale * V::template load<A>(dk[c]);
+        logit += mul_rn((V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale, V::template load<A>(dk[c]));
       logit = team.sum(logit);
       if (team.leader()) gate[j] = logit;
     }
@@ -438,7 +459,10 @@ struct RelationBackward {
     for (int c = team.first(); c < C; c += team.stride()) {
       const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
       if (stores_accumulator<T>()) z[c] = V::template store<A>(rel);  // parked, to spare the second exp below
-      dot -= rel * V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
+      // The very grad_rel of the loop below, rounded alike: where the softmax saturates (rel = 1 on
+      // one channel), grad_rel - dot must cancel exactly, as it does in the oracle.
+      const A grad_rel = -mul_rn(V::template load<A>(grad_e[c]), V::template load<A>(s[c]));
+      dot += mul_rn(rel, grad_rel);
     }
     dot = team.sum(dot);
     GK_SIMD
@@ -446,7 +470,7 @@ struct RelationBackward {
       const A rel = stores_accumulator<T>() ? V::template load<A>(z[c])
                                             : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
       const A ge = V::template load<A>(grad_e[c]);
-      const A grad_rel = -ge * V::template load<A>(s[c]);
+      const A grad_rel = -mul_rn(ge, V::template load<A>(s[c]));
       z[c] = V::template store<A>(rel * (grad_rel - dot));
       grad_x[c] = V::template store<A>(V::template load<A>(grad_y[c]) + ge * key_delta_ds(rel));
     }

@@ -369,6 +369,40 @@ def test_outputs_can_be_modified_in_place_under_autograd(dim, inplace, save_mode
         assert rel_err(g, r) < 1e-11, name
 
 
+def _row_stage_capabilities():
+    """The CPU capabilities the host row stages are compiled for (csrc/fusion_host.cpp): the x86-64
+    baseline, and AVX2+FMA where the CPU has them (AVX512 machines run the AVX2 code)."""
+    caps = ["default"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        caps.append("avx2")
+    return caps
+
+
+@pytest.mark.parametrize("capability", _row_stage_capabilities())
+def test_numerics_follow_the_oracle_on_every_capability(capability):
+    """Products are rounded before they are summed, as in the oracle (no fma contraction): float32
+    near overflow gives the NaN of inf - inf, and a saturated relation softmax float64 gradients of
+    ~1e-129, not fma rounding residue of ~1e-16 (before the fix, on AVX2: 22 finite gates, and
+    relative errors of 1e112)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(tests / "numerics_probe.py")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["capability"] == ("DEFAULT" if capability == "default" else "AVX2")
+    assert out["overflow_heads"] > 50, out  # the case must exercise the overflow
+    assert out["overflow_heads_not_nan"] == 0, out
+    bad = {k: v for k, v in out["saturated"].items() if not (v[0] < 1e-9 and 1e-135 < v[2] < 1e-120)}
+    assert not bad, f"[rel. error, max |ours|, max |oracle|] off: {bad}"
+
+
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
 GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
