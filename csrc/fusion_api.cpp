@@ -20,7 +20,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <list>
+#include <mutex>
 
 #include "fusion_api.h"
 
@@ -49,6 +55,118 @@ PackedWeights pack_weights(at::TensorList p, int64_t C) {
   // v_self - v_cross = Wv v_noise + Wv s - Wv o: the first term is the same for every pixel.
   w.vn_proj = at::bmm(w.wv, w.v_noise.unsqueeze(2)).squeeze(2).contiguous();
   return w;
+}
+
+namespace {
+
+// One parameter's identity for the weight cache (see cached_pack_weights).
+struct ParamIdentity {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  at::Device device;
+  uint32_t version;
+
+  explicit ParamIdentity(const at::Tensor& t)
+      : storage(t.storage().getWeakStorageImpl()),
+        data(t.const_data_ptr()),
+        sizes(t.sizes().vec()),
+        strides(t.strides().vec()),
+        dtype(t.scalar_type()),
+        device(t.device()),
+        version(t._version()) {}
+
+  bool matches(const at::Tensor& t) const {
+    // expired(): the storage was freed; its StorageImpl's memory stays allocated while this weak
+    // reference lives, so no other storage can sit at that address and compare equal.
+    return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+           data == t.const_data_ptr() && t.sizes() == at::IntArrayRef(sizes) &&
+           t.strides() == at::IntArrayRef(strides) && dtype == t.scalar_type() && device == t.device() &&
+           version == t._version();
+  }
+};
+
+struct WeightCacheEntry {
+  std::vector<ParamIdentity> params;
+  int64_t C;
+  c10::Stream stream;
+  PackedWeights weights;
+};
+
+struct WeightCache {
+  std::atomic<bool> enabled{true};
+  std::mutex mutex;
+  std::list<WeightCacheEntry> entries;  // most recently used first
+  int64_t hits = 0, misses = 0, uncached = 0;
+};
+
+WeightCache& weight_cache() {
+  static WeightCache* cache = new WeightCache();  // never destroyed: tensors must not be freed at exit
+  return *cache;
+}
+
+c10::Stream current_stream(const at::Device& device) {
+  return c10::impl::VirtualGuardImpl(device.type()).getStream(device);
+}
+
+}  // namespace
+
+PackedWeights cached_pack_weights(at::TensorList params, int64_t C) {
+  WeightCache& cache = weight_cache();
+  const bool versioned = cache.enabled.load() &&
+                         std::none_of(params.begin(), params.end(), [](const at::Tensor& t) { return t.is_inference(); });
+  if (!versioned) {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    ++cache.uncached;
+  } else {
+    const c10::Stream stream = current_stream(params[0].device());
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
+      if (it->C != C || it->stream != stream || it->params.size() != params.size()) continue;
+      bool same = true;
+      for (size_t i = 0; i < params.size() && same; ++i) same = it->params[i].matches(params[i]);
+      if (!same) continue;
+      ++cache.hits;
+      cache.entries.splice(cache.entries.begin(), cache.entries, it);
+      return it->weights;
+    }
+  }
+  PackedWeights w = pack_weights(params, C);
+  if (versioned) {
+    std::vector<ParamIdentity> identity;
+    identity.reserve(params.size());
+    for (const at::Tensor& t : params) identity.emplace_back(t);
+    const c10::Stream stream = current_stream(params[0].device());
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    ++cache.misses;
+    cache.entries.push_front(WeightCacheEntry{std::move(identity), C, stream, w});
+    if (cache.entries.size() > kWeightCacheEntries) cache.entries.pop_back();
+  }
+  return w;
+}
+
+void clear_weight_cache() {
+  WeightCache& cache = weight_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.entries.clear();
+  cache.hits = cache.misses = cache.uncached = 0;
+}
+
+bool set_weight_cache_enabled(bool enabled) {
+  WeightCache& cache = weight_cache();
+  const bool previous = cache.enabled.exchange(enabled);
+  if (!enabled) {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    cache.entries.clear();  // what was packed before cannot be trusted once the cache is back on
+  }
+  return previous;
+}
+
+std::vector<int64_t> weight_cache_info() {
+  WeightCache& cache = weight_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return {cache.hits, cache.misses, cache.uncached, static_cast<int64_t>(cache.entries.size())};
 }
 
 // Kernels trust their pointers, so the op checks what would make them read out of bounds even when
@@ -239,7 +357,7 @@ ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::Ten
                              bool save_activations, StageRunner run) {
   check_arguments(x0, x1, params, num_heads);
   const int64_t C = x0.size(-1);
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   KeyChain k = run_to_keys(x0, x1, w, num_heads,
                            save_activations ? KeyChainUse::SavingForward : KeyChainUse::Forward, {}, run);
   const int64_t M = k.x[0].size(0);
@@ -272,7 +390,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   check_activations(activations, x0);
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   KeyChain k = run_to_keys(x0, x1, w, num_heads, KeyChainUse::Backward, activations, run);
   const bool resumed = !activations.empty();
 
@@ -387,6 +505,10 @@ TORCH_LIBRARY(gemini_kernels, m) {
   m.def(
       "fusion_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
       "Tensor[] activations, int num_heads) -> Tensor[]");
+  // The packed-weight cache (fusion_api.h, cached_pack_weights): forget it; its counters; on / off.
+  m.def("clear_weight_cache() -> ()", &gk::clear_weight_cache);
+  m.def("weight_cache_info() -> int[]", &gk::weight_cache_info);
+  m.def("set_weight_cache_enabled(bool enabled) -> bool", &gk::set_weight_cache_enabled);
 }
 
 // A plain module: importing it runs the static registrations above (and the CPU / CUDA impls).

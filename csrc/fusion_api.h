@@ -26,6 +26,23 @@ struct PackedWeights {
 };
 
 PackedWeights pack_weights(at::TensorList params, int64_t C);
+
+// pack_weights, once per parameter version: the last kWeightCacheEntries packings are kept, each
+// keyed by every parameter's storage (held by a weak reference, so that a freed storage's address
+// cannot come back as a false match while the entry lives), data pointer, sizes, strides, dtype,
+// device, version counter and the current stream. An in-place update (an optimizer step,
+// load_state_dict's copy_) bumps the version, and the next call packs again. Inference tensors have
+// no version counter and are packed on every call. Writes that bypass the version counter
+// (`p.data.mul_(2)`, torch.autograd.gradcheck's perturbations, writes through a raw pointer) are
+// not seen, as autograd does not see them: clear_weight_cache() forgets every entry, and
+// set_weight_cache_enabled(false) turns the cache off.
+PackedWeights cached_pack_weights(at::TensorList params, int64_t C);
+constexpr size_t kWeightCacheEntries = 32;
+void clear_weight_cache();
+// Turns the cache on or off (on by default); returns the previous setting. Off, every call packs.
+bool set_weight_cache_enabled(bool enabled);
+// hits, misses (packings cached), uncached (packings of inference tensors), entries
+std::vector<int64_t> weight_cache_info();
 // The per-layer fields of FusionBuffers (sizes, scale, bias and noise pointers); the caller adds the
 // per-call activation pointers.
 FusionBuffers parameter_buffers(const PackedWeights& w, int64_t C, int64_t num_heads);

@@ -219,7 +219,7 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
   const int64_t H = num_heads;
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
   const at::Tensor w2 = w.w2.contiguous();
   // In the inputs' shape, not views of (M, C) tensors (see fusion_forward in fusion_api.cpp).
@@ -302,7 +302,7 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   const int64_t M = x0.numel() / C;
   const int64_t H = num_heads;
   const auto options = x0.options();
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
   const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
   const at::Tensor gate_rows = gate.contiguous();

@@ -103,7 +103,8 @@ def test_gradcheck_float64(save_mode):
     def f(x0, x1, *params):
         return gemini_fusion(x0, x1, FusionParams(*params), 2, backend="cuda")
 
-    assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
+    with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
+        assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 def test_non_contiguous_inputs_and_params(save_mode):
@@ -403,6 +404,82 @@ def test_numerics_follow_the_oracle_on_every_capability(capability):
     assert not bad, f"[rel. error, max |ours|, max |oracle|] off: {bad}"
 
 
+@pytest.fixture
+def weight_cache():
+    cuda_fusion.clear_weight_cache()
+    yield cuda_fusion.weight_cache_info
+    cuda_fusion.clear_weight_cache()
+
+
+def _matches_oracle(x0, x1, params, heads, bound=1e-12):
+    y0, y1 = cuda_backend(x0, x1, params, heads)
+    r0, r1 = gemini_fusion_reference(x0, x1, params, heads)
+    return rel_err(y0, r0) < bound and rel_err(y1, r1) < bound
+
+
+@pytest.mark.parametrize("dim", [16, 320], ids=["tiled", "untiled"])
+def test_weights_are_packed_once_per_parameter_version(dim, weight_cache):
+    x0, x1, params = make_case((2, 3), dim, requires_grad=True, seed=41)
+    cuda_backend(x0, x1, params, 8)
+    assert weight_cache()["misses"] == 1
+    y0, y1 = cuda_backend(x0, x1, params, 8)
+    (y0 * y1).sum().backward()  # the backward packs nothing either
+    info = weight_cache()
+    assert (info["misses"], info["hits"]) == (1, 2), info
+    # An in-place update of any one parameter bumps its version: packed again, and right.
+    for i in (0, 6, 13):
+        with torch.no_grad():
+            params[i].mul_(1.5)
+        assert _matches_oracle(x0, x1, params, 8), FusionParams._fields[i]
+    assert weight_cache()["misses"] == 4
+
+
+def test_weight_cache_after_optimizer_steps_and_fresh_parameters(weight_cache):
+    torch.manual_seed(42)
+    module = GeminiFusion(32, num_heads=8, backend="cuda").double()
+    with torch.no_grad():  # non-zero biases and noises
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.5, momentum=0.9)
+    x0, x1, _ = make_case((2, 5), 32, seed=43)
+    for _ in range(3):
+        y0, y1 = module(x0, x1)
+        (y0 * y1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        r0, _ = gemini_fusion_reference(x0, x1, FusionParams.from_state_dict(module.state_dict()), 8)
+        assert rel_err(module(x0, x1)[0], r0) < 1e-12
+    # Parameters freed and new ones made in their place (the allocator may hand out the same
+    # addresses, with version 0 again): never a stale hit.
+    for seed in range(3):
+        _, _, params = make_case((2, 5), 32, seed=44 + seed)
+        assert _matches_oracle(x0, x1, params, 8)
+        del params
+
+
+def test_writes_past_the_version_counter_need_the_cache_cleared_or_off(weight_cache):
+    x0, x1, params = make_case((2, 5), 32, seed=46)
+    assert _matches_oracle(x0, x1, params, 8)
+    params[6].data.mul_(1.5)  # .data has a version counter of its own
+    cuda_fusion.clear_weight_cache()
+    assert _matches_oracle(x0, x1, params, 8)
+    with cuda_fusion.weight_cache_disabled():
+        params[6].data.mul_(1.5)
+        assert _matches_oracle(x0, x1, params, 8)
+        assert weight_cache()["entries"] == 0
+    assert torch.ops.gemini_kernels.set_weight_cache_enabled(True)  # restored
+
+
+def test_inference_tensors_are_not_cached(weight_cache):
+    with torch.inference_mode():
+        x0, x1, params = make_case((2, 5), 32, seed=45)
+        assert _matches_oracle(x0, x1, params, 8)
+        params[2].mul_(2.0)  # inference tensors have no version counter: nothing could see this
+        assert _matches_oracle(x0, x1, params, 8)
+    info = weight_cache()
+    assert info["uncached"] == 2 and info["entries"] == 0, info
+
+
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
 GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -529,4 +606,5 @@ def test_gpu_gradcheck_float64(shape, dim, heads):
     def f(x0, x1, *params):
         return cuda_backend(x0, x1, FusionParams(*params), heads)
 
-    assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
+        assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)

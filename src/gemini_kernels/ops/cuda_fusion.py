@@ -11,6 +11,7 @@ GEMM outputs too (see ``saves_activations``). The backward op's formula refuses 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -89,6 +90,36 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
             return "no CUDA device is visible (torch.cuda.is_available() is False)"
         return None
     return f"it runs on CPU and CUDA tensors only; got a tensor on {device.type}"
+
+
+def weight_cache_info() -> dict:
+    """The counters of the extension's packed-weight cache (csrc/fusion_api.h, cached_pack_weights):
+    the parameters are rearranged for the GEMMs once per parameter version, not on every call."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    hits, misses, uncached, entries = torch.ops.gemini_kernels.weight_cache_info()
+    return {"hits": hits, "misses": misses, "uncached": uncached, "entries": entries}
+
+
+def clear_weight_cache() -> None:
+    """Forgets every packed weight (and zeroes the counters): for parameters changed in a way their
+    version counter does not see, such as ``p.data.copy_(...)``."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    torch.ops.gemini_kernels.clear_weight_cache()
+
+
+@contextlib.contextmanager
+def weight_cache_disabled():
+    """Packs the weights on every call inside the block: for code that changes parameters past their
+    version counter, such as ``torch.autograd.gradcheck``, which perturbs its inputs through ``.data``."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    previous = torch.ops.gemini_kernels.set_weight_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.ops.gemini_kernels.set_weight_cache_enabled(previous)
 
 
 # The channel count from which a CPU forward that autograd will differentiate keeps its GEMM outputs
