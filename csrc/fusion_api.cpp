@@ -27,31 +27,55 @@
 #include <cmath>
 #include <list>
 #include <mutex>
+#include <string>
 
 #include "fusion_api.h"
 
 namespace gk {
 
-PackedWeights pack_weights(at::TensorList p, int64_t C) {
-  const at::Tensor& fc1_weight = p[0];
-  const at::Tensor in_weight[2] = {p[6], p[10]};
-  const at::Tensor in_bias[2] = {p[7], p[11]};
-  const at::Tensor w1a = fc1_weight.narrow(1, 0, C), w1b = fc1_weight.narrow(1, C, C);
-  auto rows = [C](const at::Tensor& t, int64_t block) { return t.narrow(0, block * C, C); };
+FusionParamTensors named_params(at::TensorList params) {
+  TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams,
+              " parameters in FusionParams order, got ", params.size());
+  FusionParamTensors named;
+  int i = 0;
+#define GK_PARAM_ASSIGN(field, name, rank, a0, b0, a1, b1) named.field = params[i++];
+  GK_FUSION_PARAMS(GK_PARAM_ASSIGN)
+#undef GK_PARAM_ASSIGN
+  return named;
+}
+
+std::vector<ParamSpec> param_specs(int64_t C) {
+  std::vector<ParamSpec> specs;
+#define GK_PARAM_SPEC(field, name, rank, a0, b0, a1, b1)                              \
+  specs.push_back(ParamSpec{name, rank == 1 ? std::vector<int64_t>{a0 * C + b0}        \
+                                            : std::vector<int64_t>{a0 * C + b0, a1 * C + b1}});
+  GK_FUSION_PARAMS(GK_PARAM_SPEC)
+#undef GK_PARAM_SPEC
+  return specs;
+}
+
+PackedWeights pack_weights(at::TensorList params, int64_t C) {
+  const FusionParamTensors p = named_params(params);
+  const at::Tensor in_weight[2] = {p.in_proj_weight_0, p.in_proj_weight_1};
+  const at::Tensor in_bias[2] = {p.in_proj_bias_0, p.in_proj_bias_1};
+  const at::Tensor w1a = p.fc1_weight.narrow(1, 0, C), w1b = p.fc1_weight.narrow(1, C, C);
+  // in_proj rows are [Wq; Wk; Wv], C each
+  enum InProjBlock { kQuery = 0, kKey = 1, kValue = 2 };
+  auto rows = [C](const at::Tensor& t, InProjBlock block) { return t.narrow(0, block * C, C); };
   PackedWeights w;
-  w.wx = at::stack({at::cat({w1a, w1b, rows(in_weight[0], 0), rows(in_weight[0], 2), rows(in_weight[1], 2)}),
-                    at::cat({w1a, w1b, rows(in_weight[1], 0), rows(in_weight[1], 2), rows(in_weight[0], 2)})});
-  w.w2 = p[2];
-  w.wk = at::stack({rows(in_weight[0], 1), rows(in_weight[1], 1)});
-  w.wv = at::stack({rows(in_weight[0], 2), rows(in_weight[1], 2)});
-  w.wo = at::stack({p[8], p[12]});
-  w.b1 = p[1].contiguous();
-  w.b2 = p[3].contiguous();
-  w.k_noise = p[4].contiguous();
-  w.v_noise = p[5].contiguous();
-  w.bq = at::stack({rows(in_bias[0], 0), rows(in_bias[1], 0)});
-  w.bv = at::stack({rows(in_bias[0], 2), rows(in_bias[1], 2)});
-  w.bo = at::stack({p[9], p[13]});
+  w.wx = at::stack({at::cat({w1a, w1b, rows(in_weight[0], kQuery), rows(in_weight[0], kValue), rows(in_weight[1], kValue)}),
+                    at::cat({w1a, w1b, rows(in_weight[1], kQuery), rows(in_weight[1], kValue), rows(in_weight[0], kValue)})});
+  w.w2 = p.fc2_weight;
+  w.wk = at::stack({rows(in_weight[0], kKey), rows(in_weight[1], kKey)});
+  w.wv = at::stack({rows(in_weight[0], kValue), rows(in_weight[1], kValue)});
+  w.wo = at::stack({p.out_proj_weight_0, p.out_proj_weight_1});
+  w.b1 = p.fc1_bias.contiguous();
+  w.b2 = p.fc2_bias.contiguous();
+  w.k_noise = p.k_noise.contiguous();
+  w.v_noise = p.v_noise.contiguous();
+  w.bq = at::stack({rows(in_bias[0], kQuery), rows(in_bias[1], kQuery)});
+  w.bv = at::stack({rows(in_bias[0], kValue), rows(in_bias[1], kValue)});
+  w.bo = at::stack({p.out_proj_bias_0, p.out_proj_bias_1});
   // v_self - v_cross = Wv v_noise + Wv s - Wv o: the first term is the same for every pixel.
   w.vn_proj = at::bmm(w.wv, w.v_noise.unsqueeze(2)).squeeze(2).contiguous();
   return w;
@@ -202,20 +226,13 @@ void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList 
               " must be positive and divide the channel count C=", C);
   TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams,
               " parameters in FusionParams order, got ", params.size());
-  static const char* const names[kNumParams] = {
-      "relation_judger.0.fc1.weight",      "relation_judger.0.fc1.bias",       "relation_judger.0.fc2.weight",
-      "relation_judger.0.fc2.bias",        "k_noise.weight",                   "v_noise.weight",
-      "cross_attn_0_to_1.in_proj_weight",  "cross_attn_0_to_1.in_proj_bias",   "cross_attn_0_to_1.out_proj.weight",
-      "cross_attn_0_to_1.out_proj.bias",   "cross_attn_1_to_0.in_proj_weight", "cross_attn_1_to_0.in_proj_bias",
-      "cross_attn_1_to_0.out_proj.weight", "cross_attn_1_to_0.out_proj.bias"};
-  const std::vector<int64_t> shapes[kNumParams] = {{C, 2 * C}, {C}, {C, C}, {C},         {2, C},
-                                                   {2, C},     {3 * C, C}, {3 * C}, {C, C}, {C},
-                                                   {3 * C, C}, {3 * C},    {C, C},  {C}};
+  const std::vector<ParamSpec> specs = param_specs(C);
   for (int i = 0; i < kNumParams; ++i) {
-    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), "gemini_kernels: params['", names[i],
-                "'] has shape ", params[i].sizes(), "; expected ", at::IntArrayRef(shapes[i]), " for C=", C);
+    const ParamSpec& spec = specs[i];
+    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(spec.shape), "gemini_kernels: params['", spec.name,
+                "'] has shape ", params[i].sizes(), "; expected ", at::IntArrayRef(spec.shape), " for C=", C);
     TORCH_CHECK(params[i].scalar_type() == x0.scalar_type() && params[i].device() == x0.device(),
-                "gemini_kernels: params['", names[i], "'] is ", params[i].scalar_type(), " on ", params[i].device(),
+                "gemini_kernels: params['", spec.name, "'] is ", params[i].scalar_type(), " on ", params[i].device(),
                 "; expected x0's ", x0.scalar_type(), " on ", x0.device());
   }
 }
@@ -509,6 +526,21 @@ TORCH_LIBRARY(gemini_kernels, m) {
   m.def("clear_weight_cache() -> ()", &gk::clear_weight_cache);
   m.def("weight_cache_info() -> int[]", &gk::weight_cache_info);
   m.def("set_weight_cache_enabled(bool enabled) -> bool", &gk::set_weight_cache_enabled);
+  // The parameter table as the C++ reads it (fusion_params.h): names, and the shapes for width C,
+  // flattened as rank, dims..., for tests that compare it with params.py's.
+  m.def("param_names() -> str[]", []() {
+    std::vector<std::string> names;
+    for (const auto& spec : gk::param_specs(1)) names.emplace_back(spec.name);
+    return names;
+  });
+  m.def("param_shapes(int C) -> int[]", [](int64_t C) {
+    std::vector<int64_t> flat;
+    for (const auto& spec : gk::param_specs(C)) {
+      flat.push_back(static_cast<int64_t>(spec.shape.size()));
+      flat.insert(flat.end(), spec.shape.begin(), spec.shape.end());
+    }
+    return flat;
+  });
 }
 
 // A plain module: importing it runs the static registrations above (and the CPU / CUDA impls).

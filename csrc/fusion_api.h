@@ -9,10 +9,31 @@
 #include <vector>
 
 #include "fusion_math.h"
+#include "fusion_params.h"
 
 namespace gk {
 
-constexpr int kNumParams = 14;
+#define GK_COUNT_PARAM(field, name, rank, a0, b0, a1, b1) +1
+constexpr int kNumParams = 0 GK_FUSION_PARAMS(GK_COUNT_PARAM);
+#undef GK_COUNT_PARAM
+
+// The parameters by name (fusion_params.h), as Flash_fwd_params names FlashAttention's: the op
+// receives them as a list in FusionParams order, and nothing past named_params indexes that list.
+struct FusionParamTensors {
+#define GK_PARAM_FIELD(field, name, rank, a0, b0, a1, b1) at::Tensor field;
+  GK_FUSION_PARAMS(GK_PARAM_FIELD)
+#undef GK_PARAM_FIELD
+};
+
+// params: kNumParams tensors in FusionParams order (checked by check_arguments).
+FusionParamTensors named_params(at::TensorList params);
+
+// One row of the table: the published name and the expected shape for width C.
+struct ParamSpec {
+  const char* name;
+  std::vector<int64_t> shape;
+};
+std::vector<ParamSpec> param_specs(int64_t C);
 
 // The parameters rearranged for the batched GEMMs (a few C x C copies, small next to M x C).
 struct PackedWeights {

@@ -480,6 +480,20 @@ def test_inference_tensors_are_not_cached(weight_cache):
     assert info["uncached"] == 2 and info["entries"] == 0, info
 
 
+def test_the_extension_reads_the_parameter_table_of_params_py():
+    """csrc/fusion_params.h and params.py's table: the same names, order and shapes."""
+    from gemini_kernels.params import PARAM_NAMES, param_shapes
+
+    assert tuple(torch.ops.gemini_kernels.param_names()) == PARAM_NAMES
+    for dim in (1, 24, 320):
+        flat, shapes = list(torch.ops.gemini_kernels.param_shapes(dim)), []
+        while flat:
+            rank, flat = flat[0], flat[1:]
+            shapes.append(tuple(flat[:rank]))
+            flat = flat[rank:]
+        assert shapes == list(param_shapes(dim).values()), dim
+
+
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
 GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
