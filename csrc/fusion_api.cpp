@@ -263,7 +263,7 @@ void check_activations(at::TensorList activations, const at::Tensor& x0) {
   TORCH_CHECK(activations.size() == kNumActivations, "gemini_kernels: activations must be empty or the ",
               kNumActivations, " tensors fusion_forward returns with save_activations=True; got ", activations.size());
   static const char* const names[kNumActivations] = {"g0", "g1", "z", "dk"};
-  const std::vector<int64_t> shapes[kNumActivations] = {{M, 5 * C}, {M, 5 * C}, {2, M, C}, {2, M, C}};
+  const std::vector<int64_t> shapes[kNumActivations] = {{M, kGBlocks * C}, {M, kGBlocks * C}, {2, M, C}, {2, M, C}};
   for (int i = 0; i < kNumActivations; ++i) {
     const at::Tensor& a = activations[i];
     TORCH_CHECK(a.sizes() == at::IntArrayRef(shapes[i]) && a.scalar_type() == x0.scalar_type() &&
@@ -483,14 +483,16 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
   const at::Tensor (&grad_wx)[2] = r.grad_wx;
   const at::Tensor (&grad_g_sum)[2] = r.grad_g_sum;
 
-  auto block = [C](const at::Tensor& t, int64_t i) { return t.narrow(0, i * C, C); };
+  auto block = [C](const at::Tensor& t, GBlock i) { return t.narrow(0, static_cast<int64_t>(i) * C, C); };
   std::vector<at::Tensor> grads;
   grads.reserve(2 + kNumParams);
   grads.push_back(r.grad_x[0]);
   grads.push_back(r.grad_x[1]);
   // fc1: W1a and W1b are shared by the directions.
-  grads.push_back(at::cat({block(grad_wx[0], 0) + block(grad_wx[1], 0), block(grad_wx[0], 1) + block(grad_wx[1], 1)}, 1));
-  grads.push_back(block(grad_g_sum[0], 0) + block(grad_g_sum[1], 0));
+  grads.push_back(at::cat({block(grad_wx[0], kFc1Self) + block(grad_wx[1], kFc1Self),
+                           block(grad_wx[0], kFc1Other) + block(grad_wx[1], kFc1Other)},
+                          1));
+  grads.push_back(block(grad_g_sum[0], kFc1Self) + block(grad_g_sum[1], kFc1Self));
   grads.push_back(r.grad_w2);
   grads.push_back(r.grad_b2);
   grads.push_back(r.grad_k_noise);
@@ -498,13 +500,14 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
   std::vector<at::Tensor> per_direction;
   for (int d = 0; d < 2; ++d) {
     // d/d(Wv_d v_noise[d]) is the sum of the v_self column gradients.
-    const at::Tensor grad_vn_proj = block(grad_g_sum[d], 3);
+    const at::Tensor grad_vn_proj = block(grad_g_sum[d], kValueSelf);
     grad_v_noise[d].copy_(at::mv(w.wv[d].t(), grad_vn_proj));
-    const at::Tensor grad_wv = block(grad_wx[d], 3) + block(grad_wx[1 - d], 4) + at::outer(grad_vn_proj, w.v_noise[d]);
-    per_direction.push_back(at::cat({block(grad_wx[d], 2), r.grad_wk[d], grad_wv}));
+    const at::Tensor grad_wv =
+        block(grad_wx[d], kValueSelf) + block(grad_wx[1 - d], kValueOther) + at::outer(grad_vn_proj, w.v_noise[d]);
+    per_direction.push_back(at::cat({block(grad_wx[d], kQueryRaw), r.grad_wk[d], grad_wv}));
     // The key bias cancels in k_self - k_cross, so its gradient is exactly zero.
-    per_direction.push_back(at::cat({block(grad_g_sum[d], 2), at::zeros({C}, options),
-                                     block(grad_g_sum[d], 3) + block(grad_g_sum[1 - d], 4)}));
+    per_direction.push_back(at::cat({block(grad_g_sum[d], kQueryRaw), at::zeros({C}, options),
+                                     block(grad_g_sum[d], kValueSelf) + block(grad_g_sum[1 - d], kValueOther)}));
     per_direction.push_back(r.grad_wo[d]);
     per_direction.push_back(r.grad_bo[d]);
   }
