@@ -47,9 +47,12 @@ def extension_build():
     # torch's CPU build runs at::parallel_for on OpenMP; the inline header needs -fopenmp to be parallel.
     # -fno-trapping-math and -fno-math-errno (torch's own flags) let the compiler if-convert and
     # vectorize the per-pixel loops of the host path.
+    # -ffp-contract=off: GCC's default for GNU C++ fuses a * b + c into an fma in the AVX2+FMA row stages,
+    # which then differ from the oracle where the rounding of the product matters (an overflowing
+    # product stays finite; a saturated softmax's gradient does not cancel): csrc/fusion_math.h, mul_rn.
     # -fno-wrapv undoes the -fwrapv of Python's own CFLAGS, which setuptools passes first: with wrapping
     # signed ints GCC cannot count the iterations of the channel loops and leaves some of them scalar.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv", "-ffp-contract=off"]
     if _compiler_is_gcc():
         # The mix stages read and write a dozen rows; GCC's default of 10 alias checks keeps them scalar.
         cxx_flags.append("--param=vect-max-version-for-alias-checks=40")

@@ -20,35 +20,177 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <list>
+#include <mutex>
+#include <string>
 
 #include "fusion_api.h"
 
 namespace gk {
 
-PackedWeights pack_weights(at::TensorList p, int64_t C) {
-  const at::Tensor& fc1_weight = p[0];
-  const at::Tensor in_weight[2] = {p[6], p[10]};
-  const at::Tensor in_bias[2] = {p[7], p[11]};
-  const at::Tensor w1a = fc1_weight.narrow(1, 0, C), w1b = fc1_weight.narrow(1, C, C);
-  auto rows = [C](const at::Tensor& t, int64_t block) { return t.narrow(0, block * C, C); };
+FusionParamTensors named_params(at::TensorList params) {
+  TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams,
+              " parameters in FusionParams order, got ", params.size());
+  FusionParamTensors named;
+  int i = 0;
+#define GK_PARAM_ASSIGN(field, name, rank, a0, b0, a1, b1) named.field = params[i++];
+  GK_FUSION_PARAMS(GK_PARAM_ASSIGN)
+#undef GK_PARAM_ASSIGN
+  return named;
+}
+
+std::vector<ParamSpec> param_specs(int64_t C) {
+  std::vector<ParamSpec> specs;
+#define GK_PARAM_SPEC(field, name, rank, a0, b0, a1, b1)                              \
+  specs.push_back(ParamSpec{name, rank == 1 ? std::vector<int64_t>{a0 * C + b0}        \
+                                            : std::vector<int64_t>{a0 * C + b0, a1 * C + b1}});
+  GK_FUSION_PARAMS(GK_PARAM_SPEC)
+#undef GK_PARAM_SPEC
+  return specs;
+}
+
+PackedWeights pack_weights(at::TensorList params, int64_t C) {
+  const FusionParamTensors p = named_params(params);
+  const at::Tensor in_weight[2] = {p.in_proj_weight_0, p.in_proj_weight_1};
+  const at::Tensor in_bias[2] = {p.in_proj_bias_0, p.in_proj_bias_1};
+  const at::Tensor w1a = p.fc1_weight.narrow(1, 0, C), w1b = p.fc1_weight.narrow(1, C, C);
+  // in_proj rows are [Wq; Wk; Wv], C each
+  enum InProjBlock { kQuery = 0, kKey = 1, kValue = 2 };
+  auto rows = [C](const at::Tensor& t, InProjBlock block) { return t.narrow(0, block * C, C); };
   PackedWeights w;
-  w.wx = at::stack({at::cat({w1a, w1b, rows(in_weight[0], 0), rows(in_weight[0], 2), rows(in_weight[1], 2)}),
-                    at::cat({w1a, w1b, rows(in_weight[1], 0), rows(in_weight[1], 2), rows(in_weight[0], 2)})});
-  w.w2 = p[2];
-  w.wk = at::stack({rows(in_weight[0], 1), rows(in_weight[1], 1)});
-  w.wv = at::stack({rows(in_weight[0], 2), rows(in_weight[1], 2)});
-  w.wo = at::stack({p[8], p[12]});
-  w.b1 = p[1].contiguous();
-  w.b2 = p[3].contiguous();
-  w.k_noise = p[4].contiguous();
-  w.v_noise = p[5].contiguous();
-  w.bq = at::stack({rows(in_bias[0], 0), rows(in_bias[1], 0)});
-  w.bv = at::stack({rows(in_bias[0], 2), rows(in_bias[1], 2)});
-  w.bo = at::stack({p[9], p[13]});
+  w.wx = at::stack({at::cat({w1a, w1b, rows(in_weight[0], kQuery), rows(in_weight[0], kValue), rows(in_weight[1], kValue)}),
+                    at::cat({w1a, w1b, rows(in_weight[1], kQuery), rows(in_weight[1], kValue), rows(in_weight[0], kValue)})});
+  w.w2 = p.fc2_weight;
+  w.wk = at::stack({rows(in_weight[0], kKey), rows(in_weight[1], kKey)});
+  w.wv = at::stack({rows(in_weight[0], kValue), rows(in_weight[1], kValue)});
+  w.wo = at::stack({p.out_proj_weight_0, p.out_proj_weight_1});
+  w.b1 = p.fc1_bias.contiguous();
+  w.b2 = p.fc2_bias.contiguous();
+  w.k_noise = p.k_noise.contiguous();
+  w.v_noise = p.v_noise.contiguous();
+  w.bq = at::stack({rows(in_bias[0], kQuery), rows(in_bias[1], kQuery)});
+  w.bv = at::stack({rows(in_bias[0], kValue), rows(in_bias[1], kValue)});
+  w.bo = at::stack({p.out_proj_bias_0, p.out_proj_bias_1});
   // v_self - v_cross = Wv v_noise + Wv s - Wv o: the first term is the same for every pixel.
   w.vn_proj = at::bmm(w.wv, w.v_noise.unsqueeze(2)).squeeze(2).contiguous();
   return w;
+}
+
+namespace {
+
+// One parameter's identity for the weight cache (see cached_pack_weights).
+struct ParamIdentity {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  at::Device device;
+  uint32_t version;
+
+  explicit ParamIdentity(const at::Tensor& t)
+      : storage(t.storage().getWeakStorageImpl()),
+        data(t.const_data_ptr()),
+        sizes(t.sizes().vec()),
+        strides(t.strides().vec()),
+        dtype(t.scalar_type()),
+        device(t.device()),
+        version(t._version()) {}
+
+  bool matches(const at::Tensor& t) const {
+    // expired(): the storage was freed; its StorageImpl's memory stays allocated while this weak
+    // reference lives, so no other storage can sit at that address and compare equal.
+    return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+           data == t.const_data_ptr() && t.sizes() == at::IntArrayRef(sizes) &&
+           t.strides() == at::IntArrayRef(strides) && dtype == t.scalar_type() && device == t.device() &&
+           version == t._version();
+  }
+};
+
+struct WeightCacheEntry {
+  std::vector<ParamIdentity> params;
+  int64_t C;
+  c10::Stream stream;
+  PackedWeights weights;
+};
+
+struct WeightCache {
+  std::atomic<bool> enabled{true};
+  std::mutex mutex;
+  std::list<WeightCacheEntry> entries;  // most recently used first
+  int64_t hits = 0, misses = 0, uncached = 0;
+};
+
+WeightCache& weight_cache() {
+  static WeightCache* cache = new WeightCache();  // never destroyed: tensors must not be freed at exit
+  return *cache;
+}
+
+c10::Stream current_stream(const at::Device& device) {
+  return c10::impl::VirtualGuardImpl(device.type()).getStream(device);
+}
+
+}  // namespace
+
+PackedWeights cached_pack_weights(at::TensorList params, int64_t C) {
+  WeightCache& cache = weight_cache();
+  const bool versioned = cache.enabled.load() &&
+                         std::none_of(params.begin(), params.end(), [](const at::Tensor& t) { return t.is_inference(); });
+  if (!versioned) {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    ++cache.uncached;
+  } else {
+    const c10::Stream stream = current_stream(params[0].device());
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
+      if (it->C != C || it->stream != stream || it->params.size() != params.size()) continue;
+      bool same = true;
+      for (size_t i = 0; i < params.size() && same; ++i) same = it->params[i].matches(params[i]);
+      if (!same) continue;
+      ++cache.hits;
+      cache.entries.splice(cache.entries.begin(), cache.entries, it);
+      return it->weights;
+    }
+  }
+  PackedWeights w = pack_weights(params, C);
+  if (versioned) {
+    std::vector<ParamIdentity> identity;
+    identity.reserve(params.size());
+    for (const at::Tensor& t : params) identity.emplace_back(t);
+    const c10::Stream stream = current_stream(params[0].device());
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    ++cache.misses;
+    cache.entries.push_front(WeightCacheEntry{std::move(identity), C, stream, w});
+    if (cache.entries.size() > kWeightCacheEntries) cache.entries.pop_back();
+  }
+  return w;
+}
+
+void clear_weight_cache() {
+  WeightCache& cache = weight_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.entries.clear();
+  cache.hits = cache.misses = cache.uncached = 0;
+}
+
+bool set_weight_cache_enabled(bool enabled) {
+  WeightCache& cache = weight_cache();
+  const bool previous = cache.enabled.exchange(enabled);
+  if (!enabled) {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    cache.entries.clear();  // what was packed before cannot be trusted once the cache is back on
+  }
+  return previous;
+}
+
+std::vector<int64_t> weight_cache_info() {
+  WeightCache& cache = weight_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return {cache.hits, cache.misses, cache.uncached, static_cast<int64_t>(cache.entries.size())};
 }
 
 // Kernels trust their pointers, so the op checks what would make them read out of bounds even when
@@ -84,20 +226,13 @@ void check_arguments(const at::Tensor& x0, const at::Tensor& x1, at::TensorList 
               " must be positive and divide the channel count C=", C);
   TORCH_CHECK(params.size() == kNumParams, "gemini_kernels: expected ", kNumParams,
               " parameters in FusionParams order, got ", params.size());
-  static const char* const names[kNumParams] = {
-      "relation_judger.0.fc1.weight",      "relation_judger.0.fc1.bias",       "relation_judger.0.fc2.weight",
-      "relation_judger.0.fc2.bias",        "k_noise.weight",                   "v_noise.weight",
-      "cross_attn_0_to_1.in_proj_weight",  "cross_attn_0_to_1.in_proj_bias",   "cross_attn_0_to_1.out_proj.weight",
-      "cross_attn_0_to_1.out_proj.bias",   "cross_attn_1_to_0.in_proj_weight", "cross_attn_1_to_0.in_proj_bias",
-      "cross_attn_1_to_0.out_proj.weight", "cross_attn_1_to_0.out_proj.bias"};
-  const std::vector<int64_t> shapes[kNumParams] = {{C, 2 * C}, {C}, {C, C}, {C},         {2, C},
-                                                   {2, C},     {3 * C, C}, {3 * C}, {C, C}, {C},
-                                                   {3 * C, C}, {3 * C},    {C, C},  {C}};
+  const std::vector<ParamSpec> specs = param_specs(C);
   for (int i = 0; i < kNumParams; ++i) {
-    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), "gemini_kernels: params['", names[i],
-                "'] has shape ", params[i].sizes(), "; expected ", at::IntArrayRef(shapes[i]), " for C=", C);
+    const ParamSpec& spec = specs[i];
+    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(spec.shape), "gemini_kernels: params['", spec.name,
+                "'] has shape ", params[i].sizes(), "; expected ", at::IntArrayRef(spec.shape), " for C=", C);
     TORCH_CHECK(params[i].scalar_type() == x0.scalar_type() && params[i].device() == x0.device(),
-                "gemini_kernels: params['", names[i], "'] is ", params[i].scalar_type(), " on ", params[i].device(),
+                "gemini_kernels: params['", spec.name, "'] is ", params[i].scalar_type(), " on ", params[i].device(),
                 "; expected x0's ", x0.scalar_type(), " on ", x0.device());
   }
 }
@@ -128,7 +263,7 @@ void check_activations(at::TensorList activations, const at::Tensor& x0) {
   TORCH_CHECK(activations.size() == kNumActivations, "gemini_kernels: activations must be empty or the ",
               kNumActivations, " tensors fusion_forward returns with save_activations=True; got ", activations.size());
   static const char* const names[kNumActivations] = {"g0", "g1", "z", "dk"};
-  const std::vector<int64_t> shapes[kNumActivations] = {{M, 5 * C}, {M, 5 * C}, {2, M, C}, {2, M, C}};
+  const std::vector<int64_t> shapes[kNumActivations] = {{M, kGBlocks * C}, {M, kGBlocks * C}, {2, M, C}, {2, M, C}};
   for (int i = 0; i < kNumActivations; ++i) {
     const at::Tensor& a = activations[i];
     TORCH_CHECK(a.sizes() == at::IntArrayRef(shapes[i]) && a.scalar_type() == x0.scalar_type() &&
@@ -239,12 +374,15 @@ ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::Ten
                              bool save_activations, StageRunner run) {
   check_arguments(x0, x1, params, num_heads);
   const int64_t C = x0.size(-1);
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   KeyChain k = run_to_keys(x0, x1, w, num_heads,
                            save_activations ? KeyChainUse::SavingForward : KeyChainUse::Forward, {}, run);
   const int64_t M = k.x[0].size(0);
 
-  at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
+  // Allocated in the inputs' shape and written through (M, C) views, so that the outputs are not views
+  // themselves: autograd refuses in-place changes (y0 += x0, relu_) to a view a custom op returns.
+  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  at::Tensor y[2] = {out[0].view({M, C}), out[1].view({M, C})};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
   const at::Tensor mixed = k.hidden;  // hidden and e, which shares its buffer, are dead once dk is computed
   FusionBuffers& b = k.buffers;
@@ -256,7 +394,7 @@ ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::Ten
   for (int d = 0; d < 2; ++d) y[d].addmm_(mixed[d], w.wo[d].t());
   std::vector<at::Tensor> activations;
   if (save_activations) activations = {k.g[0], k.g[1], k.z, k.dk};
-  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate, activations};
+  return {out[0], out[1], gate, activations};
 }
 
 std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
@@ -269,7 +407,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   check_activations(activations, x0);
   const auto dtype = x0.scalar_type();
   const auto options = x0.options();
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   KeyChain k = run_to_keys(x0, x1, w, num_heads, KeyChainUse::Backward, activations, run);
   const bool resumed = !activations.empty();
 
@@ -299,8 +437,11 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   at::Tensor grad_wo[2], grad_x[2];
   for (int d = 0; d < 2; ++d) grad_wo[d] = at::mm(gy[d].t(), mixed[d]);
   const at::Tensor grad_wk = at::bmm(grad_dk.transpose(1, 2), k.e);
+  at::Tensor grad_x_out[2];  // in the inputs' shape, for the reason of fusion_forward's outputs
   for (int d = 0; d < 2; ++d) {
-    grad_x[d] = at::mm(grad_dk[d], w.wk[d]);  // d/de, overwritten in place with the elementwise d/dx_d
+    grad_x_out[d] = at::empty((d == 0 ? x0 : x1).sizes(), options);
+    grad_x[d] = grad_x_out[d].view({M, C});
+    at::mm_out(grad_x[d], grad_dk[d], w.wk[d]);  // d/de, overwritten in place with the elementwise d/dx_d
     b.grad_e[d] = grad_x[d].const_data_ptr();
     b.grad_x[d] = grad_x[d].data_ptr();
   }
@@ -322,7 +463,7 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
   }
   WeightGradients r;
   for (int d = 0; d < 2; ++d) {
-    r.grad_x[d] = grad_x[d];
+    r.grad_x[d] = grad_x_out[d];
     r.grad_wx[d] = grad_wx[d];
     r.grad_g_sum[d] = grad_g[d].sum(0);
     r.grad_wo[d] = grad_wo[d];
@@ -342,14 +483,16 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
   const at::Tensor (&grad_wx)[2] = r.grad_wx;
   const at::Tensor (&grad_g_sum)[2] = r.grad_g_sum;
 
-  auto block = [C](const at::Tensor& t, int64_t i) { return t.narrow(0, i * C, C); };
+  auto block = [C](const at::Tensor& t, GBlock i) { return t.narrow(0, static_cast<int64_t>(i) * C, C); };
   std::vector<at::Tensor> grads;
   grads.reserve(2 + kNumParams);
-  grads.push_back(r.grad_x[0].view(x0.sizes()));
-  grads.push_back(r.grad_x[1].view(x1.sizes()));
+  grads.push_back(r.grad_x[0]);
+  grads.push_back(r.grad_x[1]);
   // fc1: W1a and W1b are shared by the directions.
-  grads.push_back(at::cat({block(grad_wx[0], 0) + block(grad_wx[1], 0), block(grad_wx[0], 1) + block(grad_wx[1], 1)}, 1));
-  grads.push_back(block(grad_g_sum[0], 0) + block(grad_g_sum[1], 0));
+  grads.push_back(at::cat({block(grad_wx[0], kFc1Self) + block(grad_wx[1], kFc1Self),
+                           block(grad_wx[0], kFc1Other) + block(grad_wx[1], kFc1Other)},
+                          1));
+  grads.push_back(block(grad_g_sum[0], kFc1Self) + block(grad_g_sum[1], kFc1Self));
   grads.push_back(r.grad_w2);
   grads.push_back(r.grad_b2);
   grads.push_back(r.grad_k_noise);
@@ -357,13 +500,14 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
   std::vector<at::Tensor> per_direction;
   for (int d = 0; d < 2; ++d) {
     // d/d(Wv_d v_noise[d]) is the sum of the v_self column gradients.
-    const at::Tensor grad_vn_proj = block(grad_g_sum[d], 3);
+    const at::Tensor grad_vn_proj = block(grad_g_sum[d], kValueSelf);
     grad_v_noise[d].copy_(at::mv(w.wv[d].t(), grad_vn_proj));
-    const at::Tensor grad_wv = block(grad_wx[d], 3) + block(grad_wx[1 - d], 4) + at::outer(grad_vn_proj, w.v_noise[d]);
-    per_direction.push_back(at::cat({block(grad_wx[d], 2), r.grad_wk[d], grad_wv}));
+    const at::Tensor grad_wv =
+        block(grad_wx[d], kValueSelf) + block(grad_wx[1 - d], kValueOther) + at::outer(grad_vn_proj, w.v_noise[d]);
+    per_direction.push_back(at::cat({block(grad_wx[d], kQueryRaw), r.grad_wk[d], grad_wv}));
     // The key bias cancels in k_self - k_cross, so its gradient is exactly zero.
-    per_direction.push_back(at::cat({block(grad_g_sum[d], 2), at::zeros({C}, options),
-                                     block(grad_g_sum[d], 3) + block(grad_g_sum[1 - d], 4)}));
+    per_direction.push_back(at::cat({block(grad_g_sum[d], kQueryRaw), at::zeros({C}, options),
+                                     block(grad_g_sum[d], kValueSelf) + block(grad_g_sum[1 - d], kValueOther)}));
     per_direction.push_back(r.grad_wo[d]);
     per_direction.push_back(r.grad_bo[d]);
   }
@@ -381,6 +525,25 @@ TORCH_LIBRARY(gemini_kernels, m) {
   m.def(
       "fusion_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
       "Tensor[] activations, int num_heads) -> Tensor[]");
+  // The packed-weight cache (fusion_api.h, cached_pack_weights): forget it; its counters; on / off.
+  m.def("clear_weight_cache() -> ()", &gk::clear_weight_cache);
+  m.def("weight_cache_info() -> int[]", &gk::weight_cache_info);
+  m.def("set_weight_cache_enabled(bool enabled) -> bool", &gk::set_weight_cache_enabled);
+  // The parameter table as the C++ reads it (fusion_params.h): names, and the shapes for width C,
+  // flattened as rank, dims..., for tests that compare it with params.py's.
+  m.def("param_names() -> str[]", []() {
+    std::vector<std::string> names;
+    for (const auto& spec : gk::param_specs(1)) names.emplace_back(spec.name);
+    return names;
+  });
+  m.def("param_shapes(int C) -> int[]", [](int64_t C) {
+    std::vector<int64_t> flat;
+    for (const auto& spec : gk::param_specs(C)) {
+      flat.push_back(static_cast<int64_t>(spec.shape.size()));
+      flat.insert(flat.end(), spec.shape.begin(), spec.shape.end());
+    }
+    return flat;
+  });
 }
 
 // A plain module: importing it runs the static registrations above (and the CPU / CUDA impls).

@@ -9,10 +9,31 @@
 #include <vector>
 
 #include "fusion_math.h"
+#include "fusion_params.h"
 
 namespace gk {
 
-constexpr int kNumParams = 14;
+#define GK_COUNT_PARAM(field, name, rank, a0, b0, a1, b1) +1
+constexpr int kNumParams = 0 GK_FUSION_PARAMS(GK_COUNT_PARAM);
+#undef GK_COUNT_PARAM
+
+// The parameters by name (fusion_params.h), as Flash_fwd_params names FlashAttention's: the op
+// receives them as a list in FusionParams order, and nothing past named_params indexes that list.
+struct FusionParamTensors {
+#define GK_PARAM_FIELD(field, name, rank, a0, b0, a1, b1) at::Tensor field;
+  GK_FUSION_PARAMS(GK_PARAM_FIELD)
+#undef GK_PARAM_FIELD
+};
+
+// params: kNumParams tensors in FusionParams order (checked by check_arguments).
+FusionParamTensors named_params(at::TensorList params);
+
+// One row of the table: the published name and the expected shape for width C.
+struct ParamSpec {
+  const char* name;
+  std::vector<int64_t> shape;
+};
+std::vector<ParamSpec> param_specs(int64_t C);
 
 // The parameters rearranged for the batched GEMMs (a few C x C copies, small next to M x C).
 struct PackedWeights {
@@ -26,6 +47,23 @@ struct PackedWeights {
 };
 
 PackedWeights pack_weights(at::TensorList params, int64_t C);
+
+// pack_weights, once per parameter version: the last kWeightCacheEntries packings are kept, each
+// keyed by every parameter's storage (held by a weak reference, so that a freed storage's address
+// cannot come back as a false match while the entry lives), data pointer, sizes, strides, dtype,
+// device, version counter and the current stream. An in-place update (an optimizer step,
+// load_state_dict's copy_) bumps the version, and the next call packs again. Inference tensors have
+// no version counter and are packed on every call. Writes that bypass the version counter
+// (`p.data.mul_(2)`, torch.autograd.gradcheck's perturbations, writes through a raw pointer) are
+// not seen, as autograd does not see them: clear_weight_cache() forgets every entry, and
+// set_weight_cache_enabled(false) turns the cache off.
+PackedWeights cached_pack_weights(at::TensorList params, int64_t C);
+constexpr size_t kWeightCacheEntries = 32;
+void clear_weight_cache();
+// Turns the cache on or off (on by default); returns the previous setting. Off, every call packs.
+bool set_weight_cache_enabled(bool enabled);
+// hits, misses (packings cached), uncached (packings of inference tensors), entries
+std::vector<int64_t> weight_cache_info();
 // The per-layer fields of FusionBuffers (sizes, scale, bias and noise pointers); the caller adds the
 // per-call activation pointers.
 FusionBuffers parameter_buffers(const PackedWeights& w, int64_t C, int64_t num_heads);
@@ -45,7 +83,7 @@ std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads);
 
 // The reduced gradients of a backward, before they are rearranged into the parameters' layout.
 struct WeightGradients {
-  at::Tensor grad_x[2];      // (M, C): d/dx_d
+  at::Tensor grad_x[2];      // d/dx_d in x_d's shape (not a view of an (M, C) tensor)
   at::Tensor grad_wx[2];     // (5C, C): d/dwx[d]
   at::Tensor grad_g_sum[2];  // (5C,): column sums of d/dg[d]
   at::Tensor grad_w2;        // (C, C)

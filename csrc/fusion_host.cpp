@@ -219,14 +219,16 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
   const int64_t H = num_heads;
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
   const at::Tensor w2 = w.w2.contiguous();
-  at::Tensor y[2] = {at::empty({M, C}, x0.options()), at::empty({M, C}, x0.options())};
+  // In the inputs' shape, not views of (M, C) tensors (see fusion_forward in fusion_api.cpp).
+  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  at::Tensor y[2] = {out[0].view({M, C}), out[1].view({M, C})};
   at::Tensor gate = at::empty(gate_shape(x0.sizes(), H), x0.options().dtype(accumulation_type(x0.scalar_type())));
   std::vector<at::Tensor> saved;  // g[0], g[1], z, dk (check_activations); the tiles write g there directly
   if (save_activations)
-    saved = {at::empty({M, 5 * C}, x0.options()), at::empty({M, 5 * C}, x0.options()),
+    saved = {at::empty({M, kGBlocks * C}, x0.options()), at::empty({M, kGBlocks * C}, x0.options()),
              at::empty({2, M, C}, x0.options()), at::empty({2, M, C}, x0.options())};
   const FusionBuffers base = parameter_buffers(w, C, H);
   const T* wx = w.wx.const_data_ptr<T>();
@@ -251,11 +253,11 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
       FusionBuffers b = base;
       b.pixels = n;
       for (int d = 0; d < 2; ++d) {
-        T* g = save_activations ? saved[d].data_ptr<T>() + p0 * 5 * C : scratch.data() + d * P * 5 * C;
+        T* g = save_activations ? saved[d].data_ptr<T>() + p0 * kGBlocks * C : scratch.data() + d * P * kGBlocks * C;
         b.x[d] = rows_of<T>(x[d], p0, C);
         b.g[d] = g;
         b.y[d] = y[d].data_ptr<T>() + p0 * C;
-        gemm_abt<T>(n, 5 * C, C, rows_of<T>(x[d], p0, C), C, wx + d * 5 * C * C, C, T(0), g, 5 * C);
+        gemm_abt<T>(n, kGBlocks * C, C, rows_of<T>(x[d], p0, C), C, wx + d * kGBlocks * C * C, C, T(0), g, kGBlocks * C);
       }
       b.hidden = hidden;
       b.z = z;
@@ -278,7 +280,7 @@ ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
       }
     }
   });
-  return {y[0].view(x0.sizes()), y[1].view(x1.sizes()), gate, saved};
+  return {out[0], out[1], gate, saved};
 }
 
 // ---- tiled backward ---------------------------------------------------------------------------
@@ -288,7 +290,7 @@ template <class T>
 struct GradientSums {
   std::vector<T> wx, wk, wo, w2, g_sum, b2, k_noise;
   explicit GradientSums(int64_t C)
-      : wx(2 * 5 * C * C), wk(2 * C * C), wo(2 * C * C), w2(C * C), g_sum(2 * 5 * C), b2(C), k_noise(2 * C) {}
+      : wx(2 * kGBlocks * C * C), wk(2 * C * C), wo(2 * C * C), w2(C * C), g_sum(2 * kGBlocks * C), b2(C), k_noise(2 * C) {}
 };
 
 template <class T>
@@ -300,12 +302,13 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   const int64_t M = x0.numel() / C;
   const int64_t H = num_heads;
   const auto options = x0.options();
-  const PackedWeights w = pack_weights(params, C);
+  const PackedWeights w = cached_pack_weights(params, C);
   const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
   const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
   const at::Tensor gate_rows = gate.contiguous();
   const at::Tensor w2 = w.w2.contiguous();
-  at::Tensor grad_x[2] = {at::empty({M, C}, options), at::empty({M, C}, options)};
+  const at::Tensor grad_x_out[2] = {at::empty(x0.sizes(), options), at::empty(x1.sizes(), options)};
+  at::Tensor grad_x[2] = {grad_x_out[0].view({M, C}), grad_x_out[1].view({M, C})};
   const FusionBuffers base = parameter_buffers(w, C, H);
   const T* wx = w.wx.const_data_ptr<T>();
   const T* wk = w.wk.const_data_ptr<T>();
@@ -333,7 +336,7 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
     // d/ddk; d/dmixed, then mixed (each 2, P, C); log-sum-exps (2, P); gates (2, P, H)
     std::vector<T> scratch(P * 20 * C);
     std::vector<A> lse(2 * P), gate_tile(2 * P * H);
-    T* g[2] = {scratch.data(), scratch.data() + P * 5 * C};
+    T* g[2] = {scratch.data(), scratch.data() + P * kGBlocks * C};
     T* hidden = scratch.data() + P * 10 * C;
     T* z = hidden + 2 * P * C;
     T* e = z + 2 * P * C;
@@ -349,9 +352,9 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
       // buffers take its gradient; z and dk are copied, as the stages below overwrite them.
       for (int d = 0; d < 2; ++d) {
         b.x[d] = rows_of<T>(x[d], p0, C);
-        b.g[d] = resume ? saved_g[d] + p0 * 5 * C : g[d];
+        b.g[d] = resume ? saved_g[d] + p0 * kGBlocks * C : g[d];
         if (!resume)
-          gemm_abt<T>(n, 5 * C, C, rows_of<T>(x[d], p0, C), C, wx + d * 5 * C * C, C, T(0), g[d], 5 * C);
+          gemm_abt<T>(n, kGBlocks * C, C, rows_of<T>(x[d], p0, C), C, wx + d * kGBlocks * C * C, C, T(0), g[d], kGBlocks * C);
       }
       b.hidden = hidden;
       b.z = z;
@@ -401,9 +404,9 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
 
       for (int d = 0; d < 2; ++d) {
         T* gx = grad_x[d].data_ptr<T>() + p0 * C;
-        gemm_ab<T>(n, C, 5 * C, g[d], 5 * C, wx + d * 5 * C * C, C, T(1), gx, C);
-        gemm_atb_accumulate<T>(n, 5 * C, C, g[d], 5 * C, rows_of<T>(x[d], p0, C), C, sum.wx.data() + d * 5 * C * C);
-        add_column_sums<T>(n, 5 * C, g[d], 5 * C, sum.g_sum.data() + d * 5 * C);
+        gemm_ab<T>(n, C, kGBlocks * C, g[d], kGBlocks * C, wx + d * kGBlocks * C * C, C, T(1), gx, C);
+        gemm_atb_accumulate<T>(n, kGBlocks * C, C, g[d], kGBlocks * C, rows_of<T>(x[d], p0, C), C, sum.wx.data() + d * kGBlocks * C * C);
+        add_column_sums<T>(n, kGBlocks * C, g[d], kGBlocks * C, sum.g_sum.data() + d * kGBlocks * C);
       }
     }
    }
@@ -429,9 +432,9 @@ std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tens
   };
   WeightGradients r;
   for (int d = 0; d < 2; ++d) {
-    r.grad_x[d] = grad_x[d];
-    r.grad_wx[d] = tensor(total.wx, d * 5 * C * C, {5 * C, C});
-    r.grad_g_sum[d] = tensor(total.g_sum, d * 5 * C, {5 * C});
+    r.grad_x[d] = grad_x_out[d];
+    r.grad_wx[d] = tensor(total.wx, d * kGBlocks * C * C, {kGBlocks * C, C});
+    r.grad_g_sum[d] = tensor(total.g_sum, d * kGBlocks * C, {kGBlocks * C});
     r.grad_wo[d] = tensor(total.wo, d * C * C, {C, C});
     r.grad_bo[d] = gy[d].sum(0);
   }

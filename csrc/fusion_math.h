@@ -113,6 +113,27 @@ GK_HD float erf_(float x) {
 GK_HD double erf_(double x) { return erf(x); }
 GK_HD float log_(float x) { return logf(x); }
 GK_HD double log_(double x) { return log(x); }
+// A product that is rounded before anything is added to it, as the oracle's separate multiply and sum
+// round it: never contracted into an fma. On the device through the _rn intrinsics, which nvcc does
+// not fuse (its default --fmad=true fuses a * b + c elsewhere); on the host the build passes
+// -ffp-contract=off (setup.py, _jit_build.py), which keeps every a * b + c of the AVX2+FMA stages
+// unfused. Where it matters: an fma never rounds its product, so a product that overflows in the
+// oracle (+-inf, and inf - inf = NaN) stays finite, and a sum -x + fma(a, b, x) is not the zero it
+// is when a * b was rounded on its own (a saturated softmax's gradient).
+GK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GK_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 // A comparison rather than fmax, which the host compiler can vectorize (NaNs still reach the softmax
 // through exp).
 template <class A>
@@ -206,6 +227,17 @@ struct FusionBuffers {
   void* grad_x[2];          // (M, C) each, may be grad_e: the elementwise part of d/dx_d (residual, key delta)
 };
 
+// The column blocks of a g-layout row (g and grad_g above), C columns each, by name rather than offset:
+// of g[d], x_d times W1a, W1b, Wq_d, Wv_d, and Wv_{1-d} (the other direction's value projection,
+// which reads x_d as its other modality); pack_weights stacks wx in this order.
+enum GBlock : int { kFc1Self = 0, kFc1Other = 1, kQueryRaw = 2, kValueSelf = 3, kValueOther = 4 };
+constexpr int kGBlocks = 5;
+// Where block `block` of row `pixel` starts in a g-layout buffer.
+template <class P>
+GK_HD P* g_block(P* base, int64_t pixel, int C, GBlock block) {
+  return base + pixel * kGBlocks * C + static_cast<int64_t>(block) * C;
+}
+
 template <class T>
 GK_HD const T* cptr(const void* p) { return static_cast<const T*>(p); }
 template <class T>
@@ -251,8 +283,8 @@ struct HiddenForward {
     using V = Convert<T>;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
-    const T* own = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C;
-    const T* other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + C;
+    const T* own = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kFc1Self);
+    const T* other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kFc1Other);
     const T* b1 = cptr<T>(b.b1);
     T* out = mptr<T>(b.hidden) + ix.row * C;
     for (int c = team.first(); c < C; c += team.stride()) {
@@ -312,9 +344,9 @@ struct MixForward {
     const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
-    const T* q_raw = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 2 * C;
-    const T* v_self = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 3 * C;     // Wv_d s
-    const T* v_other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + 4 * C;  // Wv_d o
+    const T* q_raw = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kQueryRaw);
+    const T* v_self = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kValueSelf);     // Wv_d s
+    const T* v_other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kValueOther);  // Wv_d o
     const T* dk = cptr<T>(b.dk) + ix.row * C;
     const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
     const T* bq = cptr<T>(b.bq) + ix.d * C;
@@ -332,7 +364,7 @@ struct MixForward {
       A logit = 0;
       GK_SIMD_SUM(logit)
       for (int c = lo + team.first(); c < hi; c += team.stride())
-        logit += (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale * V::template load<A>(dk[c]);
+        logit += mul_rn((V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale, V::template load<A>(dk[c]));
       logit = team.sum(logit);
       if (team.leader()) gate[j] = logit;
     }
@@ -370,9 +402,9 @@ struct MixBackward {
     const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
-    const T* q_raw = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 2 * C;
-    const T* v_self = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C + 3 * C;
-    const T* v_other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + 4 * C;
+    const T* q_raw = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kQueryRaw);
+    const T* v_self = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kValueSelf);
+    const T* v_other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kValueOther);
     const T* dk = cptr<T>(b.dk) + ix.row * C;
     const T* bq = cptr<T>(b.bq) + ix.d * C;
     const T* bv = cptr<T>(b.bv) + ix.d * C;
@@ -381,9 +413,9 @@ struct MixBackward {
     const A* gate = cptr<A>(b.gate) + ix.row * b.heads;
     T* mixed = mptr<T>(b.mixed) + ix.row * C;
     T* grad_dk = mptr<T>(b.grad_dk) + ix.row * C;
-    T* grad_q_raw = mptr<T>(b.grad_g[ix.d]) + ix.pixel * 5 * C + 2 * C;
-    T* grad_v_self = mptr<T>(b.grad_g[ix.d]) + ix.pixel * 5 * C + 3 * C;
-    T* grad_v_other = mptr<T>(b.grad_g[ix.other]) + ix.pixel * 5 * C + 4 * C;
+    T* grad_q_raw = g_block(mptr<T>(b.grad_g[ix.d]), ix.pixel, C, kQueryRaw);
+    T* grad_v_self = g_block(mptr<T>(b.grad_g[ix.d]), ix.pixel, C, kValueSelf);
+    T* grad_v_other = g_block(mptr<T>(b.grad_g[ix.other]), ix.pixel, C, kValueOther);
 
     for (int j = 0; j < b.heads; ++j) {
       const int lo = j * width, hi = lo + width;
@@ -438,7 +470,10 @@ struct RelationBackward {
     for (int c = team.first(); c < C; c += team.stride()) {
       const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
       if (stores_accumulator<T>()) z[c] = V::template store<A>(rel);  // parked, to spare the second exp below
-      dot -= rel * V::template load<A>(grad_e[c]) * V::template load<A>(s[c]);
+      // The very grad_rel of the loop below, rounded alike: where the softmax saturates (rel = 1 on
+      // one channel), grad_rel - dot must cancel exactly, as it does in the oracle.
+      const A grad_rel = -mul_rn(V::template load<A>(grad_e[c]), V::template load<A>(s[c]));
+      dot += mul_rn(rel, grad_rel);
     }
     dot = team.sum(dot);
     GK_SIMD
@@ -446,7 +481,7 @@ struct RelationBackward {
       const A rel = stores_accumulator<T>() ? V::template load<A>(z[c])
                                             : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
       const A ge = V::template load<A>(grad_e[c]);
-      const A grad_rel = -ge * V::template load<A>(s[c]);
+      const A grad_rel = -mul_rn(ge, V::template load<A>(s[c]));
       z[c] = V::template store<A>(rel * (grad_rel - dot));
       grad_x[c] = V::template store<A>(V::template load<A>(grad_y[c]) + ge * key_delta_ds(rel));
     }
@@ -463,12 +498,12 @@ struct HiddenBackward {
     using V = Convert<T>;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
-    const T* own = cptr<T>(b.g[ix.d]) + ix.pixel * 5 * C;
-    const T* other = cptr<T>(b.g[ix.other]) + ix.pixel * 5 * C + C;
+    const T* own = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kFc1Self);
+    const T* other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kFc1Other);
     const T* b1 = cptr<T>(b.b1);
     const T* grad_hidden = cptr<T>(b.grad_hidden) + ix.row * C;
-    T* grad_own = mptr<T>(b.grad_g[ix.d]) + ix.pixel * 5 * C;
-    T* grad_other = mptr<T>(b.grad_g[ix.other]) + ix.pixel * 5 * C + C;
+    T* grad_own = g_block(mptr<T>(b.grad_g[ix.d]), ix.pixel, C, kFc1Self);
+    T* grad_other = g_block(mptr<T>(b.grad_g[ix.other]), ix.pixel, C, kFc1Other);
     for (int c = team.first(); c < C; c += team.stride()) {
       const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
       const T gu = V::template store<A>(V::template load<A>(grad_hidden[c]) * gelu_grad(u));

@@ -103,7 +103,8 @@ def test_gradcheck_float64(save_mode):
     def f(x0, x1, *params):
         return gemini_fusion(x0, x1, FusionParams(*params), 2, backend="cuda")
 
-    assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
+    with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
+        assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 def test_non_contiguous_inputs_and_params(save_mode):
@@ -302,6 +303,197 @@ def test_second_derivatives_raise():
         grad_x0.sum().backward()
 
 
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
+def test_gradient_penalty_raises_instead_of_a_wrong_gradient(save, monkeypatch):
+    """create_graph=True, then a loss on the gradient: the second derivative is not available, so it
+    raises (before the fix it ran, and the gradient had relative error ~1 against the oracle)."""
+    monkeypatch.setattr(cuda_fusion, "SAVE_ACTIVATIONS_FROM_WIDTH", SAVE_MODES["saved" if save else "recompute"])
+    x0, x1, params = make_case((2, 5), 16, requires_grad=True, seed=21)
+    y0, y1 = cuda_backend(x0, x1, params, 4)
+    (grad_x0,) = torch.autograd.grad(y0.sum(), x0, create_graph=True)  # upstream gradient: no grad of its own
+    penalty = (y0 * y1).sum() + grad_x0.square().sum()
+    with pytest.raises(RuntimeError, match="cannot differentiate twice"):
+        torch.autograd.grad(penalty, [x0, *params])
+
+
+@pytest.mark.parametrize("entry", ["gemini_fusion", "backend", "raw op"])
+def test_forward_mode_ad_names_what_is_unsupported(entry):
+    x0, x1, params = make_case((2, 3), 16, seed=22)
+    calls = {
+        "gemini_fusion": lambda a: gemini_fusion(a, x1, params, 4, backend="cuda")[0],
+        "backend": lambda a: cuda_fusion.fusion(a, x1, params, 4)[0],
+        "raw op": lambda a: torch.ops.gemini_kernels.fusion_forward(a, x1, list(params), 4)[0],
+    }
+    f = calls[entry]
+    tangent = torch.randn_like(x0)
+    with pytest.raises(RuntimeError, match="backend='cuda' has no forward-mode derivative.*torch.func"):
+        torch.func.jvp(f, (x0,), (tangent,))
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative.*dual tensors"):
+        f(forward_ad.make_dual(x0, tangent))
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
+def test_raw_op_is_differentiable(save):
+    """torch.ops.gemini_kernels.fusion_forward has an autograd formula: its gradients are the oracle's."""
+    x0, x1, params = make_case((3, 4), 16, requires_grad=True, seed=23)
+    inputs = [x0, x1, *params]
+    y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4, save)
+    assert not gate.requires_grad and not any(a.requires_grad for a in activations)
+    g0, g1 = _upstream(y0, y1, 24)
+    grads = torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), inputs)
+    r0, r1 = gemini_fusion_reference(x0, x1, params, 4)
+    ref = torch.autograd.grad((r0 * g0).sum() + (r1 * g1).sum(), inputs)
+    for name, g, r in zip(GRAD_NAMES, grads, ref):
+        assert rel_err(g, r) < 1e-11, name
+
+
+@pytest.mark.parametrize("dim", [16, 320], ids=["tiled", "untiled"])
+@pytest.mark.parametrize("inplace", ["add", "relu"])
+def test_outputs_can_be_modified_in_place_under_autograd(dim, inplace, save_mode):
+    """The outputs are not views of internal (M, C) tensors: in-place ops on them work under autograd
+    and differentiate as the oracle's."""
+    x0, x1, params = make_case((2, 3), dim, requires_grad=True, seed=25)
+    inputs = [x0, x1, *params]
+
+    def loss(fn):
+        y0, y1 = fn(x0, x1, params, 8)
+        assert y0._base is None and y1._base is None
+        if inplace == "add":
+            y0 += x0
+        else:
+            torch.relu_(y1)
+        return torch.autograd.grad((y0 * y1).sum(), inputs)
+
+    for name, g, r in zip(GRAD_NAMES, loss(cuda_backend), loss(gemini_fusion_reference)):
+        assert rel_err(g, r) < 1e-11, name
+
+
+def _row_stage_capabilities():
+    """The CPU capabilities the host row stages are compiled for (csrc/fusion_host.cpp): the x86-64
+    baseline, and AVX2+FMA where the CPU has them (AVX512 machines run the AVX2 code)."""
+    caps = ["default"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        caps.append("avx2")
+    return caps
+
+
+@pytest.mark.parametrize("capability", _row_stage_capabilities())
+def test_numerics_follow_the_oracle_on_every_capability(capability):
+    """Products are rounded before they are summed, as in the oracle (no fma contraction): float32
+    near overflow gives the NaN of inf - inf, and a saturated relation softmax float64 gradients of
+    ~1e-129, not fma rounding residue of ~1e-16 (before the fix, on AVX2: 22 finite gates, and
+    relative errors of 1e112)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(tests / "numerics_probe.py")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["capability"] == ("DEFAULT" if capability == "default" else "AVX2")
+    assert out["overflow_heads"] > 50, out  # the case must exercise the overflow
+    assert out["overflow_heads_not_nan"] == 0, out
+    bad = {k: v for k, v in out["saturated"].items() if not (v[0] < 1e-9 and 1e-135 < v[2] < 1e-120)}
+    assert not bad, f"[rel. error, max |ours|, max |oracle|] off: {bad}"
+
+
+@pytest.fixture
+def weight_cache():
+    cuda_fusion.clear_weight_cache()
+    yield cuda_fusion.weight_cache_info
+    cuda_fusion.clear_weight_cache()
+
+
+def _matches_oracle(x0, x1, params, heads, bound=1e-12):
+    y0, y1 = cuda_backend(x0, x1, params, heads)
+    r0, r1 = gemini_fusion_reference(x0, x1, params, heads)
+    return rel_err(y0, r0) < bound and rel_err(y1, r1) < bound
+
+
+@pytest.mark.parametrize("dim", [16, 320], ids=["tiled", "untiled"])
+def test_weights_are_packed_once_per_parameter_version(dim, weight_cache):
+    x0, x1, params = make_case((2, 3), dim, requires_grad=True, seed=41)
+    cuda_backend(x0, x1, params, 8)
+    assert weight_cache()["misses"] == 1
+    y0, y1 = cuda_backend(x0, x1, params, 8)
+    (y0 * y1).sum().backward()  # the backward packs nothing either
+    info = weight_cache()
+    assert (info["misses"], info["hits"]) == (1, 2), info
+    # An in-place update of any one parameter bumps its version: packed again, and right.
+    for i in (0, 6, 13):
+        with torch.no_grad():
+            params[i].mul_(1.5)
+        assert _matches_oracle(x0, x1, params, 8), FusionParams._fields[i]
+    assert weight_cache()["misses"] == 4
+
+
+def test_weight_cache_after_optimizer_steps_and_fresh_parameters(weight_cache):
+    torch.manual_seed(42)
+    module = GeminiFusion(32, num_heads=8, backend="cuda").double()
+    with torch.no_grad():  # non-zero biases and noises
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.5, momentum=0.9)
+    x0, x1, _ = make_case((2, 5), 32, seed=43)
+    for _ in range(3):
+        y0, y1 = module(x0, x1)
+        (y0 * y1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        r0, _ = gemini_fusion_reference(x0, x1, FusionParams.from_state_dict(module.state_dict()), 8)
+        assert rel_err(module(x0, x1)[0], r0) < 1e-12
+    # Parameters freed and new ones made in their place (the allocator may hand out the same
+    # addresses, with version 0 again): never a stale hit.
+    for seed in range(3):
+        _, _, params = make_case((2, 5), 32, seed=44 + seed)
+        assert _matches_oracle(x0, x1, params, 8)
+        del params
+
+
+def test_writes_past_the_version_counter_need_the_cache_cleared_or_off(weight_cache):
+    x0, x1, params = make_case((2, 5), 32, seed=46)
+    assert _matches_oracle(x0, x1, params, 8)
+    params[6].data.mul_(1.5)  # .data has a version counter of its own
+    cuda_fusion.clear_weight_cache()
+    assert _matches_oracle(x0, x1, params, 8)
+    with cuda_fusion.weight_cache_disabled():
+        params[6].data.mul_(1.5)
+        assert _matches_oracle(x0, x1, params, 8)
+        assert weight_cache()["entries"] == 0
+    assert torch.ops.gemini_kernels.set_weight_cache_enabled(True)  # restored
+
+
+def test_inference_tensors_are_not_cached(weight_cache):
+    with torch.inference_mode():
+        x0, x1, params = make_case((2, 5), 32, seed=45)
+        assert _matches_oracle(x0, x1, params, 8)
+        params[2].mul_(2.0)  # inference tensors have no version counter: nothing could see this
+        assert _matches_oracle(x0, x1, params, 8)
+    info = weight_cache()
+    assert info["uncached"] == 2 and info["entries"] == 0, info
+
+
+def test_the_extension_reads_the_parameter_table_of_params_py():
+    """csrc/fusion_params.h and params.py's table: the same names, order and shapes."""
+    from gemini_kernels.params import PARAM_NAMES, param_shapes
+
+    assert tuple(torch.ops.gemini_kernels.param_names()) == PARAM_NAMES
+    for dim in (1, 24, 320):
+        flat, shapes = list(torch.ops.gemini_kernels.param_shapes(dim)), []
+        while flat:
+            rank, flat = flat[0], flat[1:]
+            shapes.append(tuple(flat[:rank]))
+            flat = flat[rank:]
+        assert shapes == list(param_shapes(dim).values()), dim
+
+
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
 GPU_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -428,4 +620,5 @@ def test_gpu_gradcheck_float64(shape, dim, heads):
     def f(x0, x1, *params):
         return cuda_backend(x0, x1, FusionParams(*params), heads)
 
-    assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
+        assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)

@@ -22,8 +22,9 @@ from typing import List, Optional
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXTENSION = "gemini_kernels._C"
 # As setup.py's host build: OpenMP for at::parallel_for; torch's own math flags; -fno-wrapv so that GCC
-# can count (and vectorize) the channel loops.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"]
+# can count (and vectorize) the channel loops; -ffp-contract=off so that products are rounded as the
+# oracle rounds them (setup.py says where it matters).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
 
 

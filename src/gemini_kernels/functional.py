@@ -5,7 +5,7 @@ import torch
 
 from .backends import get_fusion, resolve_backend
 from .params import ParamsLike, as_fusion_params
-from .validation import check_call, forward_mode_ad_in_use
+from .validation import check_call, refuse_forward_mode_ad
 
 
 def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_heads: int = 8,
@@ -31,9 +31,6 @@ def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_he
         # Resolved, not just named: resolving is what loads a backend (into backends._LOADED), and in a
         # fresh process that asked for another backend the oracle has not been loaded yet.
         name = resolve_backend("torch", x0.device)
-    if name != "torch" and not torch.compiler.is_compiling():
-        mode = forward_mode_ad_in_use((x0, x1, *params))
-        if mode is not None:
-            raise RuntimeError(f"backend={name!r} has no forward-mode derivative, and {mode} is in use: its tangents "
-                               "would come out as zeros; use backend='torch' for forward-mode AD")
+    if name != "torch":
+        refuse_forward_mode_ad(name, (x0, x1, *params))
     return get_fusion(name)(x0, x1, params, num_heads)

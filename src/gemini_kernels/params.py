@@ -48,44 +48,34 @@ class FusionParams(NamedTuple):
         return dict(zip(PARAM_NAMES, self))
 
 
-# Published name of each FusionParams field, in field order.
-PARAM_NAMES = (
-    "relation_judger.0.fc1.weight",
-    "relation_judger.0.fc1.bias",
-    "relation_judger.0.fc2.weight",
-    "relation_judger.0.fc2.bias",
-    "k_noise.weight",
-    "v_noise.weight",
-    "cross_attn_0_to_1.in_proj_weight",
-    "cross_attn_0_to_1.in_proj_bias",
-    "cross_attn_0_to_1.out_proj.weight",
-    "cross_attn_0_to_1.out_proj.bias",
-    "cross_attn_1_to_0.in_proj_weight",
-    "cross_attn_1_to_0.in_proj_bias",
-    "cross_attn_1_to_0.out_proj.weight",
-    "cross_attn_1_to_0.out_proj.bias",
+# The parameter table: FusionParams field, published name, shape as a function of the width C, in
+# field order. PARAM_NAMES and param_shapes both read it; the extension's table (csrc/fusion_params.h)
+# is compared with it in tests/test_cuda_host.py.
+_PARAM_TABLE = (
+    ("fc1_weight", "relation_judger.0.fc1.weight", lambda c: (c, 2 * c)),
+    ("fc1_bias", "relation_judger.0.fc1.bias", lambda c: (c,)),
+    ("fc2_weight", "relation_judger.0.fc2.weight", lambda c: (c, c)),
+    ("fc2_bias", "relation_judger.0.fc2.bias", lambda c: (c,)),
+    ("k_noise", "k_noise.weight", lambda c: (2, c)),
+    ("v_noise", "v_noise.weight", lambda c: (2, c)),
+    ("in_proj_weight_0", "cross_attn_0_to_1.in_proj_weight", lambda c: (3 * c, c)),
+    ("in_proj_bias_0", "cross_attn_0_to_1.in_proj_bias", lambda c: (3 * c,)),
+    ("out_proj_weight_0", "cross_attn_0_to_1.out_proj.weight", lambda c: (c, c)),
+    ("out_proj_bias_0", "cross_attn_0_to_1.out_proj.bias", lambda c: (c,)),
+    ("in_proj_weight_1", "cross_attn_1_to_0.in_proj_weight", lambda c: (3 * c, c)),
+    ("in_proj_bias_1", "cross_attn_1_to_0.in_proj_bias", lambda c: (3 * c,)),
+    ("out_proj_weight_1", "cross_attn_1_to_0.out_proj.weight", lambda c: (c, c)),
+    ("out_proj_bias_1", "cross_attn_1_to_0.out_proj.bias", lambda c: (c,)),
 )
+assert tuple(field for field, _, _ in _PARAM_TABLE) == FusionParams._fields, "_PARAM_TABLE is out of FusionParams order"
+
+# Published name of each FusionParams field, in field order.
+PARAM_NAMES = tuple(name for _, name, _ in _PARAM_TABLE)
 
 
 def param_shapes(dim: int) -> dict:
     """The expected shape of every parameter for a fusion layer of width ``dim``."""
-    c = dim
-    return {
-        "relation_judger.0.fc1.weight": (c, 2 * c),
-        "relation_judger.0.fc1.bias": (c,),
-        "relation_judger.0.fc2.weight": (c, c),
-        "relation_judger.0.fc2.bias": (c,),
-        "k_noise.weight": (2, c),
-        "v_noise.weight": (2, c),
-        "cross_attn_0_to_1.in_proj_weight": (3 * c, c),
-        "cross_attn_0_to_1.in_proj_bias": (3 * c,),
-        "cross_attn_0_to_1.out_proj.weight": (c, c),
-        "cross_attn_0_to_1.out_proj.bias": (c,),
-        "cross_attn_1_to_0.in_proj_weight": (3 * c, c),
-        "cross_attn_1_to_0.in_proj_bias": (3 * c,),
-        "cross_attn_1_to_0.out_proj.weight": (c, c),
-        "cross_attn_1_to_0.out_proj.bias": (c,),
-    }
+    return {name: shape(dim) for _, name, shape in _PARAM_TABLE}
 
 
 ParamsLike = Union[FusionParams, Mapping[str, Tensor]]

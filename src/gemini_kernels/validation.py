@@ -102,12 +102,25 @@ def forward_mode_ad_in_use(tensors) -> Optional[str]:
     would silently come out zero."""
     import torch.autograd.forward_ad as forward_ad
 
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        return "torch.autograd.forward_ad (dual tensors)"
+    # The transform first: inside torch.func.jvp the tensors are dual too, and the message should
+    # name what the caller wrote.
     if torch._C._functorch.peek_interpreter_stack() is not None:
         from torch._C._functorch import TransformType
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
         if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
             return "a torch.func forward-mode transform (jvp, jacfwd, linearize)"
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "torch.autograd.forward_ad (dual tensors)"
     return None
+
+
+def refuse_forward_mode_ad(backend: str, tensors) -> None:
+    """Raises, naming the backend and the transform, when a kernel backend runs under forward-mode AD
+    (see forward_mode_ad_in_use). Inside torch.compile's tracing there is none to detect."""
+    if torch.compiler.is_compiling():
+        return
+    mode = forward_mode_ad_in_use(tensors)
+    if mode is not None:
+        raise RuntimeError(f"backend={backend!r} has no forward-mode derivative, and {mode} is in use: its tangents "
+                           "would come out as zeros; use backend='torch' for forward-mode AD")

@@ -4,17 +4,20 @@ On CUDA tensors it runs the CUDA kernels (csrc/fusion_kernels.cu) between cuBLAS
 tensors it runs the same per-pixel math as host C++ (csrc/fusion_host.cpp) between MKL GEMMs.
 
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
-this module gives them fake implementations (so ``torch.compile`` traces them) and wraps them in an
-autograd.Function that saves the inputs and the per-pixel, per-head gates, and recomputes the rest;
-on CPU at wide layers it saves the forward's GEMM outputs too (see ``saves_activations``).
+this module gives them fake implementations (so ``torch.compile`` traces them) and autograd formulas
+(registered on the ops, so the raw ops are differentiable too): the forward's saves the inputs and
+the per-pixel, per-head gates, and recomputes the rest; on CPU at wide layers it saves the forward's
+GEMM outputs too (see ``saves_activations``). The backward op's formula refuses second derivatives.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from ..params import FusionParams
+from ..validation import refuse_forward_mode_ad
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository, in an environment where "
@@ -44,6 +47,7 @@ def _load() -> bool:
             return False
     torch.library.register_fake("gemini_kernels::fusion_forward")(_fusion_forward_fake)
     torch.library.register_fake("gemini_kernels::fusion_backward")(_fusion_backward_fake)
+    _register_autograd()
     _loaded = True
     return True
 
@@ -88,6 +92,36 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"it runs on CPU and CUDA tensors only; got a tensor on {device.type}"
 
 
+def weight_cache_info() -> dict:
+    """The counters of the extension's packed-weight cache (csrc/fusion_api.h, cached_pack_weights):
+    the parameters are rearranged for the GEMMs once per parameter version, not on every call."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    hits, misses, uncached, entries = torch.ops.gemini_kernels.weight_cache_info()
+    return {"hits": hits, "misses": misses, "uncached": uncached, "entries": entries}
+
+
+def clear_weight_cache() -> None:
+    """Forgets every packed weight (and zeroes the counters): for parameters changed in a way their
+    version counter does not see, such as ``p.data.copy_(...)``."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    torch.ops.gemini_kernels.clear_weight_cache()
+
+
+@contextlib.contextmanager
+def weight_cache_disabled():
+    """Packs the weights on every call inside the block: for code that changes parameters past their
+    version counter, such as ``torch.autograd.gradcheck``, which perturbs its inputs through ``.data``."""
+    if not _load():
+        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    previous = torch.ops.gemini_kernels.set_weight_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.ops.gemini_kernels.set_weight_cache_enabled(previous)
+
+
 # The channel count from which a CPU forward that autograd will differentiate keeps its GEMM outputs
 # g, z and dk for the backward (14 C values per pixel, under half of what the oracle's autograd
 # keeps) instead of letting the backward recompute them (7 of its 23 C^2 multiply-adds per pixel and
@@ -110,36 +144,88 @@ def saves_activations(x0: torch.Tensor) -> bool:
     return x0.device.type == "cpu" and x0.shape[-1] >= SAVE_ACTIVATIONS_FROM_WIDTH
 
 
-class _FusionFunction(torch.autograd.Function):
+class _ForwardFunction(torch.autograd.Function):
+    """The differentiable fusion_forward: the parameters as trailing arguments (autograd.Function
+    takes no lists of tensors); the outputs flat, y0, y1, gate, then the activations."""
+
     @staticmethod
-    def forward(ctx, x0, x1, num_heads, save_activations, *params):
-        y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(
-            x0, x1, list(params), num_heads, save_activations)
+    def forward(x0, x1, num_heads, save_activations, *params):
+        with torch._C._AutoDispatchBelowAutograd():  # the CPU / CUDA kernel, not _forward_autograd again
+            y0, y1, gate, activations = _forward_op(x0, x1, list(params), num_heads, save_activations)
+        return y0, y1, gate, *activations
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x0, x1, num_heads, _save_activations, *params = inputs
+        _, _, gate, *activations = output
+        # The gates and activations are the backward's inputs, not results a caller differentiates.
+        ctx.mark_non_differentiable(gate, *activations)
         ctx.save_for_backward(x0, x1, gate, *activations, *params)
         ctx.num_heads = num_heads
         ctx.num_activations = len(activations)
-        return y0, y1
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second derivatives raise rather than read as zero
-    def backward(ctx, grad_y0, grad_y1):
+    def backward(ctx, grad_y0, grad_y1, *_unused):
         x0, x1, gate, *rest = ctx.saved_tensors
         activations, params = rest[:ctx.num_activations], rest[ctx.num_activations:]
+        # Not once_differentiable, which returns constants whenever the incoming gradients do not
+        # require grad (a gradient penalty on y0.sum()), so that the penalty's gradient came out
+        # wrong. Under create_graph=True this runs with grad mode on, and fusion_backward's own
+        # formula (_no_double_backward) makes a derivative through these gradients raise.
         grads = torch.ops.gemini_kernels.fusion_backward(
             grad_y0, grad_y1, x0, x1, params, gate, activations, ctx.num_heads)
         return grads[0], grads[1], None, None, *grads[2:]
 
 
+def _forward_autograd(x0, x1, params, num_heads, save_activations=False):
+    """fusion_forward's Autograd kernel: the raw op (torch.ops.gemini_kernels.fusion_forward) is
+    differentiable, as the backend is; without it autograd left the inputs' gradients None and only
+    warned. Written by hand rather than with torch.library.register_autograd, whose kernel skips
+    autograd when no input requires grad, so that forward-mode AD (whose dual tensors need not)
+    silently got zero tangents; here it raises."""
+    refuse_forward_mode_ad("cuda", (x0, x1, *params))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x0, x1, *params)):
+        y0, y1, gate, *activations = _ForwardFunction.apply(x0, x1, num_heads, save_activations, *params)
+        return y0, y1, gate, activations
+    with torch._C._AutoDispatchBelowAutograd():
+        return _forward_op(x0, x1, params, num_heads, save_activations)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("gemini_kernels: the backward of backend='cuda' is not differentiable: it cannot "
+                       "differentiate twice (a gradient penalty or another second derivative of GeminiFusion "
+                       "needs backend='torch')")
+
+
+_library = None  # the fragment holding the Autograd kernel; kept alive, as dropping it unregisters
+_forward_op = None  # the op's overload, taken once: the kernels below call it below the Autograd key
+
+
+def _register_autograd() -> None:
+    global _library, _forward_op
+    if _library is not None:
+        return
+    _forward_op = torch.ops.gemini_kernels.fusion_forward.default
+    _library = torch.library.Library("gemini_kernels", "FRAGMENT")
+    _library.impl("fusion_forward", _forward_autograd, "Autograd")
+    # Without a formula the backward's outputs would read as constants, and a second derivative
+    # through them as zeros.
+    torch.library.register_autograd("gemini_kernels::fusion_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None, lib=_library)
+
+
 def _apply(x0, x1, num_heads, params):
     differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in (x0, x1, *params))
     save = differentiated and saves_activations(x0)
-    return _FusionFunction.apply(x0, x1, num_heads, save, *params)
+    y0, y1, _gate, _activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), num_heads, save)
+    return y0, y1
 
 
 def fusion(x0: torch.Tensor, x1: torch.Tensor, params: FusionParams, num_heads: int):
     """``(y0, y1)``; inputs validated by the caller (functional.gemini_fusion)."""
     if not _load():
         raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+    refuse_forward_mode_ad("cuda", (x0, x1, *params))  # also when called without gemini_fusion
     device_type = x0.device.type
     if x0.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         # As the oracle under autocast: products in the autocast dtype, softmaxes in float32 (the
