@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import gemini_kernels as gk
-from helpers import GPU
 
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -204,7 +203,6 @@ def test_the_default_outputs_leave_the_clone_clean(bench_run):
 
 
 @pytest.mark.gpu
-@GPU
 def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench_run, tmp_path):
     argv = tiny(tmp_path, "--no-results-md")
     argv[argv.index("--device") + 1] = "cuda"
