@@ -9,8 +9,10 @@ latency (forward, no grad) of
     two ``nn.MultiheadAttention`` modules (JiaDingCN/GeminiFusion models/mix_transformer.py).
 The target of the issue: fused at most 10% slower than no fusion, for training and for inference.
 
-    python models/bench_speed.py                 # on a CUDA GPU; writes a section of bench/RESULTS.md
-    python models/bench_speed.py --batch 1 --height 64 --width 64 --backbone mit_b0 --no-write  # smoke test
+    python bench/model_speed.py                  # on a CUDA GPU; writes a section of bench/RESULTS.md
+    python bench/model_speed.py --batch 1 --height 64 --width 64 --backbone mit_b0 --no-write  # smoke test
+
+Timed with the harness's loop (bench_timing.times_ms: CUDA events and a cold L2 on a GPU).
 
 Before timing, the outputs of every fused variant and of the published loop are compared with the oracle
 backend's on the same input (relative error printed), so that a fast wrong variant is not reported.
@@ -22,20 +24,20 @@ import contextlib
 import json
 import os
 import re
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-import gemini_kernels as gk
-from gemini_kernels import GeminiFusion
-from gemini_kernels.baselines import PublishedFusion
-from gemini_seg import build_model
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gemini_kernels as gk  # noqa: E402
+from bench_timing import median_ms  # noqa: E402
+from gemini_kernels import GeminiFusion  # noqa: E402
+from gemini_kernels.baselines import PublishedFusion  # noqa: E402
+from gemini_seg import build_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- models/bench_speed.py: begin -->", "<!-- models/bench_speed.py: end -->"
+BEGIN, END = "<!-- bench/model_speed.py: begin -->", "<!-- bench/model_speed.py: end -->"
 
 
 # Logits of the whole model against the oracle backend's, under the same autocast: a variant further
@@ -57,39 +59,15 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def cuda_ms(fn, warmup, runs):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def cpu_ms(fn, warmup, runs):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def loss_fn(outputs, target):
     return sum(F.cross_entropy(F.interpolate(o.float(), size=target.shape[-2:], mode="bilinear",
                                              align_corners=False), target, ignore_index=255) for o in outputs)
 
 
 def measure(model, inputs, target, dtype, device, warmup, runs):
-    timer = cuda_ms if device.type == "cuda" else cpu_ms
+    def timer(fn, warmup, runs):
+        return median_ms(lambda i: fn(), device, warmup, runs)
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def train_step():
@@ -213,7 +191,7 @@ def _version(module):
 def write_results(setup, rows, verdict):
     lines = [
         BEGIN,
-        "## Whole model: MiT-B3 GeminiFusion segmenter (models/bench_speed.py)",
+        "## Whole model: MiT-B3 GeminiFusion segmenter (bench/model_speed.py)",
         "",
         f"{setup['backbone']}, batch {setup['batch']}, {setup['size'][0]}x{setup['size'][1]}, {setup['dtype']} autocast, "
         f"{setup['device']}, torch {setup['torch']}, triton {setup['triton']}; median of {setup['runs']} runs "
