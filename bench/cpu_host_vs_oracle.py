@@ -48,14 +48,15 @@ def summary(times_and_faults):
     return statistics.median(times), min(times), statistics.mean(faults) if faults else 0.0
 
 
-def main():
-    stages = stage_dims()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_cpu_args(doc: str, default_stages) -> argparse.Namespace:
+    """The flags of the CPU scripts (this one and bench/experiments/save_activations.py); sets the
+    thread count and stops, saying why, where the host path is unavailable."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=sorted(stages))
+    parser.add_argument("--stages", type=int, nargs="+", default=list(default_stages), choices=sorted(stage_dims()))
     parser.add_argument("--blocks", action="store_true",
                         help="run each variant's runs back to back rather than interleaved")
     args = parser.parse_args()
@@ -63,6 +64,12 @@ def main():
     reason = gk.backends.BACKENDS["cuda"].unavailable_reason(torch.device("cpu"))
     if reason is not None:
         raise SystemExit(f"backend='cuda' is not available on CPU: {reason}")
+    return args
+
+
+def main():
+    stages = stage_dims()
+    args = parse_cpu_args(__doc__, [1, 2])
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}, 8 heads, "
           f"median of {args.repeats} after {args.warmup} warm-up runs, "

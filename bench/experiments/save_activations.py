@@ -13,7 +13,6 @@ saving; bench/experiments/cpu_layer_stack.py measures the allocator state of a t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gemini_kernels as gk  # noqa: E402
 from bench_shapes import stage_dims  # noqa: E402
 from bench_timing import interleaved_times_ms  # noqa: E402
+from cpu_host_vs_oracle import parse_cpu_args  # noqa: E402
 from gemini_kernels.ops import cuda_fusion  # noqa: E402
 
 # variant: (backend, the channel count from which a differentiated host forward saves its activations;
@@ -44,19 +44,7 @@ def forward_backward(x0, x1, params, variant):
 
 def main():
     stages = stage_dims()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--stages", type=int, nargs="+", default=sorted(stages), choices=sorted(stages))
-    parser.add_argument("--blocks", action="store_true",
-                        help="run each variant's runs back to back rather than interleaved")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    reason = gk.backends.BACKENDS["cuda"].unavailable_reason(torch.device("cpu"))
-    if reason is not None:
-        raise SystemExit(f"backend='cuda' is not available on CPU: {reason}")
+    args = parse_cpu_args(__doc__, sorted(stages))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}, 8 heads, "
           f"forward + backward, median of {args.repeats} after {args.warmup} warm-up runs, "
