@@ -51,6 +51,13 @@ def stage_shapes(datasets, families, stages) -> list:
     return shapes
 
 
+def stage_dims(dataset: str = "nyudv2", family: str = "mit-b1") -> dict:
+    """``{stage: (N, C)}`` of one dataset and backbone family, from :func:`stage_shapes`: the shapes of
+    the CPU scripts and experiments (NYUDv2 with MiT-B1 widths: 19200x64, 4800x128, 1200x320, 300x512)."""
+    stages = (1, 2, 3, 4)
+    return {stage: (shape.tokens, shape.dim) for stage, shape in zip(stages, stage_shapes([dataset], [family], stages))}
+
+
 def token_exchange_weight_count(dim: int) -> int:
     """Elements of the two score nets (LN, C->C->C/2->C/4->2)."""
     one = 2 * dim + (dim * dim + dim) + (dim * dim // 2 + dim // 2) + (dim * dim // 8 + dim // 4) + (dim // 2 + 2)

@@ -1,15 +1,18 @@
-"""How the benchmark measures: timed runs, the device's matmul rate and bandwidth, peak memory.
+"""How the benchmarks measure: timed runs, the device's matmul rate and bandwidth, peak memory.
 
-On a GPU every timed run starts with a cold L2 (a 256 MiB buffer is zeroed before it, outside the
-timing) and is timed with CUDA events, as ``triton.testing.do_bench`` does; on a CPU, runs are timed
-with ``time.perf_counter`` and cycle through several input sets whose total exceeds the last-level cache.
+The one timing loop (:func:`times_ms`) of bench/run.py, bench/model_speed.py, the CPU scripts and the
+experiments: on a GPU every timed run starts with a cold L2 (a 256 MiB buffer is zeroed before it,
+outside the timing) and is timed with CUDA events, as ``triton.testing.do_bench`` does; on a CPU, runs
+are timed with ``time.perf_counter`` (bench/run.py also cycles through several input sets whose total
+exceeds the last-level cache) and can count the minor page faults of each run.
 """
 from __future__ import annotations
 
 import glob
+import resource
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +45,12 @@ def median_ms(run: Callable[[int], None], device: torch.device, warmup: int, run
 
 
 def times_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs: int,
-             before_each: Optional[Callable[[int], None]] = None) -> list:
+             before_each: Optional[Callable[[int], None]] = None, faults: Optional[list] = None) -> list:
     """Wall times of ``runs`` timed calls of ``run(i)`` after ``warmup`` untimed ones.
 
     ``before_each(i)`` runs outside the timing (e.g. to clear gradients); ``i`` counts the calls so that
-    ``run`` can rotate inputs.
+    ``run`` can rotate inputs. On a CPU, ``faults`` (a list) receives the minor page faults of each timed
+    call: what a call costs depends on whether the allocator hands it fresh pages.
     """
     for i in range(warmup):
         if before_each:
@@ -70,10 +74,34 @@ def times_ms(run: Callable[[int], None], device: torch.device, warmup: int, runs
         for i in range(runs):
             if before_each:
                 before_each(warmup + i)
+            paged = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             run(warmup + i)
             times.append((time.perf_counter() - t) * 1e3)
+            if faults is not None:
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - paged)
     return times
+
+
+def interleaved_times_ms(calls: Dict[str, Callable[[], None]], device: torch.device, warmup: int, runs: int,
+                         blocks: bool = False) -> Dict[str, tuple]:
+    """``{name: (times in ms, minor page faults per timed run)}`` for several variants of one step.
+
+    Interleaved (the default): the variants take turns run by run, so that all see the same machine
+    load; ``blocks``: each variant's runs back to back, the way one layer's steps repeat in training.
+    Both through :func:`times_ms`."""
+    names = list(calls)
+    out = {}
+    if blocks:
+        for name in names:
+            faults: List[int] = []
+            out[name] = (times_ms(lambda i: calls[name](), device, warmup, runs, faults=faults), faults)
+        return out
+    k = len(names)
+    faults = []
+    times = times_ms(lambda i: calls[names[i % k]](), device, warmup * k, runs * k, faults=faults)
+    # The timed calls start at index warmup * k, a multiple of k: timed call j ran names[j % k].
+    return {name: (times[j::k], faults[j::k]) for j, name in enumerate(names)}
 
 
 # The rates are the best of their runs, not the median: the floor is what the device can do at its best.

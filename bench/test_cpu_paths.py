@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import gemini_kernels as gk
+from bench_shapes import stage_dims  # pytest puts bench/ on sys.path for this file
 from gemini_kernels.baselines import PublishedFusion, full_cross_attention, random_token_exchange
 
-BATCH, TOKENS, DIM, HEADS = 2, 1200, 320, 8
+BATCH, HEADS = 2, 8
+TOKENS, DIM = stage_dims("nyudv2", "mit-b1")[3]
 
 
 def rel_err(out, ref):

@@ -64,7 +64,7 @@ for s in "${steps[@]}"; do
         -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations" ;;
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
-    model) step model "$PY" models/bench_speed.py --json "$OUTDIR/model_speed.json" ;;
+    model) step model "$PY" bench/model_speed.py --json "$OUTDIR/model_speed.json" ;;
     quick)
       step triton-tests ptest -m gpu tests/test_triton.py
       step triton-bench "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 1,2,3,4 --variants triton,cuda,compile \

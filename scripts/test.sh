@@ -4,4 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
-exec "$PY" -m pytest tests -ra "$@"
+# No path here: pytest takes pyproject.toml's testpaths (tests/) when it is given none, and only the
+# given ones otherwise (`bash scripts/test.sh tests/test_api.py` runs that file, not the suite plus it).
+exec "$PY" -m pytest -ra "$@"

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import gemini_kernels as gk
-from helpers import GPU
 
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -118,6 +117,35 @@ def test_stage_shapes_follow_the_spec(bench_run):
     assert work("fusion", shapes[0], 2, 2, "fwd+bwd").flops == 3 * forward.flops
 
 
+def test_the_scripts_read_the_harness_stage_list_and_timing_loop(bench_run):
+    """Issue 14: the CPU scripts typed NYUDV2_STAGES / STAGES by hand and model_speed.py had its own
+    timing loops; they read bench_shapes and time with bench_timing."""
+    from bench_shapes import stage_dims
+    assert stage_dims() == {1: (19200, 64), 2: (4800, 128), 3: (1200, 320), 4: (300, 512)}
+    for script in ("cpu_host_vs_oracle.py", "experiments/save_activations.py", "experiments/cpu_layer_stack.py",
+                   "model_speed.py"):
+        code = (BENCH / script).read_text().split('"""', 2)[-1]  # after the docstring
+        assert "19200" not in code and "perf_counter" not in code and "cuda.Event" not in code, script
+        assert "from bench_timing import" in code, script
+
+
+def test_interleaved_timing_gives_each_variant_its_own_runs(bench_run):
+    import time
+
+    import torch
+    from bench_timing import interleaved_times_ms
+
+    for blocks in (False, True):
+        order = []
+        calls = {"slow": lambda: (order.append("slow"), time.sleep(0.02)), "fast": lambda: order.append("fast")}
+        out = interleaved_times_ms(calls, torch.device("cpu"), warmup=1, runs=3, blocks=blocks)
+        assert order.count("slow") == order.count("fast") == 4
+        assert order[:2] == (["slow", "slow"] if blocks else ["slow", "fast"])
+        (slow, slow_faults), (fast, _) = out["slow"], out["fast"]
+        assert len(slow) == len(fast) == len(slow_faults) == 3
+        assert min(slow) >= 20 > max(fast), (slow, fast)
+
+
 def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monkeypatch):
     def no_room(case, passes):
         raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
@@ -204,7 +232,6 @@ def test_the_default_outputs_leave_the_clone_clean(bench_run):
 
 
 @pytest.mark.gpu
-@GPU
 def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench_run, tmp_path):
     argv = tiny(tmp_path, "--no-results-md")
     argv[argv.index("--device") + 1] = "cuda"

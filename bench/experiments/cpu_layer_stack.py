@@ -4,7 +4,7 @@ host forward saving its activations for the backward (the default) and with it r
 Eight layers of MiT-B1's widths at NYUDv2 shapes, two per stage (N, C = 19200, 64; 4800, 128;
 1200, 320; 300, 512), batch 2, float32, 8 heads: forward through all of them, then one backward, as
 in training, where every layer's activations are alive at once. Single-layer timings
-(cpu_host_vs_oracle.py) see an allocator that keeps handing back the same few buffers; here the
+(save_activations.py) see an allocator that keeps handing back the same few buffers; here the
 allocator's state is that of a training step. Each variant runs in a process of its own, so that no
 other variant shapes its heap; the variants take turns, --rounds times. Prints, per variant and
 round, the median step time of --repeats steps after 2 warm-up steps and the minor page faults per
@@ -13,20 +13,23 @@ step.
 --stages keeps the layers of the given stages only (--stages 1: two C=64 layers, whose activations
 are the largest).
 
-    python bench/cpu_layer_stack.py [--threads 2] [--rounds 2] [--repeats 10] [--stages 1 2 3 4]
+    python bench/experiments/cpu_layer_stack.py [--threads 2] [--rounds 2] [--repeats 10] [--stages 1 2 3 4]
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-STAGES = {1: (19200, 64), 2: (4800, 128), 3: (1200, 320), 4: (300, 512)}  # (N, C), two layers each
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_shapes import stage_dims  # noqa: E402
+from bench_timing import times_ms  # noqa: E402
+
+STAGES = stage_dims()  # (N, C) of NYUDv2 with MiT-B1's widths; two layers each
 # variant: (backend, the channel count from which a differentiated host forward saves its activations)
 VARIANTS = {"oracle": ("torch", 0), "host, saving all": ("cuda", 0), "host, saving C>=128": ("cuda", 128),
             "host, recomputing": ("cuda", 1 << 30)}
@@ -51,15 +54,9 @@ def run_variant(variant: str, threads: int, batch: int, repeats: int, stages) ->
             loss = loss + (y0 * y1).mean()
         loss.backward()
 
-    times, faults = [], []
-    for i in range(2 + repeats):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        step()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return f"{statistics.median(times) * 1e3:.1f} {min(times) * 1e3:.1f} {statistics.median(faults):.0f}"
+    faults = []
+    times = times_ms(lambda i: step(), torch.device("cpu"), warmup=2, runs=repeats, faults=faults)
+    return f"{statistics.median(times):.1f} {min(times):.1f} {statistics.median(faults):.0f}"
 
 
 def main():
