@@ -123,16 +123,10 @@ def weight_cache_disabled():
 
 
 # The channel count from which a CPU forward that autograd will differentiate keeps its GEMM outputs
-# g, z and dk for the backward (14 C values per pixel, under half of what the oracle's autograd
-# keeps) instead of letting the backward recompute them (7 of its 23 C^2 multiply-adds per pixel and
-# direction). Recomputing costs C^2 per pixel, keeping costs C, plus a page fault per 4 KiB whenever
-# the allocator hands out fresh memory, as it does for buffers it cannot reuse (about 3 us a fault on
-# the VM measured). Measured there, float32, batch 2, 2 threads (bench/RESULTS.md): a training-like
-# stack of eight layers (MiT-B1 widths, NYUDv2 shapes, forward through all, then backward; each
-# variant in its own process) ran fastest keeping them from C=128 on, in 3 of 3 rounds (1.23x-1.31x
-# over the oracle; keeping them at every width 1.14x-1.19x; never 0.91x-1.10x). At C=64 keeping
-# them won in single-layer loops that reuse the oracle's memory (1.05x) and lost where the pages
-# were fresh (two C=64 layers alone: 1.08x-1.17x slower); from C=128 on it won everywhere measured.
+# g, z and dk for the backward (14 C values per pixel) instead of letting the backward recompute them
+# (7 of its 23 C^2 multiply-adds per pixel and direction): keeping costs fresh pages, recomputing
+# costs C^2. A training-like layer stack ran fastest keeping them from C = 128 on
+# (bench/experiments/cpu_layer_stack.py; the figures are in bench/RESULTS.md).
 SAVE_ACTIVATIONS_FROM_WIDTH = 128
 
 
