@@ -18,6 +18,7 @@ import torch
 
 from ..params import FusionParams
 from ..validation import refuse_forward_mode_ad
+from .autocast import like_the_oracle
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository, in an environment where "
@@ -220,13 +221,5 @@ def fusion(x0: torch.Tensor, x1: torch.Tensor, params: FusionParams, num_heads: 
     if not _load():
         raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
     refuse_forward_mode_ad("cuda", (x0, x1, *params))  # also when called without gemini_fusion
-    device_type = x0.device.type
-    if x0.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        # As the oracle under autocast: products in the autocast dtype, softmaxes in float32 (the
-        # kernels accumulate in float32), outputs in the dtype of the inputs. Autocast leaves
-        # float64 alone, and so does this.
-        compute = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            y0, y1 = _apply(x0.to(compute), x1.to(compute), num_heads, [p.to(compute) for p in params])
-        return y0.to(x0.dtype), y1.to(x0.dtype)
-    return _apply(x0, x1, num_heads, params)
+    # Under autocast as the oracle (ops/autocast.py).
+    return like_the_oracle(lambda a, b, p, h: _apply(a, b, h, p), x0, x1, params, num_heads)

@@ -54,6 +54,7 @@ check_triton_version(triton.__version__)
 
 from ..params import FusionParams  # noqa: E402
 from ..validation import check_call  # noqa: E402
+from .autocast import like_the_oracle  # noqa: E402
 from .triton_kernels.common import INTERPRETED  # noqa: E402
 from .triton_kernels.launch import backward_rows, forward_rows  # noqa: E402
 
@@ -161,17 +162,6 @@ fusion_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, i
 def fusion(x0: Tensor, x1: Tensor, params: FusionParams, num_heads: int):
     """The backend entry point: ``(y0, y1)`` for validated ``(..., C)`` inputs, differentiable.
 
-    Under ``torch.autocast`` it does what the oracle does: the matrix products run in the autocast
-    dtype (inputs and parameters are cast to it; float64 is left alone, as autocast leaves it),
-    and the outputs come back in the inputs' dtype.
+    Under ``torch.autocast`` it does what the oracle does (``ops/autocast.py``).
     """
-    out_dtype = x0.dtype
-    device_type = x0.device.type
-    params = list(params)
-    if out_dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            y0, y1 = fusion_fwd_op(x0.to(dtype), x1.to(dtype), [t.to(dtype) for t in params], num_heads)
-        return y0.to(out_dtype), y1.to(out_dtype)
-    y0, y1 = fusion_fwd_op(x0, x1, params, num_heads)
-    return y0, y1
+    return like_the_oracle(lambda a, b, p, h: tuple(fusion_fwd_op(a, b, p, h)), x0, x1, params, num_heads)
