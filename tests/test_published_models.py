@@ -1,0 +1,265 @@
+"""The Swin and DeLiVER GeminiFusion models against the restated published ones (published_models.py),
+their released checkpoint layouts both ways, and the backends on them."""
+import numpy as np
+import pytest
+import torch
+
+import gemini_kernels
+import published_models as P
+from gemini_seg import (SWIN_CONFIGS, build_deliver_model, build_model, load_published_checkpoint,
+                        to_published_state_dict)
+from gemini_seg.checkpoint import published_names
+from helpers import rel_err
+
+CPU_BACKENDS = [b for b in gemini_kernels.available_backends("cpu") if b != "torch"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Many small ops on a shared 2-core machine: one intra-op thread is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise_(module, seed):
+    """Every float tensor of the state random and non-zero: norms near 1, BN variances positive, weights
+    fan-in scaled, the rest small, so that a mis-mapped or mis-used tensor changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            if "running_var" in name:
+                t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5)
+            elif any(n in name for n in ("norm", "ln_", ".bn.")) and name.endswith("weight"):
+                t.copy_(1.0 + 0.1 * r)
+            elif "noise" in name:
+                t.copy_(0.5 * r)
+            elif t.dim() >= 2 and "bias_table" not in name:  # fan-in scaled: activations stay O(1)
+                t.copy_(r / t[0].numel() ** 0.5)
+            else:
+                t.copy_(0.1 * r)
+
+
+def images(count, batch, height, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, height, width, generator=g, dtype=torch.float64) for _ in range(count)]
+
+
+def strip(key):
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def loss_of(outputs, seed):
+    """A random linear functional of every output (ensemble included, so alpha gets a gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+
+
+def grads_by_published_name(model, names=None):
+    names = names or {k: k for k, _ in model.named_parameters()}
+    return {strip(names[k]): p.grad for k, p in model.named_parameters()}
+
+
+def assert_same_grads(ours, ours_names, published, tol):
+    mine = grads_by_published_name(ours, ours_names)
+    theirs = grads_by_published_name(published)
+    assert mine.keys() == theirs.keys()
+    checked = 0
+    for name, g in theirs.items():
+        if g is None:  # the DeLiVER model's last score net of each stage: in the state, never used
+            assert mine[name] is None or mine[name].abs().max() == 0, name
+            continue
+        assert rel_err(mine[name], g) < tol, name
+        checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------- Swin
+
+
+@pytest.fixture(scope="module")
+def swin_pair():
+    """swin_tiny here and restated, float64, the published tensors loaded into ours from a state the
+    way main.py's Saver stores it (DDP names)."""
+    torch.manual_seed(0)
+    published = P.WeTrSwin("swin_tiny", num_classes=5, dpr=0.0).double()
+    randomise_(published, seed=1)
+    ours = build_model("swin_tiny", num_classes=5, fusion_backend="torch", drop_path_rate=0.0).double()
+    extras = load_published_checkpoint(ours, {"segmenter": {"module." + k: v for k, v in published.state_dict().items()},
+                                              "epoch_start": 3, "best_val": np.float64(52.2)})
+    assert extras == {"epoch_start": 3, "best_val": 52.2}
+    return ours.eval(), published.eval()
+
+
+def test_swin_tiny_equals_published_outputs_and_weight_gradients(swin_pair):
+    ours, published = swin_pair
+    # 28x36: token maps 7x9 -> 4x5 -> 2x3 -> 1x2: window padding (and maps smaller than a window, which
+    # the published code pads rather than shrinking the window), odd patch merging, shifted masks.
+    x = images(2, 2, 28, 36, seed=2)
+    ours.zero_grad(), published.zero_grad()
+    mine = ours(x)
+    theirs, _ = published([t.clone() for t in x])
+    assert [tuple(o.shape) for o in mine] == [(2, 5, 7, 9)] * 3
+    for a, b in zip(mine, theirs):
+        assert rel_err(a, b) < 1e-10
+    loss_of(mine, 3).backward()
+    loss_of(theirs, 3).backward()
+    assert assert_same_grads(ours, published_names(ours), published, 1e-10) == sum(
+        1 for _ in published.parameters())
+
+    # Not vacuous: without the fusion layers the same weights give other logits.
+    plain = build_model("swin_tiny", num_classes=5, fusion=False, drop_path_rate=0.0).double().eval()
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if ".fusion." not in k})
+    with torch.no_grad():
+        assert rel_err(plain(x)[0], mine[0]) > 1e-3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_swin_tiny_backends_match_torch(swin_pair, backend):
+    ours, _ = swin_pair
+    x = images(2, 1, 12, 20, seed=4)  # maps 3x5 -> 2x3 -> 1x2 -> 1x1: small for the Triton interpreter
+    results = {}
+    for b in ("torch", backend):
+        ours.set_fusion_backend(b)
+        ours.zero_grad()
+        out = ours(x)
+        loss_of(out, 5).backward()
+        results[b] = [o.detach() for o in out], {k: p.grad.clone() for k, p in ours.named_parameters()}
+    ours.set_fusion_backend("torch")
+    (ref_out, ref_grads), (out, grads) = results["torch"], results[backend]
+    for a, b in zip(out, ref_out):
+        assert rel_err(a, b) < 1e-8
+    for k, g in ref_grads.items():
+        assert rel_err(grads[k], g) < 1e-8, k
+
+
+def test_swin_interface_and_errors():
+    torch.manual_seed(0)
+    model = build_model("swin_tiny", num_classes=3, fusion_backend="torch")
+    fusions = [m for m in model.modules() if isinstance(m, gemini_kernels.GeminiFusion)]
+    assert len(fusions) == 12 and {f.num_heads for f in fusions} == {8}
+    assert [f.dim for f in fusions] == [96] * 2 + [192] * 2 + [384] * 6 + [768] * 2
+    model.set_fusion_backend("cuda")
+    assert {f.backend for f in fusions} == {"cuda"}
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model([torch.randn(1, 3, 30, 32)] * 2)
+    with pytest.raises(ValueError, match="inputs must be a list of 2"):
+        model([torch.randn(1, 3, 32, 32)])
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        build_model("swin_huge")
+
+
+@pytest.mark.parametrize("name", sorted(SWIN_CONFIGS))
+def test_swin_variants_names_and_shapes_on_meta(name):
+    with torch.device("meta"):
+        ours = build_model(name, num_classes=40)
+        published = P.WeTrSwin(name, num_classes=40)
+    state = to_published_state_dict(ours)
+    expected = {"module." + k: tuple(v.shape) for k, v in published.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    window = 12 if "window12" in name else 7
+    table = state["module.encoder.body.layers.3.blocks.1.attn.module.relative_position_bias_table"]
+    assert table.shape[0] == (2 * window - 1) ** 2
+    if "large" in name:  # stage 4 of Swin-L is 1536 wide: its fusion layer too
+        assert state["module.encoder.body.layers.3.blocks.0.cross_attn_0_to_1.in_proj_weight"].shape == (4608, 1536)
+        assert state["module.decoder.linear_c4.proj.weight"].shape == (256, 1536)
+    # Both ways on the meta device: the published names load back with nothing left over.
+    assert load_published_checkpoint(ours, {"segmenter": state}) == {}
+
+
+# ------------------------------------------------------------------------------------------- DeLiVER
+
+MODALITY_SETS = [("img", "depth"), ("img", "depth", "event"), ("img", "depth", "event", "lidar")]
+
+
+def deliver_pair(modalities, seed=0):
+    torch.manual_seed(seed)
+    published = P.DeliverGeminiFusion("GeminiFusion-B0", 5, list(modalities)).double()
+    randomise_(published, seed=seed + 1)
+    ours = build_deliver_model("mit_b0", num_classes=5, fusion_backend="torch", modalities=modalities).double()
+    assert load_published_checkpoint(ours, published.state_dict()) == {}  # the bare best-model .pth
+    return ours.eval(), published.eval()
+
+
+@pytest.mark.parametrize("modalities", MODALITY_SETS, ids=len)
+def test_deliver_b0_equals_published(modalities):
+    ours, published = deliver_pair(modalities)
+    # Any size: logits come back at 33x73. (Wide enough that every stage's spatial reduction keeps two
+    # keys: with one, the softmax is constant and the q gradients are zero up to rounding.)
+    x = images(len(modalities), 2, 33, 73, seed=7)
+    mine = ours(x)
+    theirs = published([t.clone() for t in x])
+    assert [tuple(o.shape) for o in mine] == [(2, 5, 33, 73)] * 3
+    for a, b in zip(mine, theirs):
+        assert rel_err(a, b) < 1e-10
+    loss_of(mine, 8).backward()
+    loss_of(theirs, 8).backward()
+    checked = assert_same_grads(ours, published_names(ours), published, 1e-10)
+    # The last score net of each of the 4 stages (2 convs, weight and bias) has no gradient.
+    unused = 4 * 4 if len(modalities) > 2 else 0
+    assert checked == sum(1 for _ in published.parameters()) - unused
+    assert ours.alpha.grad is not None and ours.alpha.grad.abs().sum() > 0  # alpha is trained
+    if len(modalities) > 2:  # every extra modality reaches the logits through its score net
+        for i in range(len(modalities) - 1):
+            assert ours.encoder.extra_score_predictor[0].score_nets[i][1].weight.grad.abs().sum() > 0
+
+
+# The fusion layers see two streams whatever the modality count, so the Triton interpreter (slow) runs
+# the 4-modality model only, the one with every score-net and merge path; the compiled host path all.
+BACKEND_CASES = [(m, b) for m in MODALITY_SETS for b in CPU_BACKENDS if b != "triton" or len(m) == 4]
+
+
+@pytest.mark.parametrize("modalities, backend", BACKEND_CASES, ids=lambda v: v if isinstance(v, str) else len(v))
+def test_deliver_b0_backends_match_torch(modalities, backend):
+    ours, _ = deliver_pair(modalities, seed=10)
+    x = images(len(modalities), 1, 33, 69, seed=11)
+    results = {}
+    for b in ("torch", backend):
+        ours.set_fusion_backend(b)
+        ours.zero_grad()
+        out = ours(x)
+        loss_of(out, 12).backward()
+        results[b] = [o.detach() for o in out], {k: p.grad for k, p in ours.named_parameters() if p.grad is not None}
+    (ref_out, ref_grads), (out, grads) = results["torch"], results[backend]
+    for a, b in zip(out, ref_out):
+        assert rel_err(a, b) < 1e-8
+    assert grads.keys() == ref_grads.keys()
+    for k, g in ref_grads.items():
+        assert rel_err(grads[k], g) < 1e-8, k
+
+
+@pytest.mark.parametrize("backbone, modalities", [("mit_b0", m) for m in MODALITY_SETS]
+                         + [("mit_b2", MODALITY_SETS[0]), ("mit_b5", MODALITY_SETS[2])],
+                         ids=lambda v: v if isinstance(v, str) else str(len(v)))
+def test_deliver_names_and_shapes_on_meta(backbone, modalities):
+    variant = "B" + backbone[-1]
+    with torch.device("meta"):
+        ours = build_deliver_model(backbone, modalities=modalities)
+        published = P.DeliverGeminiFusion(f"GeminiFusion-{variant}", 25, list(modalities))
+    state = to_published_state_dict(ours)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in published.state_dict().items()}
+    m = len(modalities)
+    assert f"backbone.patch_embed3.norm.ln_{m - 1}.weight" in state and f"backbone.block1.0.norm1.ln_2.weight" not in state
+    assert state["decode_head.linear_fuse.conv.weight"].shape[0] == 512  # whatever the backbone
+    assert (f"backbone.extra_score_predictor.3.score_nets.{m - 1}.1.weight" in state) == (m > 2)
+    assert load_published_checkpoint(ours, state) == {}
+
+
+def test_deliver_arguments_are_checked():
+    for bad in [("img",), ("depth", "img"), ("img", "depth", "depth"), ("img", "thermal"), "img"]:
+        with pytest.raises(ValueError, match="modalities"):
+            build_deliver_model("mit_b0", modalities=bad)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        build_deliver_model("swin_tiny")
+    with pytest.raises(ValueError, match="fusion_backend"):
+        build_deliver_model("mit_b0", fusion_backend="tpu")
+    with torch.device("meta"):
+        model = build_deliver_model("mit_b0", modalities=("img", "lidar", "event"))
+    with pytest.raises(ValueError, match="list of 3 image batches"):
+        model([torch.zeros(1, 3, 32, 32, device="meta")] * 2)
+    with pytest.raises(ValueError, match="one shape"):
+        model([torch.zeros(1, 3, 32, 32, device="meta")] * 2 + [torch.zeros(1, 3, 32, 48, device="meta")])
