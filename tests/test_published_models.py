@@ -263,3 +263,96 @@ def test_deliver_arguments_are_checked():
         model([torch.zeros(1, 3, 32, 32, device="meta")] * 2)
     with pytest.raises(ValueError, match="one shape"):
         model([torch.zeros(1, 3, 32, 32, device="meta")] * 2 + [torch.zeros(1, 3, 32, 48, device="meta")])
+
+
+# --------------------------------------------------------------------------- released files, both ways
+
+
+def assert_bit_for_bit(state, reference):
+    assert state.keys() == reference.keys()
+    for k, v in reference.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+
+
+def test_swin_released_file_loads_and_goes_back_bit_for_bit(swin_pair, tmp_path):
+    _, published = swin_pair
+    # As main.py's Saver writes it: DDP(WeTr).state_dict() under "segmenter", a NumPy best_val.
+    segmenter = {"module." + k: v.float() if v.is_floating_point() else v for k, v in published.state_dict().items()}
+    path = tmp_path / "model-best.pth.tar"
+    torch.save({"segmenter": segmenter, "epoch_start": 11, "best_val": np.float64(52.2)}, path)
+
+    fresh = build_model("swin_tiny", num_classes=5, drop_path_rate=0.0)
+    extras = load_published_checkpoint(fresh, str(path))
+    assert extras == {"epoch_start": 11, "best_val": 52.2} and type(extras["best_val"]) is np.float64
+    back = to_published_state_dict(fresh)
+    assert_bit_for_bit(back, segmenter)
+    own = fresh.state_dict()  # a renaming of the model's own tensors, not copies
+    assert {t.data_ptr() for t in back.values()} == {t.data_ptr() for t in own.values()}
+
+    # A file trained for another class count (the published SUN -> NYUDv2 fine-tuning): the classifier
+    # is skipped on request, and refused with the shapes named otherwise.
+    other = dict(segmenter, **{"module.decoder.linear_pred.weight": torch.randn(3, 256, 1, 1),
+                               "module.decoder.linear_pred.bias": torch.randn(3)})
+    before = fresh.decoder.linear_pred.weight.clone()
+    with pytest.raises(ValueError, match=r"module\.decoder\.linear_pred\.weight: \(3, 256, 1, 1\)"):
+        load_published_checkpoint(fresh, {"segmenter": other})
+    assert load_published_checkpoint(fresh, {"segmenter": other}, exclude=("decoder.linear_pred.",)) == {}
+    assert torch.equal(fresh.decoder.linear_pred.weight, before)
+
+
+def deliver_optimizer(model):
+    """DeLiVER semseg/optimizers.py get_optimizer("adamw")."""
+    wd, nowd, dec = [], [], []
+    for n, p in model.named_parameters():
+        (dec if "decode_head" in n else nowd if p.dim() == 1 else wd).append(p)
+    return torch.optim.AdamW([{"params": wd}, {"params": nowd, "weight_decay": 0},
+                              {"params": dec, "lr": 2e-3}], 2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def test_deliver_released_files_load_and_go_back_bit_for_bit(tmp_path):
+    modalities = ("img", "depth", "event", "lidar")
+    torch.manual_seed(20)
+    published = P.DeliverGeminiFusion("GeminiFusion-B0", 25, list(modalities))
+    randomise_(published, seed=21)
+    optimizer = deliver_optimizer(published)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - it / 100) ** 0.9)
+    loss = published([torch.randn(1, 3, 32, 32) for _ in modalities])[0].square().mean()
+    loss.backward()
+    optimizer.step(), scheduler.step()
+    state = published.state_dict()
+    # tools/train_mm.py: the best model as a bare state_dict, and the resume file beside it.
+    best = tmp_path / "GeminiFusion_GeminiFusionBackbone-B0_DELIVER_epoch3_51.2.pth"
+    resume = tmp_path / "GeminiFusion_GeminiFusionBackbone-B0_DELIVER_epoch3_51.2_checkpoint.pth"
+    torch.save(state, best)
+    torch.save({"epoch": 3, "model_state_dict": state, "optimizer_state_dict": optimizer.state_dict(),
+                "loss": loss.item(), "scheduler_state_dict": scheduler.state_dict(), "best_miou": 51.2}, resume)
+
+    ours = build_deliver_model("mit_b0", num_classes=25, fusion_backend="torch", modalities=modalities)
+    assert load_published_checkpoint(ours, str(best)) == {}
+    assert_bit_for_bit(to_published_state_dict(ours), state)
+    x = [torch.randn(1, 3, 40, 36) for _ in modalities]
+    with torch.no_grad():
+        for a, b in zip(ours.eval()(x), published.eval()(x)):
+            assert rel_err(a, b) < 1e-5
+
+    fresh = build_deliver_model("mit_b0", num_classes=25, modalities=modalities)
+    extras = load_published_checkpoint(fresh, str(resume))
+    assert set(extras) == {"epoch", "optimizer_state_dict", "loss", "scheduler_state_dict", "best_miou"}
+    assert extras["epoch"] == 3 and extras["best_miou"] == 51.2
+    assert len(extras["optimizer_state_dict"]["state"]) == sum(p.grad is not None for p in published.parameters())
+    assert_bit_for_bit(to_published_state_dict(fresh), state)
+
+    # Strict both ways, the offending keys named.
+    broken = dict(state)
+    del broken["backbone.extra_score_predictor.2.score_nets.3.1.bias"]  # the never-used score net too
+    broken["backbone.block1.0.attn.extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"1 model entries unfilled \[encoder\.extra_score_predictor\.2\.score_nets"
+                                       r"\.3\.1\.bias\], 1 checkpoint keys unmapped \[backbone\.block1\.0\.attn\.extra"):
+        load_published_checkpoint(fresh, broken)
+    # A 4-modality file into a 3-modality model: the fourth patch-embed norms and score nets are left over.
+    with pytest.raises(KeyError, match=r"0 model entries unfilled \[\], 24 checkpoint keys unmapped"):
+        load_published_checkpoint(build_deliver_model("mit_b0", modalities=modalities[:3]), state)
+    with pytest.raises(TypeError, match="exclude must be a sequence"):
+        load_published_checkpoint(fresh, state, exclude="decoder.linear_pred.")
+    with pytest.raises(TypeError, match="source must be a checkpoint path"):
+        load_published_checkpoint(fresh, 3)

@@ -1,20 +1,32 @@
-"""Published checkpoints and ImageNet MiT weights -> this model's parameter names.
+"""Published checkpoints and ImageNet MiT weights -> this model's parameter names, and back.
 
-Published GeminiFusion checkpoints (``*.pth.tar``, JiaDingCN/GeminiFusion ``main.py``) hold
-``{"segmenter": DDP(WeTr).state_dict(), "epoch_start": ..., "best_val": ...}``. Their names differ from
-this model's in three ways only:
+Published GeminiFusion files, per family (:func:`model_family`):
 
-* every key starts with ``module.`` (the DistributedDataParallel wrapper);
-* layers the streams share are wrapped in ``ModuleParallel``, adding ``.module.`` before the tensor name
-  (``encoder.block1.0.attn.q.module.weight``); the MixFFN depthwise conv is not (``mlp.dwconv.dwconv``);
-* the fusion parameters sit directly in ``attn`` (``attn.cross_attn_0_to_1.in_proj_weight``,
-  ``attn.relation_judger.0.fc1.weight``, ``attn.k_noise.weight``, ...), here in ``attn.fusion``.
+* MiT and Swin (branch ``main``, ``main.py``'s Saver: ``model-best.pth.tar`` / ``checkpoint.pth.tar``)
+  hold ``{"segmenter": DDP(WeTr).state_dict(), "epoch_start": int, "best_val": numpy.float64}``;
+* DeLiVER (branch ``DeLiVER``, ``tools/train_mm.py``) writes the best model as a bare
+  ``model.state_dict()`` (``*.pth``, no ``module.`` prefix) and a resume file beside it,
+  ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss", "scheduler_state_dict", "best_miou"}``.
 
-Per-modality LayerNorms are ``ln_0`` / ``ln_1`` in both. With these three renamings every key of a
-published MiT checkpoint has a place in the model built with the same backbone and class count, and
-every parameter and buffer of the model is filled: the list of keys left unmapped is empty
-(:data:`PUBLISHED_UNMAPPED`). Fine-tuning to another class count (the published
-``--is_pretrain_finetune``) drops ``decoder.linear_pred.*`` with ``exclude=("decoder.linear_pred.",)``.
+Their names differ from this package's by renaming alone:
+
+* ``module.`` in front of every key of a ``main.py`` file (the DistributedDataParallel wrapper);
+* layers the streams share are wrapped in ``ModuleParallel``, adding ``.module.``: before the tensor name
+  for MiT / DeLiVER (``attn.q.module.weight``; not the MixFFN depthwise conv, ``mlp.dwconv.dwconv``) and
+  Swin's patch embedding, ``norm1``, ``norm2``, ``mlp.fc1`` / ``fc2``; before the layer name for Swin's
+  whole window attention and patch merging (``attn.module.qkv.weight``, ``downsample.module.norm.weight``);
+* the fusion parameters sit in ``attn`` (MiT, DeLiVER) or directly in the Swin block
+  (``...cross_attn_0_to_1.in_proj_weight``, ``...relation_judger.0.fc1.weight``, ``...k_noise.weight``),
+  here in a :class:`gemini_kernels.GeminiFusion` called ``fusion`` at the same place;
+* Swin's backbone sits in ``TransformerBackbone.body`` (``encoder.body.layers...``); DeLiVER calls the
+  encoder ``backbone`` and the decoder ``decode_head``.
+
+Per-modality LayerNorms are ``ln_0`` / ``ln_1`` (``ln_{M-1}`` on DeLiVER) in both. With these renamings
+every key of a published file has a place in the model built with the same architecture, class count
+and modality count, and every parameter and buffer of the model is filled (Swin's relative position
+index included): nothing is left unmapped (:data:`PUBLISHED_UNMAPPED`). Fine-tuning to another class
+count (the published ``--is_pretrain_finetune``) drops ``decoder.linear_pred.*`` with
+``exclude=("decoder.linear_pred.",)``.
 
 ImageNet MiT weights (SegFormer's ``mit_b*.pth``, single-stream names such as ``block1.0.norm1.weight``)
 load into the encoder: each LayerNorm goes to both ``ln_0`` and ``ln_1``, the shared layers load as they
@@ -163,7 +175,8 @@ def load_published_checkpoint(model: nn.Module, source, exclude: Iterable[str] =
     40-class model, as the published ``--is_pretrain_finetune`` does).
 
     Raises ``KeyError`` listing the checkpoint keys with no place in the model and the model entries
-    the checkpoint leaves unfilled, if there are any. Returns the file's other entries (e.g.
+    the checkpoint leaves unfilled, if there are any, and ``ValueError`` listing tensors whose shapes
+    differ (nothing is loaded then). Returns the file's other entries (e.g.
     ``{"epoch_start", "best_val"}``; for a bare state_dict, ``{}``).
     """
     if isinstance(exclude, str):
@@ -196,6 +209,13 @@ def load_published_checkpoint(model: nn.Module, source, exclude: Iterable[str] =
             f"[{_listing(missing)}], {len(unmapped)} checkpoint keys unmapped [{_listing(unmapped)}]; "
             f"is the backbone / num_classes / modality count the one it was trained with?"
         )
+    own = model.state_dict()
+    wrong = [f"{names[k]}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+             for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"checkpoint does not match the model: {len(wrong)} tensors differ in shape "
+                         f"[{_listing(wrong)}]; a file trained for another class count loads with "
+                         f"exclude=('decoder.linear_pred.',)")
     model.load_state_dict(mapped, strict=False)
     return extras
 
