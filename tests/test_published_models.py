@@ -410,3 +410,13 @@ def test_deliver_b0_trains_on_four_synthetic_modalities():
         losses.append(loss.item())
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     assert not torch.equal(model.alpha.detach(), torch.ones(2))  # alpha is trained
+
+
+def test_train_cli_takes_the_swin_backbones(tmp_path, capsys):
+    from gemini_seg.train import main, parse_args
+
+    args = parse_args(["--dataset", "synthetic", "--backbone", "swin_tiny", "--out-dir", str(tmp_path / "r")])
+    assert args.backbone == "swin_tiny"
+    with pytest.raises(SystemExit):
+        main(["--dataset", "synthetic", "--backbone", "swin_tiny", "--pretrained", __file__])
+    assert "--pretrained takes SegFormer's ImageNet mit_b*.pth" in capsys.readouterr().err
