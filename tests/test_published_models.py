@@ -97,13 +97,13 @@ def swin_pair():
 
 def test_swin_tiny_equals_published_outputs_and_weight_gradients(swin_pair):
     ours, published = swin_pair
-    # 28x36: token maps 7x9 -> 4x5 -> 2x3 -> 1x2: window padding (and maps smaller than a window, which
-    # the published code pads rather than shrinking the window), odd patch merging, shifted masks.
-    x = images(2, 2, 28, 36, seed=2)
+    # 20x28: token maps 5x7 -> 3x4 -> 2x2 -> 1x1: window padding (maps smaller than a window, which the
+    # published code pads rather than shrinking the window), odd patch merging, shifted masks.
+    x = images(2, 2, 20, 28, seed=2)
     ours.zero_grad(), published.zero_grad()
     mine = ours(x)
     theirs, _ = published([t.clone() for t in x])
-    assert [tuple(o.shape) for o in mine] == [(2, 5, 7, 9)] * 3
+    assert [tuple(o.shape) for o in mine] == [(2, 5, 5, 7)] * 3
     for a, b in zip(mine, theirs):
         assert rel_err(a, b) < 1e-10
     loss_of(mine, 3).backward()
@@ -121,7 +121,7 @@ def test_swin_tiny_equals_published_outputs_and_weight_gradients(swin_pair):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_swin_tiny_backends_match_torch(swin_pair, backend):
     ours, _ = swin_pair
-    x = images(2, 1, 12, 20, seed=4)  # maps 3x5 -> 2x3 -> 1x2 -> 1x1: small for the Triton interpreter
+    x = images(2, 1, 4, 12, seed=4)  # maps 1x3 -> 1x2 -> 1x1 -> 1x1: small for the Triton interpreter
     results = {}
     for b in ("torch", backend):
         ours.set_fusion_backend(b)
@@ -216,7 +216,7 @@ BACKEND_CASES = [(m, b) for m in MODALITY_SETS for b in CPU_BACKENDS if b != "tr
 @pytest.mark.parametrize("modalities, backend", BACKEND_CASES, ids=lambda v: v if isinstance(v, str) else len(v))
 def test_deliver_b0_backends_match_torch(modalities, backend):
     ours, _ = deliver_pair(modalities, seed=10)
-    x = images(len(modalities), 1, 33, 69, seed=11)
+    x = images(len(modalities), 1, 33, 65, seed=11)
     results = {}
     for b in ("torch", backend):
         ours.set_fusion_backend(b)
@@ -233,7 +233,7 @@ def test_deliver_b0_backends_match_torch(modalities, backend):
 
 
 @pytest.mark.parametrize("backbone, modalities", [("mit_b0", m) for m in MODALITY_SETS]
-                         + [("mit_b2", MODALITY_SETS[0]), ("mit_b5", MODALITY_SETS[2])],
+                         + [("mit_b2", MODALITY_SETS[0]), ("mit_b2", MODALITY_SETS[2])],
                          ids=lambda v: v if isinstance(v, str) else str(len(v)))
 def test_deliver_names_and_shapes_on_meta(backbone, modalities):
     variant = "B" + backbone[-1]
@@ -401,14 +401,14 @@ def test_deliver_b0_trains_on_four_synthetic_modalities():
     optimizer = torch.optim.AdamW([{"params": decayed}, {"params": plain, "weight_decay": 0.0},
                                    {"params": decoder, "lr": 2e-3}], lr=2e-4, weight_decay=0.01)
     losses = []
-    for _ in range(10):
+    for _ in range(6):
         outputs = model(inputs)
         loss = sum(torch.nn.functional.cross_entropy(o, target, ignore_index=255) for o in outputs)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
     assert not torch.equal(model.alpha.detach(), torch.ones(2))  # alpha is trained
 
 
