@@ -137,3 +137,14 @@ def test_refusals_leave_the_model_untouched():
     assert not is_patched(model[0])  # nothing patched when one module is refused
     assert patch(model[:1], backend="cuda") == 1 and patch(model[:1], backend="torch") == 1
     assert model[0]._gemini_kernels_backend == "torch"
+
+
+def test_whole_published_models_are_found():
+    """Every fused module of the published full models, wherever it sits in the tree (built on the meta
+    device: the walk needs no weights)."""
+    with torch.device("meta"):
+        swin = P.WeTrSwin("swin_tiny", num_classes=40)
+        deliver = P.DeliverGeminiFusion("GeminiFusion-B2", 25, ["img", "depth", "event", "lidar"])
+    assert patch(swin) == 2 + 2 + 6 + 2
+    assert all(is_patched(b) for layer in swin.encoder.body.layers for b in layer.blocks)
+    assert patch(deliver, backend="torch") == 3 + 4 + 6 + 3
