@@ -118,23 +118,36 @@ def test_swin_tiny_equals_published_outputs_and_weight_gradients(swin_pair):
         assert rel_err(plain(x)[0], mine[0]) > 1e-3
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_swin_tiny_backends_match_torch(swin_pair, backend):
-    ours, _ = swin_pair
-    x = images(2, 1, 4, 12, seed=4)  # maps 1x3 -> 1x2 -> 1x1 -> 1x1: small for the Triton interpreter
-    results = {}
-    for b in ("torch", backend):
-        ours.set_fusion_backend(b)
-        ours.zero_grad()
-        out = ours(x)
-        loss_of(out, 5).backward()
-        results[b] = [o.detach() for o in out], {k: p.grad.clone() for k, p in ours.named_parameters()}
-    ours.set_fusion_backend("torch")
-    (ref_out, ref_grads), (out, grads) = results["torch"], results[backend]
+def backend_run(model, inputs, backend, seed):
+    model.set_fusion_backend(backend)
+    model.zero_grad()
+    out = model(inputs)
+    loss_of(out, seed).backward()
+    model.set_fusion_backend("torch")
+    return [o.detach() for o in out], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_backend_matches(model, inputs, backend, reference, seed):
+    ref_out, ref_grads = reference
+    out, grads = backend_run(model, inputs, backend, seed)
     for a, b in zip(out, ref_out):
         assert rel_err(a, b) < 1e-8
+    assert grads.keys() == ref_grads.keys()
     for k, g in ref_grads.items():
         assert rel_err(grads[k], g) < 1e-8, k
+
+
+@pytest.fixture(scope="module")
+def swin_small_input_reference(swin_pair):
+    """The torch backend's outputs and gradients at the small input, computed once for every backend."""
+    x = images(2, 1, 4, 12, seed=4)  # maps 1x3 -> 1x2 -> 1x1 -> 1x1: small for the Triton interpreter
+    return x, backend_run(swin_pair[0], x, "torch", 5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_swin_tiny_backends_match_torch(swin_pair, swin_small_input_reference, backend):
+    x, reference = swin_small_input_reference
+    assert_backend_matches(swin_pair[0], x, backend, reference, 5)
 
 
 def test_swin_interface_and_errors():
@@ -208,6 +221,22 @@ def test_deliver_b0_equals_published(modalities):
             assert ours.encoder.extra_score_predictor[0].score_nets[i][1].weight.grad.abs().sum() > 0
 
 
+_DELIVER_REFERENCES = {}
+
+
+def deliver_reference(modalities):
+    """A randomised float64 DeLiVER B0 (ours only), an input, and the torch backend's outputs and
+    gradients on it: computed once per modality set for every backend."""
+    if modalities not in _DELIVER_REFERENCES:
+        torch.manual_seed(10)
+        model = build_deliver_model("mit_b0", num_classes=5, fusion_backend="torch", modalities=modalities)
+        model = model.double().eval()
+        randomise_(model, seed=11)
+        x = images(len(modalities), 1, 33, 65, seed=11)
+        _DELIVER_REFERENCES[modalities] = model, x, backend_run(model, x, "torch", 12)
+    return _DELIVER_REFERENCES[modalities]
+
+
 # The fusion layers see two streams whatever the modality count, so the Triton interpreter (slow) runs
 # the 4-modality model only, the one with every score-net and merge path; the compiled host path all.
 BACKEND_CASES = [(m, b) for m in MODALITY_SETS for b in CPU_BACKENDS if b != "triton" or len(m) == 4]
@@ -215,21 +244,8 @@ BACKEND_CASES = [(m, b) for m in MODALITY_SETS for b in CPU_BACKENDS if b != "tr
 
 @pytest.mark.parametrize("modalities, backend", BACKEND_CASES, ids=lambda v: v if isinstance(v, str) else len(v))
 def test_deliver_b0_backends_match_torch(modalities, backend):
-    ours, _ = deliver_pair(modalities, seed=10)
-    x = images(len(modalities), 1, 33, 65, seed=11)
-    results = {}
-    for b in ("torch", backend):
-        ours.set_fusion_backend(b)
-        ours.zero_grad()
-        out = ours(x)
-        loss_of(out, 12).backward()
-        results[b] = [o.detach() for o in out], {k: p.grad for k, p in ours.named_parameters() if p.grad is not None}
-    (ref_out, ref_grads), (out, grads) = results["torch"], results[backend]
-    for a, b in zip(out, ref_out):
-        assert rel_err(a, b) < 1e-8
-    assert grads.keys() == ref_grads.keys()
-    for k, g in ref_grads.items():
-        assert rel_err(grads[k], g) < 1e-8, k
+    model, x, reference = deliver_reference(modalities)
+    assert_backend_matches(model, x, backend, reference, 12)
 
 
 @pytest.mark.parametrize("backbone, modalities", [("mit_b0", m) for m in MODALITY_SETS]
