@@ -9,9 +9,13 @@ Transcribed from the published code, lists of streams, inline per-batch fusion l
 * branch ``DeLiVER``: ``semseg/models/backbones/geminifusion_backbone.py``,
   ``semseg/models/heads/segformer.py``, ``semseg/models/geminifusion.py``.
 
-Only what needs timm / mmcv is replaced by its definition (``DropPath``, ``trunc_normal_``, mmcv's
-``ConvModule`` with BN as its state_dict sees it: ``conv`` without bias, ``bn``); ImageNet loading and
-printing are left out. Nothing here imports the package under test.
+What needs timm / mmcv is replaced by its definition (``DropPath``, ``trunc_normal_``, mmcv's
+``ConvModule`` with BN as its state_dict sees it: ``conv`` without bias, ``bn``); ImageNet loading,
+printing and unreachable branches (PatchEmbed's padding of a list, PredictorConv's 4-D input) are left
+out; the DeLiVER backbone's four copied stage sections are written as one loop over the stages, the
+three copies of the fusion loop as one function (``published_fusion_loop``), statement for statement.
+The linspace of the drop-path rates is made on the CPU so that the models also build under
+``torch.device("meta")``. Nothing here imports the package under test.
 """
 import functools
 import math
