@@ -192,3 +192,76 @@ class FolderRGBD(_Augmented):
             raise ValueError(f"sample {index}: rgb, depth and mask sizes differ: "
                              f"{tuple(sample['rgb'].shape)}, {tuple(sample['depth'].shape)}, {tuple(sample['mask'].shape)}")
         return self._transform(sample, index)
+
+
+class SyntheticDeliver(SyntheticRGBD):
+    """:class:`SyntheticRGBD` scenes with DeLiVER's extra modalities, for the 4-modality model.
+
+    Besides the RGB-D scenes (classes 0-3), each scene holds one to three *moving objects* (class 4):
+    coloured patches on the background plane, drawn exactly as the decals of class 0 are, so that RGB
+    and depth cannot tell them from decals. Stand-ins for the extra sensors, each carrying what the
+    image does not:
+
+    * ``depth``: the dense depth of :class:`SyntheticRGBD` (near / far, camouflage);
+    * ``event``: an event camera's frame: where a moving object's mask changed during a small motion,
+      positive events in channel 0 (pixels it enters), negative in channel 1 (pixels it leaves), plus
+      sparse noise events; the only modality that sees class 4;
+    * ``lidar``: sparse range on scan lines (every third row): channel 0 the range (depth * 255, noisy),
+      channel 1 255 where a return exists, 0 elsewhere.
+
+    ``modalities`` are the published DeLiVER names (``"img"`` first); ``__getitem__`` returns the
+    transformed sample with the image under ``"rgb"`` and the others under their names, and
+    :attr:`keys` gives the order the model takes them in.
+    """
+
+    CLASSES = SyntheticRGBD.CLASSES + ("moving object",)
+    num_classes = len(CLASSES)
+    EXTRA = ("depth", "event", "lidar")
+
+    def __init__(self, length: int = 512, size: Sequence[int] = (64, 64), seed: int = 0, train: bool = True,
+                 crop_size: Optional[Sequence[int]] = None, modalities: Sequence[str] = ("img", "depth", "event", "lidar")):
+        if isinstance(modalities, str) or not modalities or tuple(modalities)[0] != "img" \
+                or len(set(modalities)) != len(modalities) or not set(modalities[1:]) <= set(self.EXTRA):
+            raise ValueError(f"modalities must be 'img' followed by distinct names of {list(self.EXTRA)}; "
+                             f"got {modalities!r}")
+        super().__init__(length, size, seed, train, crop_size)
+        self.modalities = tuple(modalities)
+        self.keys = ("rgb",) + self.modalities[1:]
+
+    def scene(self, index: int):
+        """(rgb, depth, event, lidar: uint8 (H, W, 3), label uint8 (H, W)) of scene ``index``."""
+        rgb, depth, label = super().scene(index)
+        rgb, depth = rgb.copy(), depth.copy()
+        rng = np.random.default_rng([self.seed, index, 4])
+        height, width = self.size
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        event = np.zeros((height, width, 3), np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            ry, rx = rng.uniform(0.08, 0.2) * height, rng.uniform(0.08, 0.2) * width
+            dy, dx = rng.uniform(-0.06, 0.06) * height, rng.uniform(-0.06, 0.06) * width
+            before = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+            after = ((yy - cy - dy) / ry) ** 2 + ((xx - cx - dx) / rx) ** 2 <= 1.0
+            colour = rng.uniform(0, 255, size=3)
+            rgb[after] = np.clip(colour + rng.normal(0, 6, size=(int(after.sum()), 3)), 0, 255).astype(np.uint8)
+            label[after] = 4
+            # At the background plane's depth, as a decal is (also where it covers a nearer object).
+            plane = 1.0 - 0.2 * (1.0 - yy[after] / max(height - 1, 1)) + rng.normal(0, 0.01, size=int(after.sum()))
+            depth[after] = np.clip(plane * 255, 0, 255).astype(np.uint8)[:, None]
+            event[after & ~before, 0] = 255
+            event[before & ~after, 1] = 255
+        noise = rng.random((height, width)) < 0.01
+        event[noise, rng.integers(0, 2)] = 255
+        lidar = np.zeros((height, width, 3), np.uint8)
+        rows = np.arange(0, height, 3)
+        ranged = depth[rows, :, 0].astype(np.float32) + rng.normal(0, 2.0, size=(len(rows), width))
+        lidar[rows, :, 0] = np.clip(ranged, 0, 255).astype(np.uint8)
+        lidar[rows, :, 1] = 255
+        return rgb, depth, event, lidar, label
+
+    def __getitem__(self, index: int):
+        rgb, depth, event, lidar, label = self.scene(index)
+        images = {"rgb": rgb, "depth": depth, "event": event, "lidar": lidar}
+        sample = {k: torch.from_numpy(np.ascontiguousarray(images[k])).permute(2, 0, 1).float() for k in self.keys}
+        sample["mask"] = torch.from_numpy(label).long()
+        return self._transform(sample, index)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from gemini_kernels.checkpoint import checkpoint_file_problem, load_checkpoint_file
 from gemini_kernels.progress import Progress
 
-from .build import build_model
+from .build import BACKBONES, build_model
 from .checkpoint import load_imagenet_mit, load_published_checkpoint, to_published_state_dict
 from .data import FolderRGBD, SyntheticRGBD
 from .metrics import confusion_matrix, scores
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", default="mit_b0", choices=sorted(MIT_CONFIGS),
-                   help="MiT encoder size (published NYUDv2 / SUN RGB-D models: mit_b3 to mit_b5)")
+    m.add_argument("--backbone", default="mit_b0", choices=list(BACKBONES),
+                   help="encoder (published NYUDv2 / SUN RGB-D models: mit_b3 to mit_b5 and the swin_* ones)")
     m.add_argument("--fusion-backend", default="auto", help="auto, torch (the oracle), triton or cuda")
     m.add_argument("--no-fusion", action="store_true", help="dual-stream model without the fusion layers")
     m.add_argument("--dpr", type=float, default=0.1,
@@ -236,6 +236,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                         f"False); use --device cpu")
             if device.index is not None and device.index >= torch.cuda.device_count():
                 p.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if args.pretrained is not None and args.backbone not in MIT_CONFIGS:
+        p.error(f"--pretrained takes SegFormer's ImageNet mit_b*.pth, which has no {args.backbone} weights; "
+                f"start a Swin model from a published checkpoint with --init-checkpoint instead")
     for dest in ("resume", "init_checkpoint", "pretrained"):
         path = getattr(args, dest)
         if path is not None:

@@ -9,6 +9,7 @@ Layout:
     params.py      parameter names, shapes and the FusionParams tuple
     validation.py  argument checks with messages that say what was expected
     checkpoint.py  load_checkpoint_file: reads checkpoints (published ones included) without running pickles
+    patching.py    patch(model): the published code's per-batch fusion loops replaced by the fused layer
     info.py        the environment report of `python -m gemini_kernels` (versions, devices, backends)
 """
 from .backends import available_backends
@@ -16,6 +17,7 @@ from .checkpoint import load_checkpoint_file
 from .functional import gemini_fusion
 from .module import GeminiFusion
 from .params import PARAM_NAMES, FusionParams, random_params
+from .patching import is_patched, patch
 from .reference import gemini_fusion_reference
 
 __all__ = [
@@ -27,5 +29,7 @@ __all__ = [
     "FusionParams",
     "PARAM_NAMES",
     "random_params",
+    "patch",
+    "is_patched",
 ]
 __version__ = "0.1.0"
