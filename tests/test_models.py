@@ -201,11 +201,11 @@ def test_drop_path_is_per_modality_and_sample():
 
 
 def test_speed_script_runs_and_published_loop_matches(tmp_path):
-    """models/bench_speed.py (a GPU benchmark) on a tiny CPU case, so that it cannot rot unnoticed."""
+    """bench/model_speed.py (a GPU benchmark) on a tiny CPU case, so that it cannot rot unnoticed."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), "..", "models", "bench_speed.py")
-    spec = importlib.util.spec_from_file_location("bench_speed", path)
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "model_speed.py")
+    spec = importlib.util.spec_from_file_location("model_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--backbone", "mit_b0", "--batch", "2", "--height", "64", "--width", "64", "--dtype",

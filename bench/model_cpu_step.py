@@ -12,7 +12,7 @@ Each variant's logits are first checked against the oracle's (relative error bel
 median of ``--runs`` steps after ``--warmup`` is reported. ``--write`` appends a dated section to
 ``bench/RESULTS.md``.
 
-    python models/bench_cpu_step.py --threads 2 --write
+    python bench/model_cpu_step.py --threads 2 --write
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_speed import with_published_loop  # noqa: E402
+from model_speed import with_published_loop  # noqa: E402
 from gemini_seg import build_deliver_model, build_model  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -123,7 +123,7 @@ def main(argv=None):
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         section = [
             "", f"## {when}: one CPU training step, swin_tiny and DeLiVER B0 (4 modalities) (git {commit})", "",
-            f"`python models/bench_cpu_step.py --batch {args.batch} --size {args.size} --runs {args.runs} "
+            f"`python bench/model_cpu_step.py --batch {args.batch} --size {args.size} --runs {args.runs} "
             f"--threads {args.threads} --write` on {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores (shared with other jobs: indicative), torch {torch.__version__}, fp32. "
             f"Input {args.batch} x 3 x {args.size} x {args.size} per modality; a step is forward, the three "
