@@ -30,6 +30,9 @@ def test_python_m_gemini_kernels_prints_versions_and_every_backend_with_its_reas
             assert line.endswith("available" if reason is None else f"unavailable: {reason}"), line
         assert any(l.startswith(f"backend='auto' on {device}: ") for l in lines)
     assert "backend torch  on cpu : available" in out
+    width = max(len(n) for n in gk.backends.BACKENDS)
+    for name, backend in gk.backends.BACKENDS.items():  # what runs where, once per backend
+        assert f"backend {name:<{width}}: {backend.summary}" in lines
 
 
 def test_json_report_and_an_absent_extension_says_how_to_build_it(monkeypatch):

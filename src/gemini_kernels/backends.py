@@ -24,7 +24,7 @@ NO_CUDA_DEVICE = "no CUDA device is visible (torch.cuda.is_available() is False)
 class Backend:
     name: str
     module: str  # module that defines `fusion` and `unavailable_reason(device) -> Optional[str]`
-    summary: str
+    summary: str  # what runs where: `python -m gemini_kernels` prints it
 
     def load(self):
         return importlib.import_module(self.module, __package__)
@@ -48,9 +48,11 @@ class Backend:
 BACKENDS = {
     b.name: b
     for b in (
-        Backend("torch", ".ops.torch_fusion", "the pure-PyTorch oracle (reference.py)"),
-        Backend("triton", ".ops.triton_fusion", "fused Triton kernels"),
-        Backend("cuda", ".ops.cuda_fusion", "CUDA C++ kernels (GPU) and the fused host C++ path (CPU)"),
+        Backend("torch", ".ops.torch_fusion", "the pure-PyTorch oracle (reference.py), on any device"),
+        Backend("triton", ".ops.triton_fusion", "fused Triton kernels on CUDA tensors (on CPU tensors only "
+                                                "under TRITON_INTERPRET=1, for tests)"),
+        Backend("cuda", ".ops.cuda_fusion", "the compiled extension: CUDA C++ kernels on CUDA tensors, its "
+                                            "fused host C++ path on CPU tensors"),
     )
 }
 

@@ -94,6 +94,7 @@ def _auto(device: str, status: dict) -> Optional[str]:
 def collect() -> dict:
     backends = {device: backend_status(device) for device in DEVICES}
     return {
+        "backend_summaries": {name: backend.summary for name, backend in BACKENDS.items()},
         "gemini_kernels": {"version": __version__, "path": str(Path(__file__).parent), "install": _install()},
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
@@ -127,6 +128,8 @@ def format_report(info: dict) -> str:
     else:
         lines.append(f"extension gemini_kernels._C: absent ({ext['error']}); {ext['hint']}")
     width = max(len(n) for n in BACKENDS)
+    for name, summary in info["backend_summaries"].items():
+        lines.append(f"backend {name:<{width}}: {summary}")
     for device in DEVICES:
         for name, reason in info["backends"][device].items():
             lines.append(f"backend {name:<{width}} on {device:<4}: "
