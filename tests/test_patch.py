@@ -10,31 +10,9 @@ from torch import nn
 import gemini_kernels
 import published_models as P
 from gemini_kernels import is_patched, patch
-from helpers import rel_err
+from helpers import one_thread, randomise_, rel_err  # noqa: F401  (one_thread: an autouse fixture)
 
 BACKENDS = gemini_kernels.available_backends("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomise_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if t.is_floating_point():
-                r = torch.randn(t.shape, generator=g, dtype=t.dtype)
-                if "running_var" in name:
-                    t.copy_(r.abs() + 0.5)
-                elif t.dim() >= 2 and "bias_table" not in name and "noise" not in name:
-                    t.copy_(r / t[0].numel() ** 0.5)
-                else:
-                    t.copy_(0.3 * r)
 
 
 def tokens(batch, n, c, seed):

@@ -9,39 +9,9 @@ import published_models as P
 from gemini_seg import (SWIN_CONFIGS, build_deliver_model, build_model, load_published_checkpoint,
                         to_published_state_dict)
 from gemini_seg.checkpoint import published_names
-from helpers import rel_err
+from helpers import one_thread, randomise_, rel_err  # noqa: F401  (one_thread: an autouse fixture)
 
 CPU_BACKENDS = [b for b in gemini_kernels.available_backends("cpu") if b != "torch"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many small ops on a shared 2-core machine: one intra-op thread is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomise_(module, seed):
-    """Every float tensor of the state random and non-zero: norms near 1, BN variances positive, weights
-    fan-in scaled, the rest small, so that a mis-mapped or mis-used tensor changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-            if "running_var" in name:
-                t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5)
-            elif any(n in name for n in ("norm", "ln_", ".bn.")) and name.endswith("weight"):
-                t.copy_(1.0 + 0.1 * r)
-            elif "noise" in name:
-                t.copy_(0.5 * r)
-            elif t.dim() >= 2 and "bias_table" not in name:  # fan-in scaled: activations stay O(1)
-                t.copy_(r / t[0].numel() ** 0.5)
-            else:
-                t.copy_(0.1 * r)
 
 
 def images(count, batch, height, width, seed):
