@@ -82,6 +82,28 @@ def _group_cols(g, l0, HT: tl.constexpr, DL: tl.constexpr, NUM_HEADS: tl.constex
 
 
 @triton.jit
+def _relation_logits(h_ptr, local, all_rows, w2_ptr, b2_ptr, z_ptr, C: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr, BN: tl.constexpr, dtype, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """z = h W2^T + b2 for the tile's rows of ``h_ptr`` into ``z_ptr`` (both of row stride C), and
+    z's softmax statistics per row (running max, sum of exp). z is rounded to the input dtype, as the
+    oracle's F.linear output is, before the statistics (the forward and the backward's recompute)."""
+    acc_t = tl.float64 if dtype == tl.float64 else tl.float32
+    z_max = tl.full((BM,), float("-inf"), dtype=acc_t)
+    z_sum = tl.zeros((BM,), dtype=acc_t)
+    for n0 in range(0, C, BN):
+        cols, cmask = _tile_cols(n0, BN, C)
+        acc = _rows_times_w(h_ptr, local, all_rows, w2_ptr, C, cols, cmask, True, C, BM, BK, BN, dtype,
+                            INTERPRET, PRECISION)
+        b2 = tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+        z = tl.where(cmask[None, :], (acc + b2[None, :]).to(dtype).to(acc_t), float("-inf"))
+        tl.store(z_ptr + local[:, None] * C + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=cmask[None, :])
+        new_max = tl.maximum(z_max, tl.max(z, axis=1))
+        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        z_max = new_max
+    return z_max, z_sum
+
+
+@triton.jit
 def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_ptr,
                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr, in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr,
                      scale,
@@ -107,19 +129,8 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     tl.debug_barrier()
 
     # 2. z = h W2^T + b2 and its softmax statistics per row (running max, sum of exp).
-    z_max = tl.full((BM,), float("-inf"), dtype=acc_t)
-    z_sum = tl.zeros((BM,), dtype=acc_t)
-    for n0 in range(0, C, BN):
-        cols, cmask = _tile_cols(n0, BN, C)
-        acc = _rows_times_w(h_slot, local, all_rows, w2_ptr, C, cols, cmask, True, C, BM, BK, BN, dtype,
-                            INTERPRET, PRECISION)
-        b2 = tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        # Rounded to the input dtype, as the oracle's F.linear output is, before the statistics.
-        z = tl.where(cmask[None, :], (acc + b2[None, :]).to(dtype).to(acc_t), float("-inf"))
-        tl.store(z_ptr + local[:, None] * C + cols[None, :], z.to(dtype), mask=cmask[None, :])
-        new_max = tl.maximum(z_max, tl.max(z, axis=1))
-        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        z_max = new_max
+    z_max, z_sum = _relation_logits(h_slot, local, all_rows, w2_ptr, b2_ptr, z_ptr, C, BM, BK, BN, dtype,
+                                    INTERPRET, PRECISION)
     tl.debug_barrier()
 
     # 3. The key input u = k_noise + s - s * r (the key bias cancels out of the two-key softmax).

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import gelu, gelu_grad, mm
-from .tiled import _group_cols, _load_rows, _load_wt, _rows_times_w, _tile_cols
+from .tiled import _group_cols, _load_rows, _load_wt, _relation_logits, _rows_times_w, _tile_cols
 
 # Scratch slots of (BM, C) float32 rows per program: pre, h, z, u, w, q, key_delta, value_delta, m, the gates, gm,
 # a gm, g_q, g_key_delta, g_u, g_z, g_pre (rewritten per direction), dx0, dx1 (per tile) and the relation
@@ -142,18 +142,8 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
         vn = tl.load(vn_ptr + cols, mask=cmask, other=0.0).to(acc_t)
         _store_slot(s_win, local, cols, cmask, (vn[None, :] + s - o).to(dtype).to(acc_t), C)
     tl.debug_barrier()
-    z_max = tl.full((BM,), float("-inf"), dtype=acc_t)
-    z_sum = tl.zeros((BM,), dtype=acc_t)
-    for n0 in range(0, C, BN):
-        cols, cmask = _tile_cols(n0, BN, C)
-        acc = _rows_times_w(s_h, local, all_rows, w2_ptr, C, cols, cmask, True, C, BM, BK, BN, dtype,
-                            INTERPRET, PRECISION)
-        b2 = tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        z = tl.where(cmask[None, :], (acc + b2[None, :]).to(dtype).to(acc_t), float("-inf"))
-        _store_slot(s_z, local, cols, cmask, z, C)
-        new_max = tl.maximum(z_max, tl.max(z, axis=1))
-        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        z_max = new_max
+    z_max, z_sum = _relation_logits(s_h, local, all_rows, w2_ptr, b2_ptr, s_z, C, BM, BK, BN, dtype,
+                                    INTERPRET, PRECISION)
     s_stats = _slot(scratch_ptr, 19, BM, C)
     tl.store(s_stats + local * C, z_max)
     tl.store(s_stats + local * C + 1, z_sum)
