@@ -104,6 +104,23 @@ def _relation_logits(h_ptr, local, all_rows, w2_ptr, b2_ptr, z_ptr, C: tl.conste
 
 
 @triton.jit
+def _key_input(z_ptr, z_max, z_sum, s_ptr, rows, row_mask, local, kn_ptr, u_ptr, C: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, dtype):
+    """u = k_noise + s - s * r with r = softmax(z) from its row statistics, rounded to the input
+    dtype as the oracle's is, into ``u_ptr`` (row stride C): the forward and the backward's recompute."""
+    acc_t = tl.float64 if dtype == tl.float64 else tl.float32
+    all_rows = local < BM
+    for n0 in range(0, C, BN):
+        cols, cmask = _tile_cols(n0, BN, C)
+        z = _load_rows(z_ptr, local, all_rows, cols, cmask, C).to(acc_t)
+        r = tl.exp(z - z_max[:, None]) / z_sum[:, None]
+        s = _load_rows(s_ptr, rows, row_mask, cols, cmask, C).to(acc_t)
+        kn = tl.load(kn_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+        u = (kn[None, :] + s - s * r).to(dtype)
+        tl.store(u_ptr + local[:, None] * C + cols[None, :], u.to(u_ptr.dtype.element_ty), mask=cmask[None, :])
+
+
+@triton.jit
 def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_ptr,
                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, kn_ptr, vn_ptr, in_w_ptr, in_b_ptr, out_w_ptr, out_b_ptr,
                      scale,
@@ -134,14 +151,7 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     tl.debug_barrier()
 
     # 3. The key input u = k_noise + s - s * r (the key bias cancels out of the two-key softmax).
-    for n0 in range(0, C, BN):
-        cols, cmask = _tile_cols(n0, BN, C)
-        z = _load_rows(z_ptr, local, all_rows, cols, cmask, C).to(acc_t)
-        r = tl.exp(z - z_max[:, None]) / z_sum[:, None]
-        s = _load_rows(s_ptr, rows, row_mask, cols, cmask, C).to(acc_t)
-        kn = tl.load(kn_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        tl.store(u_slot + local[:, None] * C + cols[None, :], (kn[None, :] + s - s * r).to(dtype),
-                 mask=cmask[None, :])
+    _key_input(z_ptr, z_max, z_sum, s_ptr, rows, row_mask, local, kn_ptr, u_slot, C, BM, BN, dtype)
     tl.debug_barrier()
 
     # 4. Per head group: the gates, then the attention output m (into slot 0; h is dead).
@@ -151,8 +161,8 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
             chans, nmask = _group_cols(g, l0, HT, DL, NUM_HEADS, HEAD_DIM)
             q = _rows_times_w(s_ptr, rows, row_mask, in_w_ptr, C, chans, nmask, True, C, BM, BK, HT * DL, dtype,
                               INTERPRET, PRECISION)
-            key_delta = _rows_times_w(u_slot, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
-                               dtype, INTERPRET, PRECISION)
+            key_delta = _rows_times_w(u_slot, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK,
+                                      HT * DL, dtype, INTERPRET, PRECISION)
             bq = tl.load(in_b_ptr + chans, mask=nmask, other=0.0).to(acc_t)
             qk = (q + bq[None, :]) * key_delta  # zero in masked columns: their weights load as 0
             logit += tl.sum(tl.reshape(qk, (BM, HT, DL)), axis=2)

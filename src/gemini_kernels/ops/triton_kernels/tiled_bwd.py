@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import gelu, gelu_grad, mm
-from .tiled import _group_cols, _load_rows, _load_wt, _relation_logits, _rows_times_w, _tile_cols
+from .tiled import _group_cols, _key_input, _load_rows, _relation_logits, _rows_times_w, _tile_cols
 
 # Scratch slots of (BM, C) float32 rows per program: pre, h, z, u, w, q, key_delta, value_delta, m, the gates, gm,
 # a gm, g_q, g_key_delta, g_u, g_z, g_pre (rewritten per direction), dx0, dx1 (per tile) and the relation
@@ -148,12 +148,7 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
     tl.store(s_stats + local * C, z_max)
     tl.store(s_stats + local * C + 1, z_sum)
     tl.debug_barrier()
-    for n0 in range(0, C, BN):
-        cols, cmask = _tile_cols(n0, BN, C)
-        r = tl.exp(_load_rows(s_z, local, all_rows, cols, cmask, C) - z_max[:, None]) / z_sum[:, None]
-        s = _load_rows(s_ptr, rows, row_mask, cols, cmask, C).to(acc_t)
-        kn = tl.load(kn_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        _store_slot(s_u, local, cols, cmask, (kn[None, :] + s - s * r).to(dtype).to(acc_t), C)
+    _key_input(s_z, z_max, z_sum, s_ptr, rows, row_mask, local, kn_ptr, s_u, C, BM, BN, dtype)
     tl.debug_barrier()
     for g in range(0, tl.cdiv(NUM_HEADS, HT)):
         logit = tl.zeros((BM, HT), dtype=acc_t)
@@ -162,8 +157,8 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
             q = _rows_times_w(s_ptr, rows, row_mask, in_w_ptr, C, chans, nmask, True, C, BM, BK, HT * DL, dtype,
                               INTERPRET, PRECISION)
             q += tl.load(in_b_ptr + chans, mask=nmask, other=0.0).to(acc_t)[None, :]
-            key_delta = _rows_times_w(s_u, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK, HT * DL,
-                               dtype, INTERPRET, PRECISION)
+            key_delta = _rows_times_w(s_u, local, all_rows, in_w_ptr + C * C, C, chans, nmask, True, C, BM, BK,
+                                      HT * DL, dtype, INTERPRET, PRECISION)
             _store_slot(s_q, local, chans, nmask, q, C)
             _store_slot(s_key_delta, local, chans, nmask, key_delta, C)
             logit += tl.sum(tl.reshape(q * key_delta, (BM, HT, DL)), axis=2)
@@ -177,8 +172,8 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
             vc = _rows_times_w(o_ptr, rows, row_mask, in_w_ptr + 2 * C * C, C, chans, nmask, True, C, BM, BK,
                                HT * DL, dtype, INTERPRET, PRECISION)
             vc += tl.load(in_b_ptr + 2 * C + chans, mask=nmask, other=0.0).to(acc_t)[None, :]
-            value_delta = _rows_times_w(s_win, local, all_rows, in_w_ptr + 2 * C * C, C, chans, nmask, True, C, BM, BK,
-                               HT * DL, dtype, INTERPRET, PRECISION)
+            value_delta = _rows_times_w(s_win, local, all_rows, in_w_ptr + 2 * C * C, C, chans, nmask, True, C, BM,
+                                        BK, HT * DL, dtype, INTERPRET, PRECISION)
             _store_slot(s_value_delta, local, chans, nmask, value_delta, C)
             _store_slot(s_m, local, chans, nmask, (vc + a_cols * value_delta).to(dtype).to(acc_t), C)
     tl.debug_barrier()
