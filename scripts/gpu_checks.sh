@@ -71,7 +71,7 @@ for s in "${steps[@]}"; do
         --runs 30 --warmup 5 --out-dir "$OUTDIR" --append-results
       # Each backward forced at stages 2-4, where the launcher's choice rests on a model: checks
       # launch.TILED_BWD_MIN_PROGRAMS against the device.
-      for bwd in tiled split; do
+      for bwd in tiled wide split; do
         step "$bwd-bwd-bench" env GK_TRITON_BACKWARD=$bwd "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 2,3,4 \
           --variants triton --passes fwd+bwd --runs 10 --warmup 2 --out-dir "$OUTDIR/${bwd}_bwd"
       done

@@ -8,6 +8,12 @@ each process gets a mix of widths and dtypes); each process writes its log to --
 
     python scripts/pytest_parallel.py -j 8 -m gpu tests/test_triton.py tests/test_cuda_host.py
 
+With ``--own-process FILE`` (repeatable) each such file's tests run in a process of their own and
+all the others in one more (``-j`` is then ignored): the CPU suite (``scripts/test.sh``) puts the
+interpreter-bound Triton tests beside the rest, so that two cores finish it in about half the time;
+a file's module fixtures (the sm_90a compile) then run once. ``--print-logs`` prints every process's
+whole log at the end (a CI log needs the failures' tracebacks).
+
 The exit code is 0 when every process passed, pytest's 5 when nothing was selected (an empty
 selection is not a pass), else the first non-zero one.
 """
@@ -39,6 +45,14 @@ def deal(ids, jobs):
     return [ids[i::jobs] for i in range(min(jobs, len(ids)))]
 
 
+def by_file(ids, own_files):
+    """One group per file of ``own_files`` (its tests), then one of every other test; no empty groups."""
+    own = [os.path.normpath(f) for f in own_files]
+    groups = [[i for i in ids if os.path.normpath(i.split("::")[0]) == f] for f in own]
+    groups.append([i for i in ids if os.path.normpath(i.split("::")[0]) not in own])
+    return [g for g in groups if g]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
@@ -47,6 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("-k", "--keyword", default=None, help="pytest -k expression")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "."),
                         help="where each process's log goes (default: $OUT, else the current directory)")
+    parser.add_argument("--own-process", action="append", default=[], metavar="FILE",
+                        help="run this test file's tests in a process of their own (repeatable; -j is ignored)")
+    parser.add_argument("--print-logs", action="store_true", help="print every process's whole log at the end")
     parser.add_argument("paths", nargs="+", help="test files or directories")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -56,7 +73,7 @@ def main(argv=None) -> int:
         print("pytest_parallel: no tests selected", flush=True)
         return 5
     os.makedirs(args.log_dir, exist_ok=True)
-    groups = deal(ids, args.jobs)
+    groups = by_file(ids, args.own_process) if args.own_process else deal(ids, args.jobs)
     print(f"pytest_parallel: {len(ids)} tests in {len(groups)} processes", flush=True)
     start = time.time()
     procs = []
@@ -75,6 +92,10 @@ def main(argv=None) -> int:
         print(f"-- process {i} (exit {rcs[-1]}): {lines[-1] if lines else '(no output)'}", flush=True)
         for line in summary:
             print("   " + line, flush=True)
+    if args.print_logs:
+        for i, (_, log) in enumerate(procs):
+            with open(log.name) as f:
+                print(f"---- process {i}: {log.name} ----\n{f.read()}", flush=True)
     print(f"pytest_parallel: {time.time() - start:.0f} s", flush=True)
     return next((rc for rc in rcs if rc != 0), 0)
 

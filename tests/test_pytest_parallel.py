@@ -50,3 +50,17 @@ def test_an_empty_selection_is_not_a_pass(tmp_path):
     assert done.returncode == 5 and "no tests selected" in done.stdout
     done, _ = _run(tmp_path, "-j", "0")
     assert done.returncode == 2 and "--jobs must be at least 1" in done.stderr
+
+
+def test_own_process_files_run_apart_and_logs_are_printed(tmp_path):
+    (tmp_path / "test_other.py").write_text("def test_one():\n    assert True\n")
+    (tmp_path / "test_sample.py").write_text(TESTS)
+    logs = tmp_path / "logs"
+    done = subprocess.run([sys.executable, SCRIPT, "--log-dir", str(logs), "--own-process", "test_other.py",
+                           "--print-logs", "-k", "not fails", "test_sample.py", "test_other.py"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 tests in 2 processes" in done.stdout
+    assert "1 passed" in (logs / "pytest_parallel_0.log").read_text()  # test_other.py alone
+    assert "4 passed" in (logs / "pytest_parallel_1.log").read_text()
+    assert done.stdout.count("---- process") == 2 and "4 passed" in done.stdout.split("---- process 1")[1]

@@ -122,10 +122,11 @@ def test_tiled_forward_with_few_programs():
     assert rel_err(y0, r0) < BOUND[torch.float16] and rel_err(y1, r1) < BOUND[torch.float16]
 
 
-# The tiled backward in float64 on every kind of head group, several tiles per program, a partial
+# The tiled backward in float64 on every kind of head group ((40, 5), (24, 6): a last group with fewer
+# heads; (80, 2): head width 40 in padded chunks of 16 lanes), several tiles per program, a partial
 # last tile; all 16 gradients against the oracle's.
-TILED_BACKWARD_CASES = [(12, 4, 70), (16, 8, 5), (40, 8, 33), (40, 5, 9), (24, 6, 7), (96, 8, 9), (128, 8, 67),
-                        (320, 8, 5)]  # (40, 5), (24, 6): a last head group with fewer heads
+TILED_BACKWARD_CASES = [(12, 4, 70), (16, 8, 5), (40, 8, 33), (40, 5, 9), (24, 6, 7), (96, 8, 9), (128, 8, 37),
+                        (80, 2, 5)]
 
 
 @pytest.mark.parametrize("dim, num_heads, pixels", TILED_BACKWARD_CASES)
@@ -133,6 +134,42 @@ def test_tiled_backward_float64(dim, num_heads, pixels):
     x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 5)
     with launch.forced_path("tiled"), launch.programs_at_most(2):
         _check_all(x0, x1, params, num_heads, torch.float64)
+
+
+# The wide backward (wide_bwd.py) in float64 on every kind of head group: several heads per product
+# tile (head widths 3, 4, 5, 8), a last group with fewer heads, padded lanes (head width 12), several
+# tiles per program and a partial last tile; all 16 gradients against the oracle's.
+WIDE_BACKWARD_CASES = [(12, 4, 70), (40, 5, 33), (24, 6, 7), (96, 8, 9)]
+
+
+@pytest.mark.parametrize("dim, num_heads, pixels", WIDE_BACKWARD_CASES)
+def test_wide_backward_float64(dim, num_heads, pixels):
+    x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 6)
+    with launch.forced_path("wide"), launch.programs_at_most(2):
+        _check_all(x0, x1, params, num_heads, torch.float64)
+
+
+def test_wide_backward_float64_in_the_16_bit_configuration():
+    """The 16-bit configuration's tiles (64-pixel row tiles, 64-wide products, a head group of 32
+    lanes, 64 x 64 weight-gradient tiles over 32 pixels a step) in float64, against the split one."""
+    dim = 192
+    x0, x1, params = make_case((37,), dim, device=DEVICE, seed=10)
+    gy0, gy1 = _output_grads((37,), dim, torch.float64, DEVICE)
+    cfg = configs.wide_bwd_config(dim, 8, torch.bfloat16)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.lane_chunk, cfg.weight_block, cfg.weight_pixels) == \
+        (64, 64, 32, 32, 64, 32)
+    got = launch._wide_backward(gy0, gy1, x0, x1, FusionParams(*params), 8, cfg)
+    want = launch.backward_rows(gy0, gy1, x0, x1, FusionParams(*params), 8, path="split")
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_wide_backward_at_mit_stage_4_width():
+    """C = 512 (MiT stage 4, where batches of training run the wide backward), bf16: all 16
+    gradients against the float64 oracle's."""
+    x0, x1, params = make_case((3,), 512, dtype=torch.bfloat16, device=DEVICE, seed=513)
+    with launch.forced_path("wide"):
+        _check_all(x0, x1, params, 8, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dim, tiles", [(256, (32, 32, 32)), (128, (64, 64, 16))])
@@ -150,8 +187,8 @@ def test_tiled_backward_float64_in_the_16_bit_configuration(dim, tiles):
 
 
 def test_backward_paths_agree_and_rerun_bitwise():
-    """The tiled backward (the table's for 16-bit) and the split one give the same gradients to
-    rounding, and a rerun gives bitwise the same (partials reduced in a fixed order; under the
+    """The tiled backward (the table's for 16-bit), the wide one and the split one give the same
+    gradients to rounding, and a rerun gives bitwise the same (partials reduced in a fixed order; under the
     interpreter, which runs programs one by one, this holds by construction: the GPU test of
     determinism is test_gpu_weight_gradients_are_deterministic)."""
     x0, x1, params = make_case((45,), 64, dtype=torch.float16, device=DEVICE, seed=8)
@@ -161,9 +198,11 @@ def test_backward_paths_agree_and_rerun_bitwise():
     assert configs.backward_path(64, 8, torch.float16) == "tiled"
     again = launch.backward_rows(gy0, gy1, x0, x1, p, 8)
     split = launch.backward_rows(gy0, gy1, x0, x1, p, 8, path="split")
-    for a, b, c in zip(tiled, again, split):
-        assert torch.equal(a, b)
-        assert rel_err(a, c) < 5e-3
+    wide = launch.backward_rows(gy0, gy1, x0, x1, p, 8, path="wide")
+    wide_again = launch.backward_rows(gy0, gy1, x0, x1, p, 8, path="wide")
+    for a, b, c, w, w_again in zip(tiled, again, split, wide, wide_again):
+        assert torch.equal(a, b) and torch.equal(w, w_again)
+        assert rel_err(a, c) < 5e-3 and rel_err(w, c) < 5e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -187,7 +226,6 @@ def test_narrow_forward_in_several_chunks(dtype):
         (64, 8, (2, 3), torch.bfloat16),  # narrow forward, tiled backward
         (40, 8, (5,), torch.float16),  # tiled forward and backward
         (128, 8, (33,), torch.bfloat16),
-        (512, 8, (3,), torch.bfloat16),
     ],
 )
 def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
@@ -210,7 +248,7 @@ def test_backward_at_the_widest_width():
         assert rel_err(g.reshape(r.shape), r) < BOUND[torch.bfloat16], name
 
 
-@pytest.mark.parametrize("path", ["split", "tiled"])
+@pytest.mark.parametrize("path", ["split", "tiled", "wide"])
 def test_gradcheck_float64(path):
     """Numerical derivatives of the path's forward against its hand-written backward."""
     x0, x1, params = make_case((3,), 24, device=DEVICE, requires_grad=True)
@@ -347,11 +385,13 @@ def test_availability_and_path_table():
 
 def test_backward_path_table():
     """The tiled backward where it compiles clean for sm_90a (C <= 128 and 192 ... 512, 16-bit), the
-    split one elsewhere; MiT stages 1-4 (64, 128, 320, 512) all run tiled."""
+    wide one at the other 16-bit widths whose heads are at most 64 lanes wide, the split one
+    elsewhere. Where a call's pixels would starve the tiled one's grid, the wide one runs instead
+    (MiT stages 3-4 at batch 32: tests/test_ledger.py)."""
     for dim in (16, 64, 96, 128, 192, 320, 512):
         assert configs.backward_path(dim, 8, torch.bfloat16) == "tiled", dim
-    for dim, dtype in ((160, torch.bfloat16), (768, torch.float16), (1536, torch.bfloat16),
-                       (64, torch.float32), (64, torch.float64)):
+    assert configs.backward_path(160, 8, torch.bfloat16) == "wide"
+    for dim, dtype in ((768, torch.float16), (1536, torch.bfloat16), (64, torch.float32), (64, torch.float64)):
         assert configs.backward_path(dim, 8, dtype) == "split", (dim, dtype)
 
 

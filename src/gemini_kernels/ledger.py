@@ -39,6 +39,7 @@ from .params import FusionParams, param_shapes
 # NYUDv2 480x640 with MiT-B1..B5 widths: (stage, tokens, width) (SPEC §4).
 NYUDV2_STAGES = ((1, 19200, 64), (2, 4800, 128), (3, 1200, 320), (4, 300, 512))
 _NO_LAUNCH_PREFIXES = ("empty", "new_empty", "lift_fresh", "detach", "alias")
+_FILL_PREFIXES = ("new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "zeros", "ones")
 # L2 of an H100 SXM / H200: a persistent kernel's per-program buffers that fit stay there; those that
 # do not are DRAM traffic for every tile the grid walks.
 L2_BYTES = 50 * 2 ** 20
@@ -174,6 +175,8 @@ class _Recorder(TorchDispatchMode):
         inplace = name.endswith("_") or "out" in kwargs
         written = sum(_nbytes(t) for t in outs)
         read = sum(_nbytes(t) for t in ins if not (inplace and any(t is o for o in outs)))
+        if name.startswith(_FILL_PREFIXES):  # x.new_zeros(...) takes x's dtype and device, not its data
+            read = 0
         first = outs[0] if outs else None
         self.ledger.launches.append(Launch(name, read, written, _matmul_flops(name, args, first)))
         if not inplace:

@@ -161,11 +161,30 @@ def _kernel_args(name: str, dtype: torch.dtype, dim: int, num_heads: int):
         return (*(t(n, dim),) * 6, *params, *scratch, n, 264, scale), {}
     if name == "reduce_partials":
         return (t(1, total, dt=acc_dt), t(total), 264, total), {}
+    from .triton_kernels.wide_bwd import BIAS_WIDTH
+    n_rows = (n + 63) // 64 * 64
+    per_pixel = t(2, n_rows, dim)
+    partials = t(1, BIAS_WIDTH * dim, dt=acc_dt)
+    if name == "wide_bwd_heads":
+        buffers = (*(per_pixel,) * 5, t(2, n_rows, num_heads, dt=acc_dt), t(1, 2, 64, dim), partials)
+        return (*(t(n, dim),) * 6, *params, *buffers, n, n_rows, 132, scale), {}
+    if name == "wide_bwd_relation":
+        buffers = (*(per_pixel,) * 4, t(1, 3, 64, dim), partials)
+        return (*(t(n, dim),) * 4, *params, *buffers, n, n_rows, 132), {}
+    if name == "weight_grad":
+        operands = (*(per_pixel,) * 5, t(2, n_rows, num_heads, dt=acc_dt), *(per_pixel,) * 3)
+        return (*(t(n, dim),) * 4, t(2, dim), *operands, t(total), n, n_rows), {}
+    if name == "reduce_bias":
+        return (partials, t(total), 132), {}
     raise KeyError(name)
 
 
+MATRIX_KERNELS = ("narrow_fwd", "tiled_fwd", "tiled_bwd", "wide_bwd_heads", "wide_bwd_relation", "weight_grad")
+
+
 def _tile_rows(constexprs: dict) -> int:
-    return constexprs.get("BM", constexprs.get("BLOCK_M", 1))
+    # weight_grad's products are (BO x BP) x (BP x BO): its tiles have BO rows.
+    return constexprs.get("BM", constexprs.get("BLOCK_M", constexprs.get("BO", 1)))
 
 
 def _check_one(cfg: dict, capability: int) -> dict:
@@ -184,7 +203,7 @@ def _check_one(cfg: dict, capability: int) -> dict:
         "kernel": cfg["kernel"], "dtype": str(cfg["dtype"]).replace("torch.", ""), "dim": cfg["dim"],
         "constexprs": {k: v for k, v in cfg["constexprs"].items()},
         "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-        "multiplies_matrices": cfg["kernel"] in ("narrow_fwd", "tiled_fwd", "tiled_bwd"), **usage,
+        "multiplies_matrices": cfg["kernel"] in MATRIX_KERNELS, **usage,
     }
 
 

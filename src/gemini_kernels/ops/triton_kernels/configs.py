@@ -16,8 +16,10 @@ Forward paths, per layer:
   for accuracy (float64: gradcheck), not speed.
 
 Backward paths (``backward_path``): ``tiled`` (``tiled_bwd.py``) for 16-bit layers where it compiles
-without spills (``tiled_bwd_config``), ``split`` elsewhere; the launcher also runs ``split`` where the
-tiled one's grid would be starved at the call's pixel count (``launch.TILED_BWD_MIN_PROGRAMS``).
+without spills (``tiled_bwd_config``), ``wide`` (``wide_bwd.py``) for the other 16-bit layers whose
+heads fit one product tile (``wide_bwd_config``), ``split`` elsewhere; the launcher also runs
+``wide`` where the tiled one's grid would be starved at the call's pixel count
+(``launch.TILED_BWD_MIN_PROGRAMS``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import narrow, rows, tiled, tiled_bwd
+from . import narrow, rows, tiled, tiled_bwd, wide_bwd
 
 # A 64-pixel tile of rows in registers spills from C = 128 on (sm_90a, 4 warps).
 NARROW_MAX_WIDTH = 64
@@ -42,6 +44,8 @@ KERNELS = {
     "gate_fwd": rows._gate_fwd_kernel, "gate_bwd": rows._gate_bwd_kernel,
     "narrow_fwd": narrow.narrow_fwd_kernel, "tiled_fwd": tiled.tiled_fwd_kernel,
     "tiled_bwd": tiled_bwd.tiled_bwd_kernel, "reduce_partials": tiled_bwd.reduce_partials_kernel,
+    "wide_bwd_heads": wide_bwd.wide_bwd_heads_kernel, "wide_bwd_relation": wide_bwd.wide_bwd_relation_kernel,
+    "weight_grad": wide_bwd.weight_grad_kernel, "reduce_bias": wide_bwd.reduce_bias_kernel,
 }
 
 
@@ -79,6 +83,32 @@ def _tiled_bwd_flops(a: dict) -> int:
     return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BM"])
 
 
+def _wide_heads_flops(a: dict) -> int:
+    """Per pixel and direction on the padded tiles: the recomputed judger (3 C^2), q, key, the two
+    value products and gm over the padded head columns, and the three products back (g_q Wq, gm Wv,
+    (a gm) Wv)."""
+    bn, bk, ht, dl = a["BN"], a["BK"], a["HT"], a["DL"]
+    cn, ck = triton.cdiv(a["C"], bn) * bn, triton.cdiv(a["C"], bk) * bk
+    heads = triton.cdiv(a["NUM_HEADS"], ht) * ht * dl
+    macs = 6 * cn * ck + 5 * heads * ck
+    return 2 * 2 * macs * _tile_pixels(a["n_pix"], a["BM"])
+
+
+def _wide_relation_flops(a: dict) -> int:
+    """Per pixel and direction: the recomputed judger (3 C^2), g_u, g_h and the two products through
+    fc1's halves."""
+    cn, ck = triton.cdiv(a["C"], a["BN"]) * a["BN"], triton.cdiv(a["C"], a["BK"]) * a["BK"]
+    return 2 * 2 * 7 * cn * ck * _tile_pixels(a["n_pix"], a["BM"])
+
+
+def _weight_grad_flops(a: dict) -> int:
+    """C x C products over all pixels: g_Wo, g_Wq, g_Wk and g_Wv's two, per direction (early); g_W2
+    and g_W1's two halves over both directions (late)."""
+    side = triton.cdiv(a["C"], a["BO"]) * a["BO"]
+    products = 6 if a["LATE"] else 10
+    return 2 * products * side * side * _tile_pixels(a["n_pix"], a["BP"])
+
+
 def _grid_buffers(*names):
     """(bytes of the named per-program buffers, tiles the grid walks): what a persistent kernel
     rereads and rewrites for every tile it walks."""
@@ -108,6 +138,14 @@ LAUNCH_SPECS = {
     "tiled_bwd": LaunchSpec(("gx0_ptr", "gx1_ptr", "scratch_ptr", "partials_ptr"), _tiled_bwd_flops,
                             _grid_buffers("scratch_ptr", "partials_ptr")),
     "reduce_partials": LaunchSpec(("out_ptr",)),
+    "wide_bwd_heads": LaunchSpec(("gx0_ptr", "gx1_ptr", "u_ptr", "m_ptr", "gq_ptr", "g_kd_ptr", "gm_ptr", "gate_ptr",
+                                  "scratch_ptr", "partials_ptr"), _wide_heads_flops,
+                                 _grid_buffers("scratch_ptr", "partials_ptr")),
+    "wide_bwd_relation": LaunchSpec(("gx0_ptr", "gx1_ptr", "h_ptr", "gz_ptr", "g_pre_ptr", "scratch_ptr",
+                                     "partials_ptr"), _wide_relation_flops,
+                                    _grid_buffers("scratch_ptr", "partials_ptr")),
+    "weight_grad": LaunchSpec(("flat_ptr",), _weight_grad_flops),
+    "reduce_bias": LaunchSpec(("flat_ptr",)),
 }
 
 
@@ -225,7 +263,7 @@ def forward_path(dim: int, num_heads: int, dtype: torch.dtype, allow_tf32: Optio
 def _tiled_backward_compiles_clean(dim: int) -> bool:
     # The tiled backward's chain keeps many rows' pointers and tiles live; on sm_90a it spills 16 to
     # 232 bytes at C = 160 and from 768 on (sm90_check), whatever the product tiles, and in float32
-    # (TF32) at 256 and 512. Those run the split backward.
+    # (TF32) at 256 and 512. Those run the wide or the split backward.
     return dim <= 128 or 192 <= dim <= 512
 
 
@@ -252,9 +290,65 @@ def tiled_bwd_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[T
                        precision="ieee")
 
 
+class WideConfig(NamedTuple):
+    """The wide backward's settings: its two row-tile kernels' (as TiledConfig's) and the weight
+    gradients' output tiles (``weight_block`` square) and pixels per step (``weight_pixels``)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    heads_per_group: int
+    lane_chunk: int  # lanes per head: the whole head (one chunk), padded to a power of two
+    num_warps: int
+    ctas_per_sm: int
+    precision: str
+    weight_block: int
+    weight_pixels: int
+    weight_warps: int
+
+    def row_constexprs(self, dim: int, num_heads: int) -> dict:
+        return dict(C=dim, NUM_HEADS=num_heads, HEAD_DIM=dim // num_heads, BM=self.block_m, BN=self.block_n,
+                    BK=self.block_k, HT=self.heads_per_group, DL=self.lane_chunk, PRECISION=self.precision)
+
+    def weight_constexprs(self, dim: int, num_heads: int, late: bool) -> dict:
+        return dict(C=dim, NUM_HEADS=num_heads, HEAD_DIM=dim // num_heads, LATE=late, BO=self.weight_block,
+                    BP=self.weight_pixels, PRECISION=self.precision)
+
+
+def wide_head_group(head_dim: int):
+    """(DL, HT) of the wide backward: a head group is one product tile holding whole heads (its
+    gates' backward needs every lane of a head at once), at least 16 columns (tl.dot's minimum)."""
+    dl = triton.next_power_of_2(head_dim)
+    return dl, max(1, 16 // dl)
+
+
+# The wide backward keeps a head group's q, key_delta, value_delta and gm tiles in registers:
+# heads wider than this run the split backward.
+WIDE_MAX_HEAD_LANES = 64
+
+
+def wide_bwd_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[WideConfig]:
+    """The wide backward's configuration (16-bit dtypes, heads of at most 64 lanes), or None.
+
+    Two warpgroups on the 64-pixel tile from C = 40 on (each takes half of a product's columns; with
+    one, the heads kernel spills 144-248 bytes on sm_90a at C = 40 ... 256). Up to C = 32 the product
+    tiles are too narrow to split (8 warps would put two warpgroups on the same rows): one there.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    dl, ht = wide_head_group(dim // num_heads)
+    if dl > WIDE_MAX_HEAD_LANES:
+        return None
+    return WideConfig(block_m=64, block_n=_block(dim, 64), block_k=_block(dim, 32), heads_per_group=ht,
+                      lane_chunk=dl, num_warps=8 if dim > 32 else 4, ctas_per_sm=1, precision="ieee",
+                      weight_block=64, weight_pixels=32, weight_warps=4)
+
+
 def backward_path(dim: int, num_heads: int, dtype: torch.dtype) -> str:
-    """``"tiled"`` or ``"split"``: the backward a layer of this shape and dtype runs."""
-    return "tiled" if tiled_bwd_config(dim, num_heads, dtype) is not None else "split"
+    """``"tiled"``, ``"wide"`` or ``"split"``: the backward a layer of this shape and dtype runs where
+    the tiled one's grid is not starved (``launch.backward_rows`` moves starved layers to ``"wide"``)."""
+    if tiled_bwd_config(dim, num_heads, dtype) is not None:
+        return "tiled"
+    return "wide" if wide_bwd_config(dim, num_heads, dtype) is not None else "split"
 
 
 def acc_type(dtype: torch.dtype):
@@ -303,6 +397,15 @@ def config_table(dims: Sequence[int] = CHECKED_WIDTHS, dtypes: Sequence[torch.dt
             if bwd is not None:
                 entries.append(("tiled_bwd", tiled_constexprs(dim, num_heads, bwd), bwd.num_warps, bwd.num_stages))
                 entries.append(("reduce_partials", dict(BLOCK=REDUCE_BLOCK), 4, 1))
+            wide = wide_bwd_config(dim, num_heads, dtype)
+            if wide is not None:
+                rows_cx = wide.row_constexprs(dim, num_heads)
+                entries.append(("wide_bwd_heads", rows_cx, wide.num_warps, 1))
+                entries.append(("wide_bwd_relation", {k: rows_cx[k] for k in ("C", "BM", "BN", "BK", "PRECISION")},
+                                wide.num_warps, 1))
+                for late in (False, True):
+                    entries.append(("weight_grad", wide.weight_constexprs(dim, num_heads, late), wide.weight_warps, 1))
+                entries.append(("reduce_bias", dict(C=dim, BLOCK=REDUCE_BLOCK), 4, 1))
             # Triton also specialises integer arguments divisible by 16: a distinct compilation.
             aligned = (dim % 16 == 0, (dim // num_heads) % 16 == 0)
             for name, constexprs, num_warps, num_stages in entries:

@@ -1,10 +1,12 @@
 """Launch code of the Triton backend: each forward and backward path, on (N, C) rows.
 
 The backward is hand-written (no autograd through the kernels) and saves only ``x0``, ``x1`` and the
-parameters. The tiled backward (``tiled_bwd.py``) recomputes per tile; the split one recomputes the
-split forward's intermediates and runs the chain rule with three row kernels (gate, relation
-softmax, GELU derivative) between batched GEMMs, its weight gradients GEMMs over the per-pixel
-gradients and ``torch.sum`` over pixels. Neither uses atomics: reruns give bitwise-equal gradients.
+parameters. The tiled backward (``tiled_bwd.py``) recomputes per tile; the wide one
+(``wide_bwd.py``) recomputes in two row-tile kernels and takes its weight gradients as GEMMs over all
+pixels; the split one recomputes the split forward's intermediates and runs the chain rule with
+three row kernels (gate, relation softmax, GELU derivative) between batched GEMMs, its weight
+gradients GEMMs over the per-pixel gradients and ``torch.sum`` over pixels. None uses atomics:
+reruns give bitwise-equal gradients.
 
 The split path stores its intermediates in the input dtype (as the oracle's ``F.linear`` outputs
 are); the fused paths keep them in float32 except where they become tensor-core operands (h, the
@@ -24,14 +26,16 @@ from torch import Tensor
 
 from ...params import FusionParams
 from .common import INTERPRETED
-from .configs import (DEFAULT_SMS, REDUCE_BLOCK, NarrowConfig, TiledConfig, _row_config, acc_type, backward_path, forward_path,
-                      head_layout,
-                      lane_chunk, narrow_config, tiled_bwd_config, tiled_config, tiled_constexprs)
+from .configs import (DEFAULT_SMS, REDUCE_BLOCK, NarrowConfig, TiledConfig, WideConfig, _row_config, acc_type,
+                      backward_path, forward_path, head_layout, lane_chunk, narrow_config, tiled_bwd_config,
+                      tiled_config, tiled_constexprs, wide_bwd_config, wide_head_group)
 from .narrow import narrow_fwd_kernel
 from .rows import (_gate_bwd_kernel, _gate_fwd_kernel, _gelu_bwd_kernel, _gelu_fwd_kernel, _relation_bwd_kernel,
                    _relation_fwd_kernel)
 from .tiled import tiled_fwd_kernel
 from .tiled_bwd import NUM_SLOTS, reduce_partials_kernel, tiled_bwd_kernel
+from .wide_bwd import (BIAS_WIDTH, reduce_bias_kernel, weight_grad_kernel, wide_bwd_heads_kernel,
+                       wide_bwd_relation_kernel)
 
 
 def _launch_rows(kernel, n_pix: int, dim: int, **tensors):
@@ -141,8 +145,9 @@ _FORCED = {"path": None, "max_programs": None}
 
 @contextlib.contextmanager
 def forced_path(path: str):
-    """Tests: every forward in the block runs ``path``, and every backward too where it has one
-    (``"tiled"``, ``"split"``): e.g. the tiled kernels in float64 for gradcheck."""
+    """Tests: every forward in the block runs ``path`` where it is a forward path, and every
+    backward too where it is a backward one (``"tiled"``, ``"wide"``, ``"split"``): e.g. the tiled
+    kernels in float64 for gradcheck."""
     previous, _FORCED["path"] = _FORCED["path"], path
     try:
         yield
@@ -190,7 +195,7 @@ def backward_programs(n: int, dim: int, elem_size: int, cfg: TiledConfig, device
     ``BWD_BUFFERS_PER_INPUT_BYTE`` times the bytes of x0 and x1 (memory).
 
     At MiT stage 1 (C = 64) that is 80 programs; wide layers get very few (C = 320: 6, C = 512: 2),
-    which starves the GPU: they want the weight gradients split over pixels instead (not written)."""
+    which starves the GPU: those run the wide backward (``TILED_BWD_MIN_PROGRAMS``)."""
     per_program = (11 * dim * dim + 14 * dim + NUM_SLOTS * cfg.block_m * dim) * 4
     memory_cap = int(BWD_BUFFERS_PER_INPUT_BYTE * 2 * n * dim * elem_size) // per_program
     return max(1, min(triton.cdiv(n, cfg.block_m), num_sms(device) * cfg.ctas_per_sm, memory_cap,
@@ -233,7 +238,8 @@ def forward_rows(x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int, path: 
     runs the tiled kernel with IEEE products (under the interpreter: for tests).
     """
     dim, dtype = x0.shape[1], x0.dtype
-    path = path or _FORCED["path"] or forward_path(dim, num_heads, dtype)
+    forced = _FORCED["path"] if _FORCED["path"] in ("narrow", "tiled", "split") else None
+    path = path or forced or forward_path(dim, num_heads, dtype)
     if path == "narrow":
         cfg = narrow_config(dim, num_heads, dtype)
         if cfg is None:
@@ -256,24 +262,28 @@ def _forced_tiled_config(dim: int, num_heads: int) -> TiledConfig:
 # The tiled backward is chosen only where its grid holds at least this many programs or one per tile.
 # Its weight-gradient partials and scratch rows must stay in L2 (``backward_programs``), which at
 # batch 32 leaves 79 programs at C = 64, 29 at 128, 6 at 320 and 2 at 512. The ledger's roofline
-# (``gemini_kernels.ledger.Roofline``, assumed H100 rates) puts forward + backward with the tiled
-# backward against the split one at 1.5 vs 5.6 ms (C = 64), 3.5 vs 3.0 (128), 25 vs 2.2 (320) and
-# 47 vs 1.2 (512): the split one only where the grid is starved; at C = 128 the two are within the
-# model's error (it is 20-60 % below the eager oracle's measured times, which are aten launches like
-# the split backward's), and the tiled one keeps a tenth of the memory. A model, not a measurement:
-# the GPU check times both (GK_TRITON_BACKWARD) to confirm or move this.
+# (``gemini_kernels.ledger.Roofline``, assumed H100 rates) puts forward + backward with the tiled /
+# wide / split backward at 1.5 / 1.7 / 5.6 ms (C = 64), 3.5 / 1.1 / 3.0 (128), 25 / 1.8 / 2.2 (320)
+# and 47 / 1.0 / 1.2 (512): the wide one where the tiled grid is starved. At C = 128 the model
+# prefers the wide one too, but it counts 5.6x the floor's bytes there (the stage's budget: 4x) and
+# 4x the tiled one's memory, and the model charges the tiled grid's 29 programs as 29 busy SMs,
+# which is the part of it least known. A model, not a measurement: the GPU check times each
+# backward (GK_TRITON_BACKWARD) to confirm or move this.
 TILED_BWD_MIN_PROGRAMS = 24
 
 
 def _backward_from_env() -> Optional[str]:
-    """``GK_TRITON_BACKWARD=tiled|split`` forces the backward (the GPU check times both, to check
+    """``GK_TRITON_BACKWARD=tiled|wide|split`` forces the backward (the GPU check times them, to check
     ``TILED_BWD_MIN_PROGRAMS`` against the device)."""
     value = os.environ.get("GK_TRITON_BACKWARD", "")
     if value in ("", "auto"):
         return None
-    if value not in ("tiled", "split"):
-        raise ValueError(f"GK_TRITON_BACKWARD must be 'tiled', 'split' or 'auto'; got {value!r}")
+    if value not in BACKWARD_PATHS:
+        raise ValueError(f"GK_TRITON_BACKWARD must be 'tiled', 'wide', 'split' or 'auto'; got {value!r}")
     return value
+
+
+BACKWARD_PATHS = ("tiled", "wide", "split")
 
 
 def _tiled_backward_starved(n: int, dim: int, dtype: torch.dtype, num_heads: int, like: Tensor) -> bool:
@@ -289,21 +299,100 @@ def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionPar
     """``(gx0, gx1, flat)`` for contiguous (N, C) rows: the input gradients and every parameter's
     gradient in one flat tensor in FusionParams order (11 C^2 + 14 C elements).
 
-    ``path`` forces ``"tiled"`` or ``"split"``; by default ``configs.backward_path`` decides, and
-    the split one runs where the tiled one's grid would be starved (``TILED_BWD_MIN_PROGRAMS``).
+    ``path`` forces ``"tiled"``, ``"wide"`` or ``"split"``; by default ``configs.backward_path``
+    decides, and where the tiled one's grid would be starved (``TILED_BWD_MIN_PROGRAMS``) the wide
+    one runs (the split one where the wide one has no configuration).
     """
     n, dim, dtype = x0.shape[0], x0.shape[1], x0.dtype
-    forced = _FORCED["path"] if _FORCED["path"] in ("tiled", "split") else _backward_from_env()
+    forced = _FORCED["path"] if _FORCED["path"] in BACKWARD_PATHS else _backward_from_env()
     path = path or forced or backward_path(dim, num_heads, dtype)
     if path == "tiled" and not forced and _tiled_backward_starved(n, dim, dtype, num_heads, x0):
-        path = "split"
+        path = "wide" if wide_bwd_config(dim, num_heads, dtype) is not None else "split"
     if path == "tiled":
         cfg = tiled_bwd_config(dim, num_heads, dtype) or _forced_tiled_config(dim, num_heads)
         return _tiled_backward(gy0, gy1, x0, x1, p, num_heads, cfg)
+    if path == "wide":
+        cfg = wide_bwd_config(dim, num_heads, dtype) or _forced_wide_config(dim, num_heads)
+        return _wide_backward(gy0, gy1, x0, x1, p, num_heads, cfg)
     if path == "split":
         grads = _split_backward(gy0, gy1, x0, x1, p, num_heads)
         return grads[0], grads[1], torch.cat([g.reshape(-1) for g in grads[2:]])
-    raise ValueError(f"path must be 'tiled' or 'split'; got {path!r}")
+    raise ValueError(f"path must be 'tiled', 'wide' or 'split'; got {path!r}")
+
+
+def _forced_wide_config(dim: int, num_heads: int) -> WideConfig:
+    dl, ht = wide_head_group(dim // num_heads)
+    return WideConfig(block_m=16, block_n=16, block_k=16, heads_per_group=ht, lane_chunk=dl, num_warps=4,
+                      ctas_per_sm=1, precision="ieee", weight_block=16, weight_pixels=16, weight_warps=4)
+
+
+# Slots of per-program scratch rows (BM, C) of the wide backward's row-tile kernels: h and z (heads),
+# pre, z and g_u (relation).
+WIDE_HEADS_SLOTS, WIDE_RELATION_SLOTS = 2, 3
+
+
+def wide_programs(n: int, dim: int, elem_size: int, cfg: WideConfig, device: torch.device) -> int:
+    """Programs of the wide backward's row-tile kernels: the persistent grid, fewer where their
+    scratch rows and bias partials would not fit in ``BWD_L2_BYTES`` (they are reread per stage)."""
+    per_program = WIDE_RELATION_SLOTS * cfg.block_m * dim * elem_size + BIAS_WIDTH * dim * 4
+    return max(1, min(triton.cdiv(n, cfg.block_m), num_sms(device) * cfg.ctas_per_sm,
+                      BWD_L2_BYTES // per_program, _FORCED["max_programs"] or n))
+
+
+def _wide_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int,
+                   cfg: WideConfig):
+    """``(gx0, gx1, flat)`` as ``_tiled_backward``'s, by the wide backward (``wide_bwd.py``): the heads
+    kernel, the early weight gradients, the relation kernel, the late ones, the bias reduction.
+    Each per-pixel buffer is dropped after its last reader: the peak is the heads kernel's five
+    (2, N, C) operands and the input gradients."""
+    n, dim = x0.shape
+    bm = cfg.block_m
+    n_rows = triton.cdiv(n, bm) * bm
+    programs = wide_programs(n, dim, x0.element_size(), cfg, x0.device)
+    acc = torch.promote_types(x0.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(dim // num_heads)
+    rows_cx = cfg.row_constexprs(dim, num_heads)
+    relation_cx = {k: rows_cx[k] for k in ("C", "BM", "BN", "BK", "PRECISION")}
+
+    def per_pixel():
+        return x0.new_empty((2, n_rows, dim))
+
+    u, m, gq, g_kd, gm = (per_pixel() for _ in range(5))
+    gate = x0.new_empty((2, n_rows, num_heads), dtype=acc)
+    partials = x0.new_zeros((programs, BIAS_WIDTH * dim), dtype=acc)
+    gx0, gx1 = torch.empty_like(x0), torch.empty_like(x1)
+    scratch = x0.new_empty((programs, WIDE_HEADS_SLOTS, bm, dim))
+    wide_bwd_heads_kernel[(programs,)](
+        gy0, gy1, x0, x1, gx0, gx1, *p, u_ptr=u, m_ptr=m, gq_ptr=gq, g_kd_ptr=g_kd, gm_ptr=gm, gate_ptr=gate,
+        scratch_ptr=scratch, partials_ptr=partials, n_pix=n, n_rows=n_rows, n_prog=programs, scale=scale,
+        **rows_cx, INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=1)
+    del scratch
+    total = 11 * dim * dim + 14 * dim
+    flat = x0.new_empty(total)
+    unused = x0.new_empty(1)  # the pointers a weight-gradient launch does not read
+    tiles = triton.cdiv(dim, cfg.weight_block) ** 2
+    weight_grad_kernel[(tiles, 8)](
+        gy0, gy1, x0, x1, p.v_noise, m_ptr=m, gq_ptr=gq, u_ptr=u, g_kd_ptr=g_kd, gm_ptr=gm, gate_ptr=gate,
+        h_ptr=unused, gz_ptr=unused, g_pre_ptr=unused, flat_ptr=flat, n_pix=n, n_rows=n_rows,
+        **cfg.weight_constexprs(dim, num_heads, False), INTERPRET=INTERPRETED, num_warps=cfg.weight_warps,
+        num_stages=1)
+    del u, m, gq, gm, gate
+    h, gz, g_pre = (per_pixel() for _ in range(3))
+    scratch = x0.new_empty((programs, WIDE_RELATION_SLOTS, bm, dim))
+    wide_bwd_relation_kernel[(programs,)](
+        x0, x1, gx0, gx1, *p, g_kd_ptr=g_kd, h_ptr=h, gz_ptr=gz, g_pre_ptr=g_pre, scratch_ptr=scratch,
+        partials_ptr=partials, n_pix=n, n_rows=n_rows, n_prog=programs, **relation_cx, INTERPRET=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=1)
+    del scratch, g_kd
+    weight_grad_kernel[(tiles, 3)](
+        unused, unused, x0, x1, p.v_noise, m_ptr=unused, gq_ptr=unused, u_ptr=unused, g_kd_ptr=unused,
+        gm_ptr=unused, gate_ptr=unused, h_ptr=h, gz_ptr=gz, g_pre_ptr=g_pre, flat_ptr=flat, n_pix=n, n_rows=n_rows,
+        **cfg.weight_constexprs(dim, num_heads, True), INTERPRET=INTERPRETED, num_warps=cfg.weight_warps,
+        num_stages=1)
+    del h, gz, g_pre
+    reduce_bias_kernel[(triton.cdiv(BIAS_WIDTH * dim, REDUCE_BLOCK),)](
+        partials, flat, programs, C=dim, BLOCK=REDUCE_BLOCK)
+    return gx0, gx1, flat
 
 
 def _split_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionParams, num_heads: int):

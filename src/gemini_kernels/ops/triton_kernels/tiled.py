@@ -82,6 +82,39 @@ def _group_cols(g, l0, HT: tl.constexpr, DL: tl.constexpr, NUM_HEADS: tl.constex
 
 
 @triton.jit
+def _fc1(s_ptr, o_ptr, rows, row_mask, w1_ptr, b1_ptr, cols, cmask, C: tl.constexpr, BM: tl.constexpr,
+         BK: tl.constexpr, BN: tl.constexpr, dtype, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns ``cols`` of the relation judger's pre-activation s W1a^T + o W1b^T + b1 (float32)."""
+    acc_t = tl.float64 if dtype == tl.float64 else tl.float32
+    acc = _rows_times_w(s_ptr, rows, row_mask, w1_ptr, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
+                        INTERPRET, PRECISION)
+    acc += _rows_times_w(o_ptr, rows, row_mask, w1_ptr + C, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
+                         INTERPRET, PRECISION)
+    return acc + tl.load(b1_ptr + cols, mask=cmask, other=0.0).to(acc_t)[None, :]
+
+
+@triton.jit
+def _value_products(s_ptr, o_ptr, rows, row_mask, vn_ptr, wv_ptr, chans, nmask, C: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, dtype, INTERPRET: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """(o Wv^T, (v_noise + s - o) Wv^T) at the channels ``chans``: the cross value before its bias
+    and the value difference, one pass over the K tiles for both."""
+    acc_t = tl.float64 if dtype == tl.float64 else tl.float32
+    vc = tl.zeros((BM, N), dtype=acc_t)
+    value_delta = tl.zeros((BM, N), dtype=acc_t)
+    for k0 in range(0, C, BK):
+        ks, kmask = _tile_cols(k0, BK, C)
+        s = _load_rows(s_ptr, rows, row_mask, ks, kmask, C)
+        o = _load_rows(o_ptr, rows, row_mask, ks, kmask, C)
+        vn = tl.load(vn_ptr + ks, mask=kmask, other=0.0).to(acc_t)
+        w_in = vn[None, :] + s.to(acc_t) - o.to(acc_t)
+        wv_t = _load_wt(wv_ptr, ks, kmask, chans, nmask, C)
+        vc = mm(o, wv_t, vc, INTERPRET, PRECISION)
+        value_delta = mm(w_in.to(dtype), wv_t, value_delta, INTERPRET, PRECISION)
+    return vc, value_delta
+
+
+@triton.jit
 def _relation_logits(h_ptr, local, all_rows, w2_ptr, b2_ptr, z_ptr, C: tl.constexpr, BM: tl.constexpr,
                      BK: tl.constexpr, BN: tl.constexpr, dtype, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """z = h W2^T + b2 for the tile's rows of ``h_ptr`` into ``z_ptr`` (both of row stride C), and
@@ -136,12 +169,8 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
     # 1. h = GELU(fc1([s, o])), BN hidden units at a time.
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        acc = _rows_times_w(s_ptr, rows, row_mask, w1_ptr, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
-                            INTERPRET, PRECISION)
-        acc += _rows_times_w(o_ptr, rows, row_mask, w1_ptr + C, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
-                             INTERPRET, PRECISION)
-        b1 = tl.load(b1_ptr + cols, mask=cmask, other=0.0).to(acc_t)
-        h = gelu(acc + b1[None, :])
+        h = gelu(_fc1(s_ptr, o_ptr, rows, row_mask, w1_ptr, b1_ptr, cols, cmask, C, BM, BK, BN, dtype, INTERPRET,
+                      PRECISION))
         tl.store(h_slot + local[:, None] * C + cols[None, :], h.to(dtype), mask=cmask[None, :])
     tl.debug_barrier()
 
@@ -183,17 +212,8 @@ def _tiled_direction(s_ptr, o_ptr, y_ptr, rows, row_mask, local, scratch_ptr, z_
                            INTERPRET, PRECISION)
                 m += bv[None, :]
             else:
-                vc = tl.zeros((BM, HT * DL), dtype=acc_t)
-                value_delta = tl.zeros((BM, HT * DL), dtype=acc_t)
-                for k0 in range(0, C, BK):
-                    ks, kmask = _tile_cols(k0, BK, C)
-                    s = _load_rows(s_ptr, rows, row_mask, ks, kmask, C)
-                    o = _load_rows(o_ptr, rows, row_mask, ks, kmask, C)
-                    vn = tl.load(vn_ptr + ks, mask=kmask, other=0.0).to(acc_t)
-                    w_in = vn[None, :] + s.to(acc_t) - o.to(acc_t)
-                    wv_t = _load_wt(in_w_ptr + 2 * C * C, ks, kmask, chans, nmask, C)
-                    vc = mm(o, wv_t, vc, INTERPRET, PRECISION)
-                    value_delta = mm(w_in.to(dtype), wv_t, value_delta, INTERPRET, PRECISION)
+                vc, value_delta = _value_products(s_ptr, o_ptr, rows, row_mask, vn_ptr, in_w_ptr + 2 * C * C, chans,
+                                                  nmask, C, BM, BK, HT * DL, dtype, INTERPRET, PRECISION)
                 a_cols = tl.reshape(tl.broadcast_to(a[:, :, None], (BM, HT, DL)), (BM, HT * DL))
                 m = vc + bv[None, :] + a_cols * value_delta
             tl.store(h_slot + local[:, None] * C + chans[None, :], m.to(dtype), mask=nmask[None, :])

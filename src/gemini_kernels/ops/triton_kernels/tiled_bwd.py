@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import gelu, gelu_grad, mm
-from .tiled import _group_cols, _key_input, _load_rows, _relation_logits, _rows_times_w, _tile_cols
+from .tiled import _fc1, _group_cols, _key_input, _load_rows, _relation_logits, _rows_times_w, _tile_cols
 
 # Scratch slots of (BM, C) float32 rows per program: pre, h, z, u, w, q, key_delta, value_delta, m, the gates, gm,
 # a gm, g_q, g_key_delta, g_u, g_z, g_pre (rewritten per direction), dx0, dx1 (per tile) and the relation
@@ -130,11 +130,8 @@ def _tiled_bwd_direction(s_ptr, o_ptr, gy_ptr, rows, row_mask, local, scratch_pt
     # ---- recompute the forward rows ---------------------------------------------------------
     for n0 in range(0, C, BN):
         cols, cmask = _tile_cols(n0, BN, C)
-        acc = _rows_times_w(s_ptr, rows, row_mask, w1_ptr, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
-                            INTERPRET, PRECISION)
-        acc += _rows_times_w(o_ptr, rows, row_mask, w1_ptr + C, 2 * C, cols, cmask, True, C, BM, BK, BN, dtype,
-                             INTERPRET, PRECISION)
-        pre = acc + tl.load(b1_ptr + cols, mask=cmask, other=0.0).to(acc_t)[None, :]
+        pre = _fc1(s_ptr, o_ptr, rows, row_mask, w1_ptr, b1_ptr, cols, cmask, C, BM, BK, BN, dtype, INTERPRET,
+                   PRECISION)
         _store_slot(s_pre, local, cols, cmask, pre, C)
         _store_slot(s_h, local, cols, cmask, gelu(pre).to(dtype).to(acc_t), C)
         s = _load_rows(s_ptr, rows, row_mask, cols, cmask, C).to(acc_t)
