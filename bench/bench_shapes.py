@@ -1,61 +1,13 @@
-"""The benchmark's shapes (SPEC §4) and the work each compared function must do on them.
-
-A stage of an RGB-X encoder at input ``H x W`` has ``N = (H / 2^(s+1)) * (W / 2^(s+1))`` tokens (stride
-4, 8, 16, 32) of width ``C`` set by the backbone. The floor of a run is
-``max(FLOPs / matmul rate, bytes / memory bandwidth)`` with the counts below.
+"""The benchmark's shapes (``gemini_kernels.shapes``, SPEC §4) and the work each compared function
+must do on them. The floor of a run is ``max(FLOPs / matmul rate, bytes / memory bandwidth)`` with
+the counts below.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from gemini_kernels.cost import Work, fusion_floor, fusion_weight_count  # noqa: F401 (re-exported)
-
-# Input resolution (H, W) of each dataset's standard training crop.
-DATASETS = {
-    "nyudv2": (480, 640),
-    "sunrgbd": (480, 480),
-    "deliver": (1024, 1024),
-}
-
-# Stage widths of each backbone family: MiT-B0, MiT-B1 (B2-B5 share B1's widths), Swin-T/S, -B, -L.
-FAMILIES = {
-    "mit-b0": (32, 64, 160, 256),
-    "mit-b1": (64, 128, 320, 512),
-    "swin-t": (96, 192, 384, 768),
-    "swin-b": (128, 256, 512, 1024),
-    "swin-l": (192, 384, 768, 1536),
-}
+from gemini_kernels.shapes import DATASETS, FAMILIES, Shape, stage_dims, stage_shapes  # noqa: F401 (re-exported)
 
 PASSES = ("fwd", "fwd+bwd")
-
-
-@dataclass(frozen=True)
-class Shape:
-    label: str  # e.g. "nyudv2 s3 mit-b1"
-    tokens: int  # N
-    dim: int  # C
-
-    def __str__(self) -> str:
-        return f"{self.label} N={self.tokens} C={self.dim}"
-
-
-def stage_shapes(datasets, families, stages) -> list:
-    shapes = []
-    for dataset in datasets:
-        height, width = DATASETS[dataset]
-        for family in families:
-            for stage in stages:
-                stride = 2 ** (stage + 1)
-                shapes.append(Shape(f"{dataset} s{stage} {family}", (height // stride) * (width // stride),
-                                    FAMILIES[family][stage - 1]))
-    return shapes
-
-
-def stage_dims(dataset: str = "nyudv2", family: str = "mit-b1") -> dict:
-    """``{stage: (N, C)}`` of one dataset and backbone family, from :func:`stage_shapes`: the shapes of
-    the CPU scripts and experiments (NYUDv2 with MiT-B1 widths: 19200x64, 4800x128, 1200x320, 300x512)."""
-    stages = (1, 2, 3, 4)
-    return {stage: (shape.tokens, shape.dim) for stage, shape in zip(stages, stage_shapes([dataset], [family], stages))}
 
 
 def token_exchange_weight_count(dim: int) -> int:

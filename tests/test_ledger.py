@@ -10,11 +10,12 @@ import torch
 
 from gemini_kernels import cost, ledger
 from gemini_kernels.params import param_shapes
+from gemini_kernels.shapes import stage_dims
 
 pytest.importorskip("triton")
 
 BATCH = 32
-STAGES = {stage: (BATCH * tokens, dim) for stage, tokens, dim in ledger.NYUDV2_STAGES}
+STAGES = {stage: (BATCH * tokens, dim) for stage, (tokens, dim) in stage_dims("nyudv2", "mit-b1").items()}
 # stage: (launches, bytes / floor), forward and forward + backward (issue 11)
 FORWARD_BUDGET = {1: (2, 1.25), 2: (4, 2.0), 3: (4, 2.0), 4: (4, 2.0)}
 TRAINING_BUDGET = {1: (12, 3.0), 2: (20, 4.0), 3: (20, 8.0), 4: (20, 8.0)}

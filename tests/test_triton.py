@@ -8,6 +8,7 @@ import torch
 import gemini_kernels as gk
 from gemini_kernels import FusionParams, GeminiFusion, gemini_fusion, gemini_fusion_reference
 from gemini_kernels.params import PARAM_NAMES
+from gemini_kernels.shapes import stage_dims
 from helpers import GPU, make_case, rel_err
 
 pytest.importorskip("triton")
@@ -416,7 +417,7 @@ def test_lane_chunks_pad_heads_least(head_dim, expected):
 # GPU (H100): `python -m pytest tests/test_triton.py -m gpu -ra`
 # ----------------------------------------------------------------------------------------------
 
-NYUDV2_STAGES = [(2, 19200, 64), (2, 4800, 128), (2, 1200, 320), (2, 300, 512)]
+NYUDV2_STAGES = [(2, tokens, dim) for tokens, dim in stage_dims("nyudv2", "mit-b1").values()]  # batch 2
 ODD_SHAPES = [(3, 1001, 40), (1, 777, 96), (2, 333, 24), (1, 257, 1536), (5, 63, 32)]
 
 

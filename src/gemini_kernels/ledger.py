@@ -35,9 +35,8 @@ from torch.utils._pytree import tree_flatten
 
 from .cost import Work, fusion_floor
 from .params import FusionParams, param_shapes
+from .shapes import stage_dims
 
-# NYUDv2 480x640 with MiT-B1..B5 widths: (stage, tokens, width) (SPEC §4).
-NYUDV2_STAGES = ((1, 19200, 64), (2, 4800, 128), (3, 1200, 320), (4, 300, 512))
 _NO_LAUNCH_PREFIXES = ("empty", "new_empty", "lift_fresh", "detach", "alias")
 _FILL_PREFIXES = ("new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "zeros", "ones")
 # L2 of an H100 SXM / H200: a persistent kernel's per-program buffers that fit stay there; those that
@@ -324,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ledgers = []
     for backend in args.backends.split(","):
         for passes in args.passes.split(","):
-            for _, tokens, dim in NYUDV2_STAGES:
+            for tokens, dim in stage_dims("nyudv2", "mit-b1").values():
                 ledgers.append(count(backend, dim, args.batch * tokens, dtypes[args.dtype], passes))
     print(f"NYUDv2 stages, batch {args.batch}, {args.dtype}; floor: SPEC §4 (gemini_kernels.cost); "
           f"model ms: a roofline with assumed H100 rates (ledger.Roofline), not a measurement")
