@@ -1,12 +1,7 @@
 import pytest
 import torch
 
-from conftest import NO_CUDA_REASON
 from gemini_kernels import random_params
-
-# Older spelling of the skip that tests/conftest.py now applies to every test marked `gpu`; kept for the
-# files that still combine it with the mark (a test marked `gpu` needs neither).
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_REASON)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

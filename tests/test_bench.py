@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import gemini_kernels as gk
 
@@ -85,6 +86,18 @@ def test_guard_reports_a_wrong_variant_and_does_not_time_it(bench_run, tmp_path)
         assert "ms" not in row and "speedup" not in row
         assert rows["torch", pass_name]["status"] == "ok"
     assert len(calls) == 4  # per pass: the first call and the checked call, no timed runs
+
+
+def test_the_guard_holds_each_variant_to_the_bounds_its_tests_assert(bench_run):
+    """Issue 14: one statement of the tolerances. A backend variant gets its backend's declared bounds
+    (what tests/test_triton.py and tests/test_cuda_host.py assert), the compiled and published
+    variants the oracle's."""
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for name in gk.backends.BACKENDS:
+            assert bench_run.guard_bound(bench_run.backend_variant(name), dtype) == gk.backends.BACKENDS[name].bounds[dtype]
+        for name in ("compile", "published"):
+            variant = bench_run.Variant(name, "fusion", lambda case: None)
+            assert bench_run.guard_bound(variant, dtype) == gk.backends.ORACLE_BOUNDS[dtype]
 
 
 def test_a_failing_variant_gets_a_row_and_the_run_goes_on(bench_run, tmp_path):

@@ -17,7 +17,7 @@ from gemini_seg.data import FolderRGBD, SyntheticRGBD
 from gemini_seg.mit import MIT_CONFIGS
 from gemini_seg import train as train_cli
 from gemini_seg.train import lr_factor, parse_args, run
-from helpers import GPU, rel_err
+from helpers import rel_err
 
 # --------------------------------------------------------------------------------------------------
 # Independent statement of the published names and shapes, written from JiaDingCN/GeminiFusion
@@ -588,7 +588,6 @@ def test_folder_loaders_published_layout(tmp_path, dataset):
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-@GPU
 @pytest.mark.gpu
 def test_gpu_bf16_training_step_every_backend_matches_oracle():
     """MiT-B0 on CUDA under bf16 autocast: every CUDA backend's logits, loss and parameter gradients

@@ -11,13 +11,18 @@ until the GPU benchmark of bench/RESULTS.md confirms or reorders it.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
 import torch
 
 
 NO_CUDA_DEVICE = "no CUDA device is visible (torch.cuda.is_available() is False)"
+
+# Bounds on ||out - ref|| / ||ref|| against the float64 oracle, for the outputs and every gradient:
+# float32 with IEEE products (TF32 off), the 16-bit dtypes as the oracle itself meets them in that
+# dtype. The backend tests assert a backend's bounds and the benchmark's guard applies them.
+ORACLE_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class Backend:
     name: str
     module: str  # module that defines `fusion` and `unavailable_reason(device) -> Optional[str]`
     summary: str  # what runs where: `python -m gemini_kernels` prints it
+    # What this backend meets, per dtype (ORACLE_BOUNDS' kind of bound).
+    bounds: Mapping[torch.dtype, float] = field(default_factory=lambda: dict(ORACLE_BOUNDS))
 
     def load(self):
         return importlib.import_module(self.module, __package__)
