@@ -15,7 +15,6 @@
 #include <string>
 
 #include "fusion_api.h"
-#include "fusion_chain.h"
 
 namespace gk {
 
@@ -332,9 +331,6 @@ TORCH_LIBRARY(gemini_kernels, m) {
     for (const auto& spec : gk::param_specs(1)) names.emplace_back(spec.name);
     return names;
   });
-  // The chain's plans (fusion_chain.h, chain_plan_table): its buffers and steps, for the launch
-  // ledger to count what a GPU runs without one.
-  m.def("chain_plan(bool backward, bool saved) -> str[]", &gk::chain_plan_table);
   m.def("param_shapes(int C) -> int[]", [](int64_t C) {
     std::vector<int64_t> flat;
     for (const auto& spec : gk::param_specs(C)) {

@@ -17,7 +17,10 @@
 #include "fusion_chain.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/record_function.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <sstream>
@@ -146,26 +149,38 @@ std::vector<Access> step_writes(const Step& step) {
   return writes;
 }
 
+namespace {
+
+const char* weight_name(Weight w) {
+  static const char* const names[] = {"wx", "w2", "wk", "wo"};
+  return names[static_cast<int>(w)];
+}
+
+const char* reduction_name(Reduction r) {
+  static const char* const names[] = {"grad_wx", "grad_g_sum", "grad_w2", "grad_b2", "grad_k_noise", "grad_wk",
+                                      "grad_wo"};
+  return names[static_cast<int>(r)];
+}
+
+std::string operand_name(const Operand& o) {
+  return o[0] == o[1] ? std::string(buffer_name(o[0])) : std::string(buffer_name(o[0])) + "," + buffer_name(o[1]);
+}
+
+}  // namespace
+
 std::string step_name(const Step& step) {
-  static const char* const weights[] = {"wx", "w2", "wk", "wo"};
-  static const char* const reductions[] = {"grad_wx", "grad_g_sum", "grad_w2", "grad_b2", "grad_k_noise", "grad_wk",
-                                           "grad_wo"};
-  auto operand = [](const Operand& o) {
-    return o[0] == o[1] ? std::string(buffer_name(o[0]))
-                        : std::string(buffer_name(o[0])) + "," + buffer_name(o[1]);
-  };
   std::ostringstream s;
   switch (step.kind) {
     case StepKind::RowStage: s << stage_label(step.stage); break;
     case StepKind::Gemm:
-      s << operand(step.out) << (step.accumulate ? " += " : " = ") << operand(step.a) << " @ "
-        << weights[static_cast<int>(step.weight)] << (step.transposed ? "^T" : "");
+      s << operand_name(step.out) << (step.accumulate ? " += " : " = ") << operand_name(step.a) << " @ "
+        << weight_name(step.weight) << (step.transposed ? "^T" : "");
       break;
     case StepKind::WeightGradient:
-      s << reductions[static_cast<int>(step.into)] << " += " << operand(step.a) << "^T @ " << operand(step.b);
+      s << reduction_name(step.into) << " += " << operand_name(step.a) << "^T @ " << operand_name(step.b);
       break;
     case StepKind::ColumnSum:
-      s << reductions[static_cast<int>(step.into)] << " += colsum " << operand(step.a);
+      s << reduction_name(step.into) << " += colsum " << operand_name(step.a);
       break;
   }
   return s.str();
@@ -361,9 +376,6 @@ std::vector<std::string> chain_plan_table(bool backward, bool saved) {
   static const char* const placements[] = {"unused", "input", "output", "scratch", "alias"};
   static const char* const columns[] = {"C", "5C", "H", "1"};
   static const char* const kinds[] = {"stage", "gemm", "weight_gradient", "column_sum"};
-  static const char* const weights[] = {"wx", "w2", "wk", "wo"};
-  static const char* const reductions[] = {"grad_wx", "grad_g_sum", "grad_w2", "grad_b2", "grad_k_noise", "grad_wk",
-                                           "grad_wo"};
   std::vector<std::string> table;
   for (int i = 0; i < kNumBuffers; ++i) {
     const Buffer b = static_cast<Buffer>(i);
@@ -376,26 +388,21 @@ std::vector<std::string> chain_plan_table(bool backward, bool saved) {
         << columns[static_cast<int>(shape.columns)] << "|" << (shape.accumulator ? 1 : 0);
     table.push_back(row.str());
   }
-  auto operand = [](const Operand& o) {
-    return o[0] == o[1] ? std::string(buffer_name(o[0])) : std::string(buffer_name(o[0])) + "," + buffer_name(o[1]);
-  };
   auto accesses = [](const std::vector<Access>& list) {
     std::string out;
-    for (const Access& a : list) out += (out.empty() ? "" : ",") + std::string(buffer_name(a.buffer)) + ":" +
-                                        std::to_string(static_cast<int>(a.columns));
+    for (const Access& a : list)
+      out += (out.empty() ? "" : ",") + std::string(buffer_name(a.buffer)) + ":" + std::to_string(a.columns);
     return out;
   };
   for (const Step& step : plan.steps) {
+    const bool stage = step.kind == StepKind::RowStage, product = step.kind == StepKind::Gemm;
     std::ostringstream row;
-    const bool stage = step.kind == StepKind::RowStage;
-    const bool gemm_step = step.kind == StepKind::Gemm;
     row << kinds[static_cast<int>(step.kind)] << "|"
-        << (stage ? stage_label(step.stage) : gemm_step ? weights[static_cast<int>(step.weight)]
-                                                        : reductions[static_cast<int>(step.into)])
-        << "|" << (step.span == Span::Rows ? "rows" : "directions") << "|" << (gemm_step ? operand(step.out) : "")
-        << "|" << (stage ? "" : operand(step.a)) << "|"
-        << (step.kind == StepKind::WeightGradient ? operand(step.b) : "") << "|" << (step.transposed ? 1 : 0) << "|"
-        << (step.accumulate ? 1 : 0) << "|" << accesses(step_reads(step)) << "|" << accesses(step_writes(step));
+        << (stage ? stage_label(step.stage) : product ? weight_name(step.weight) : reduction_name(step.into)) << "|"
+        << (step.span == Span::Rows ? "rows" : "directions") << "|" << (product ? operand_name(step.out) : "") << "|"
+        << (stage ? "" : operand_name(step.a)) << "|"
+        << (step.kind == StepKind::WeightGradient ? operand_name(step.b) : "") << "|" << step.transposed << "|"
+        << step.accumulate << "|" << accesses(step_reads(step)) << "|" << accesses(step_writes(step));
     table.push_back(row.str());
   }
   return table;
@@ -471,16 +478,28 @@ at::Tensor weight_batch(const PackedWeights& w, Weight which, bool transposed) {
 
 namespace {
 
-const char* stage_name(Stage stage) {
-  switch (stage) {
-    case Stage::HiddenForward: return "gemini_kernels::hidden_forward";
-    case Stage::RelationForward: return "gemini_kernels::relation_forward";
-    case Stage::MixForward: return "gemini_kernels::mix_forward";
-    case Stage::MixBackward: return "gemini_kernels::mix_backward";
-    case Stage::RelationBackward: return "gemini_kernels::relation_backward";
-    case Stage::HiddenBackward: return "gemini_kernels::hidden_backward";
-  }
-  return "gemini_kernels::stage";
+// A stage as a call of gemini_kernels::chain_stage (a no-op) with the tensors it reads and writes, the
+// g-layout ones narrowed to the column blocks it touches: what a dispatch mode records as its launch.
+void announce_stage(Stage stage, const RangeTensors& range) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("gemini_kernels::chain_stage", "");
+  const int64_t C = range[Buffer::X0].size(-1);
+  auto tensors = [&](const std::vector<Access>& accesses) {
+    std::vector<at::Tensor> list;
+    for (const Access& a : accesses) {
+      const at::Tensor& t = range[a.buffer];
+      if (!t.defined()) continue;
+      if (buffer_shape(a.buffer).columns != Columns::GLayout || a.columns == kAllColumns) {
+        list.push_back(t);
+      } else {
+        const int first = __builtin_ctz(a.columns), count = __builtin_popcount(a.columns);  // masks are runs of blocks
+        list.push_back(t.narrow(-1, first * C, count * C));
+      }
+    }
+    return list;
+  };
+  torch::jit::Stack stack{c10::IValue(std::string(stage_label(stage))), c10::IValue(tensors(step_reads(row_stage(stage)))),
+                          c10::IValue(tensors(step_writes(row_stage(stage))))};
+  op.callBoxed(&stack);
 }
 
 // Whole-tensor GEMMs (cuBLAS, or MKL threaded by itself), each sum written once, as the only range.
@@ -490,9 +509,12 @@ struct WholeRangeOps {
   at::ScalarType dtype;
   FusionBuffers parameters;
   WeightGradients* sums;
+  const RangeTensors* counted = nullptr;  // set: the stages are announced (count_range), not run
 
   void stage(Stage stage, const FusionBuffers& b) {
-    RECORD_FUNCTION(stage_name(stage), std::vector<c10::IValue>());  // each stage by name in the profiler
+    // each stage by name in the profiler (the name is built only when a profiler listens)
+    RECORD_FUNCTION(std::string("gemini_kernels::") + stage_label(stage), std::vector<c10::IValue>());
+    if (counted != nullptr) return announce_stage(stage, *counted);
     run(stage, dtype, b);
   }
   void product(at::Tensor out, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
@@ -559,6 +581,15 @@ ChainExecutor whole_range(StageRunner run) {
     const RangeTensors range = whole_range_tensors(chain);
     WholeRangeOps ops{run, chain.dtype, parameter_buffers(*chain.weights, chain.channels, chain.heads),
                       chain.gradients};
+    run_steps(*chain.plan, range, *chain.weights, ops);
+  };
+}
+
+ChainExecutor count_range() {
+  return [](const ChainRun& chain) {
+    const RangeTensors range = whole_range_tensors(chain);
+    WholeRangeOps ops{nullptr, chain.dtype, parameter_buffers(*chain.weights, chain.channels, chain.heads),
+                      chain.gradients, &range};
     run_steps(*chain.plan, range, *chain.weights, ops);
   };
 }
@@ -659,3 +690,45 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
 }
 
 }  // namespace gk
+
+namespace {
+
+void ignore_stage(const c10::OperatorHandle&, torch::jit::Stack* stack) { torch::jit::drop(*stack, 3); }
+
+// The GPU plan counted where there is no GPU (meta tensors: shapes, no data): whole_range's aten ops,
+// and the stages announced as chain_stage calls (count_range).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> count_forward(const at::Tensor& x0, const at::Tensor& x1,
+                                                             at::TensorList params, int64_t num_heads) {
+  const gk::ForwardResult result = gk::run_forward(x0, x1, params, num_heads, false, gk::count_range());
+  return {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
+}
+
+std::vector<at::Tensor> count_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                       int64_t num_heads) {
+  return gk::run_backward(grad_y0, grad_y1, x0, x1, params, gate, {}, num_heads, gk::count_range());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
+  // The chain's plans (chain_plan_table): its buffers and steps.
+  m.def("chain_plan(bool backward, bool saved) -> str[]", &gk::chain_plan_table);
+  // For the launch ledger (python -m gemini_kernels.ledger --backends cuda): the forward and backward
+  // of the CUDA build as it runs them, its stages announced by chain_stage, which does nothing.
+  m.def("chain_stage(str stage, Tensor[] reads, Tensor[] writes) -> ()");
+  m.def("count_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
+  m.def("count_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
+        "int num_heads) -> Tensor[]");
+}
+
+// Above the dispatch modes, so that a mode sees the ops they call; chain_stage below them, so that it
+// sees each stage.
+TORCH_LIBRARY_IMPL(gemini_kernels, CompositeImplicitAutograd, m) {
+  m.impl("count_forward", &count_forward);
+  m.impl("count_backward", &count_backward);
+}
+
+TORCH_LIBRARY_IMPL(gemini_kernels, CompositeExplicitAutograd, m) {
+  m.impl("chain_stage", torch::CppFunction::makeFromBoxedFunction<&ignore_stage>());
+}

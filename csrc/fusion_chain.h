@@ -137,6 +137,10 @@ at::Tensor& reduction_slot(WeightGradients& gradients, Reduction into, int d);
 // The whole chain as one range; the stages by `run` (CUDA launches, or the host's parallel rows).
 ChainExecutor whole_range(StageRunner run);
 
+// whole_range, its stages announced rather than run: for meta tensors, under a dispatch mode that
+// counts the launches of the GPU plan (count_forward, count_backward in fusion_chain.cpp).
+ChainExecutor count_range();
+
 // fusion_forward / fusion_backward (fusion_api.h) with the executor named.
 ForwardResult run_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                           bool save_activations, const ChainExecutor& execute);
