@@ -108,7 +108,9 @@ void add_operand(std::vector<Access>& into, const Operand& operand) {
   if (operand[1] != operand[0]) into.push_back({operand[1]});
 }
 
-const char* stage_label(Stage stage) {
+}  // namespace
+
+const char* stage_name(Stage stage) {
   switch (stage) {
     case Stage::HiddenForward: return "hidden_forward";
     case Stage::RelationForward: return "relation_forward";
@@ -120,13 +122,19 @@ const char* stage_label(Stage stage) {
   return "stage";
 }
 
-}  // namespace
+std::vector<Access> stage_reads(Stage stage) {
+  return for_stage(stage, [](auto s) { return reads_of<decltype(s)>(); });
+}
+
+std::vector<Access> stage_writes(Stage stage) {
+  return for_stage(stage, [](auto s) { return writes_of<decltype(s)>(); });
+}
 
 std::vector<Access> step_reads(const Step& step) {
   std::vector<Access> reads;
   switch (step.kind) {
     case StepKind::RowStage:
-      return for_stage(step.stage, [](auto s) { return reads_of<decltype(s)>(); });
+      return stage_reads(step.stage);
     case StepKind::Gemm:
       add_operand(reads, step.a);
       if (step.accumulate) add_operand(reads, step.out);
@@ -144,7 +152,7 @@ std::vector<Access> step_reads(const Step& step) {
 
 std::vector<Access> step_writes(const Step& step) {
   std::vector<Access> writes;
-  if (step.kind == StepKind::RowStage) return for_stage(step.stage, [](auto s) { return writes_of<decltype(s)>(); });
+  if (step.kind == StepKind::RowStage) return stage_writes(step.stage);
   if (step.kind == StepKind::Gemm) add_operand(writes, step.out);
   return writes;
 }
@@ -171,7 +179,7 @@ std::string operand_name(const Operand& o) {
 std::string step_name(const Step& step) {
   std::ostringstream s;
   switch (step.kind) {
-    case StepKind::RowStage: s << stage_label(step.stage); break;
+    case StepKind::RowStage: s << stage_name(step.stage); break;
     case StepKind::Gemm:
       s << operand_name(step.out) << (step.accumulate ? " += " : " = ") << operand_name(step.a) << " @ "
         << weight_name(step.weight) << (step.transposed ? "^T" : "");
@@ -398,7 +406,7 @@ std::vector<std::string> chain_plan_table(bool backward, bool saved) {
     const bool stage = step.kind == StepKind::RowStage, product = step.kind == StepKind::Gemm;
     std::ostringstream row;
     row << kinds[static_cast<int>(step.kind)] << "|"
-        << (stage ? stage_label(step.stage) : product ? weight_name(step.weight) : reduction_name(step.into)) << "|"
+        << (stage ? stage_name(step.stage) : product ? weight_name(step.weight) : reduction_name(step.into)) << "|"
         << (step.span == Span::Rows ? "rows" : "directions") << "|" << (product ? operand_name(step.out) : "") << "|"
         << (stage ? "" : operand_name(step.a)) << "|"
         << (step.kind == StepKind::WeightGradient ? operand_name(step.b) : "") << "|" << step.transposed << "|"
@@ -497,8 +505,8 @@ void announce_stage(Stage stage, const RangeTensors& range) {
     }
     return list;
   };
-  torch::jit::Stack stack{c10::IValue(std::string(stage_label(stage))), c10::IValue(tensors(step_reads(row_stage(stage)))),
-                          c10::IValue(tensors(step_writes(row_stage(stage))))};
+  torch::jit::Stack stack{c10::IValue(std::string(stage_name(stage))), c10::IValue(tensors(stage_reads(stage))),
+                          c10::IValue(tensors(stage_writes(stage)))};
   op.callBoxed(&stack);
 }
 
@@ -513,7 +521,7 @@ struct WholeRangeOps {
 
   void stage(Stage stage, const FusionBuffers& b) {
     // each stage by name in the profiler (the name is built only when a profiler listens)
-    RECORD_FUNCTION(std::string("gemini_kernels::") + stage_label(stage), std::vector<c10::IValue>());
+    RECORD_FUNCTION(std::string("gemini_kernels::") + stage_name(stage), std::vector<c10::IValue>());
     if (counted != nullptr) return announce_stage(stage, *counted);
     run(stage, dtype, b);
   }

@@ -98,6 +98,11 @@ struct Step {
   Reduction into = Reduction::Wx;
 };
 
+// What a stage declares it reads and writes (kReads / kWrites), and its name ("mix_forward").
+std::vector<Access> stage_reads(Stage stage);
+std::vector<Access> stage_writes(Stage stage);
+const char* stage_name(Stage stage);
+
 std::vector<Access> step_reads(const Step& step);
 std::vector<Access> step_writes(const Step& step);
 std::string step_name(const Step& step);

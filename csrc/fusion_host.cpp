@@ -18,6 +18,7 @@
 // When asked, the forward also returns its GEMM outputs (csrc/fusion_api.h, "activations"), and the
 // backward then reads them instead of recomputing them; both executors store them in the same layout.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -26,7 +27,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -375,8 +378,99 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor
   return run_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, run_tiles);
 }
 
+// ---- the stages' declared accesses, checked ---------------------------------------------------
+
+// Runs each stage on the host over buffers of its own (float64, a few pixels) and compares what it
+// does with what it declares (kReads / kWrites in fusion_math.h), which the chain's plan check and
+// the launch ledger take on trust: every buffer, or column block of a g-layout one, that a stage
+// does not declare it reads is poisoned with NaN and must leave what it writes unchanged; every one
+// it does not declare it writes must come back untouched. Returns the disagreements, one line each.
+// drop_first_read: check each stage as if it did not declare its first read, which must then
+// disagree (the check's own test).
+std::vector<std::string> stage_access_mismatches(bool drop_first_read) {
+  constexpr int64_t M = 5, C = 16, H = 4;
+  BufferPlan plan;
+  for (int i = 0; i < kNumBuffers; ++i) plan.set({static_cast<Buffer>(i)}, Placement::Scratch);
+  plan.alias(Buffer::GradZ, Buffer::Z);  // FusionBuffers has one pointer for z and d/dz
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  auto random = [&options](at::IntArrayRef shape, uint64_t seed) {
+    return at::rand(shape, at::detail::createCPUGenerator(seed), options) + 0.25;  // away from 0
+  };
+  auto fresh = [&](uint64_t seed) {
+    RangeTensors range{&plan, M, {}};
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      const int64_t cols = buffer_columns(b, C, H);
+      if (plan.owner(b) == b)
+        range.tensors[i] = buffer_shape(b).directions == 2 ? random({2, M, cols}, seed + i) : random({M, cols}, seed + i);
+    }
+    range.tensors[index_of(Buffer::GradZ)] = range[Buffer::Z];
+    return range;
+  };
+  const at::Tensor vectors = random({6, C}, 99), pairs = random({4, 2, C}, 98);
+  FusionBuffers parameters{};
+  parameters.channels = C;
+  parameters.heads = H;
+  parameters.scale = 1.0 / std::sqrt(static_cast<double>(C / H));
+  parameters.b1 = vectors[0].const_data_ptr();
+  parameters.b2 = vectors[1].const_data_ptr();
+  parameters.k_noise = pairs[0].const_data_ptr();
+  parameters.bq = pairs[1].const_data_ptr();
+  parameters.bv = pairs[2].const_data_ptr();
+  parameters.bo = pairs[3].const_data_ptr();
+  parameters.vn_proj = vectors.narrow(0, 2, 2).const_data_ptr();
+
+  // The column blocks of a buffer: kGBlocks of C columns for g-layout ones, else the whole row.
+  auto blocks_of = [](Buffer b) { return buffer_shape(b).columns == Columns::GLayout ? kGBlocks : 1; };
+  auto block = [](const at::Tensor& t, Buffer b, int k) {
+    return buffer_shape(b).columns == Columns::GLayout ? t.narrow(-1, k * C, C) : t;
+  };
+  auto declared = [&plan](const std::vector<Access>& list, Buffer memory, int k) {
+    return std::any_of(list.begin(), list.end(), [&](const Access& a) {
+      return plan.owner(a.buffer) == memory && (a.columns & (1u << k));
+    });
+  };
+  std::vector<std::string> mismatches;
+  const Stage stages[] = {Stage::HiddenForward, Stage::RelationForward, Stage::MixForward,
+                          Stage::MixBackward,   Stage::RelationBackward, Stage::HiddenBackward};
+  for (Stage stage : stages) {
+    std::vector<Access> reads = stage_reads(stage);
+    if (drop_first_read) reads.erase(reads.begin());
+    const std::vector<Access> writes = stage_writes(stage);
+    RangeTensors clean = fresh(1), poisoned = fresh(1), before = fresh(1);
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      if (plan.owner(b) != b) continue;
+      for (int k = 0; k < blocks_of(b); ++k)
+        if (!declared(reads, b, k)) block(poisoned[b], b, k).fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    run_stage_rows<double>(stage, clean.stage_buffers(parameters), 0, 2 * M);
+    run_stage_rows<double>(stage, poisoned.stage_buffers(parameters), 0, 2 * M);
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      if (plan.owner(b) != b) continue;
+      for (int k = 0; k < blocks_of(b); ++k) {
+        const std::string where = std::string(stage_name(stage)) + ", " + buffer_name(b) +
+                                  (blocks_of(b) > 1 ? " block " + std::to_string(k) : std::string());
+        if (declared(writes, b, k)) {
+          if (!at::equal(block(clean[b], b, k), block(poisoned[b], b, k)))
+            mismatches.push_back(where + ": depends on what the stage does not declare it reads");
+        } else if (!at::equal(block(clean[b], b, k), block(before[b], b, k))) {
+          mismatches.push_back(where + ": written, not declared");
+        }
+      }
+    }
+  }
+  return mismatches;
+}
+
 }  // namespace
 }  // namespace gk
+
+TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
+  // The stages' declared accesses checked against what they do (stage_access_mismatches).
+  m.def("stage_access_mismatches(bool drop_first_read=False) -> str[]", &gk::stage_access_mismatches);
+}
 
 TORCH_LIBRARY_IMPL(gemini_kernels, CPU, m) {
   m.impl("fusion_forward", &gk::forward_cpu);

@@ -1,4 +1,5 @@
-"""The launch ledger of the cuda backend's GPU plan (ledger.count_cuda) and issue 15's budgets on it.
+"""The launch ledger of the cuda backend's GPU plan (ledger.count_cuda), issue 15's budgets on it, and the
+stage declarations it counts by.
 
 The extension counts its own chain (csrc/fusion_chain.h) as its CUDA build runs it, on meta tensors,
 so no GPU is needed: the aten ops it calls and one launch per row stage, reading and writing what
@@ -122,3 +123,14 @@ def test_cli_counts_the_cuda_backend(capsys):
     assert capsys.readouterr().out.count("cuda     fwd") == 4
     with pytest.raises(ValueError, match="count_cuda"):
         ledger.count("cuda", 64, 10)
+
+
+def test_each_stage_does_what_it_declares():
+    """The stage launches above (and the chain's plan check) take the stages' kReads / kWrites on
+    trust: run on the host, a stage must depend on nothing else and write nothing else."""
+    assert list(torch.ops.gemini_kernels.stage_access_mismatches()) == []
+    # and the check sees a missing declaration: every stage's first read is one its outputs need
+    missing = list(torch.ops.gemini_kernels.stage_access_mismatches(True))
+    stages = ("hidden_forward", "relation_forward", "mix_forward", "mix_backward", "relation_backward",
+              "hidden_backward")
+    assert {line.split(",")[0] for line in missing} == set(stages), missing
