@@ -548,6 +548,14 @@ struct WholeRangeOps {
   }
 };
 
+// A fresh buffer over the run's M pixels: (2, M, columns) or (M, columns).
+at::Tensor empty_buffer(Buffer b, const ChainRun& run, const at::TensorOptions& options) {
+  const BufferShape shape = buffer_shape(b);
+  const int64_t cols = buffer_columns(b, run.channels, run.heads);
+  const auto with_dtype = options.dtype(shape.accumulator ? accumulation_type(run.dtype) : run.dtype);
+  return shape.directions == 2 ? at::empty({2, run.pixels, cols}, with_dtype) : at::empty({run.pixels, cols}, with_dtype);
+}
+
 RangeTensors whole_range_tensors(const ChainRun& run) {
   RangeTensors range{&run.plan->buffers, run.pixels, {}};
   const BufferPlan& p = run.plan->buffers;
@@ -557,16 +565,20 @@ RangeTensors whole_range_tensors(const ChainRun& run) {
     if (p[b] == Placement::Input || p[b] == Placement::Output) {
       range.tensors[i] = p.copied[i] ? run.tensors[i].clone() : run.tensors[i];
     } else if (p[b] == Placement::Scratch) {
-      const BufferShape shape = buffer_shape(b);
-      const int64_t cols = buffer_columns(b, run.channels, run.heads);
-      const auto dtype = shape.accumulator ? accumulation_type(run.dtype) : run.dtype;
-      range.tensors[i] = shape.directions == 2 ? at::empty({2, run.pixels, cols}, options.dtype(dtype))
-                                               : at::empty({run.pixels, cols}, options.dtype(dtype));
+      range.tensors[i] = empty_buffer(b, run, options);
     }
   }
   for (int i = 0; i < kNumBuffers; ++i)
     if (p.placement[i] == Placement::Alias) range.tensors[i] = range.tensors[index_of(p.storage[i])];
   return range;
+}
+
+// counting: the stages announced (count_range) rather than run.
+void run_whole_range(const ChainRun& chain, StageRunner run, bool counting) {
+  const RangeTensors range = whole_range_tensors(chain);
+  WholeRangeOps ops{run, chain.dtype, parameter_buffers(*chain.weights, chain.channels, chain.heads), chain.gradients,
+                    counting ? &range : nullptr};
+  run_steps(*chain.plan, range, *chain.weights, ops);
 }
 
 }  // namespace
@@ -585,21 +597,11 @@ at::Tensor& reduction_slot(WeightGradients& g, Reduction into, int d) {
 }
 
 ChainExecutor whole_range(StageRunner run) {
-  return [run](const ChainRun& chain) {
-    const RangeTensors range = whole_range_tensors(chain);
-    WholeRangeOps ops{run, chain.dtype, parameter_buffers(*chain.weights, chain.channels, chain.heads),
-                      chain.gradients};
-    run_steps(*chain.plan, range, *chain.weights, ops);
-  };
+  return [run](const ChainRun& chain) { run_whole_range(chain, run, false); };
 }
 
 ChainExecutor count_range() {
-  return [](const ChainRun& chain) {
-    const RangeTensors range = whole_range_tensors(chain);
-    WholeRangeOps ops{nullptr, chain.dtype, parameter_buffers(*chain.weights, chain.channels, chain.heads),
-                      chain.gradients, &range};
-    run_steps(*chain.plan, range, *chain.weights, ops);
-  };
+  return [](const ChainRun& chain) { run_whole_range(chain, nullptr, true); };
 }
 
 // ---- forward and backward ---------------------------------------------------------------------
@@ -618,15 +620,9 @@ ChainRun start_run(const ChainPlan& plan, const PackedWeights& w, const at::Tens
 
 // The Output buffers that the caller does not shape itself, in their (M, ·) / (2, M, ·) shape.
 void allocate_outputs(ChainRun& run, const at::TensorOptions& options) {
-  for (int i = 0; i < kNumBuffers; ++i) {
-    const Buffer b = static_cast<Buffer>(i);
-    if (run.plan->buffers[b] != Placement::Output || run.tensors[i].defined()) continue;
-    const BufferShape shape = buffer_shape(b);
-    const int64_t cols = buffer_columns(b, run.channels, run.heads);
-    const auto dtype = shape.accumulator ? accumulation_type(run.dtype) : run.dtype;
-    run.tensors[i] = shape.directions == 2 ? at::empty({2, run.pixels, cols}, options.dtype(dtype))
-                                           : at::empty({run.pixels, cols}, options.dtype(dtype));
-  }
+  for (int i = 0; i < kNumBuffers; ++i)
+    if (run.plan->buffers.placement[i] == Placement::Output && !run.tensors[i].defined())
+      run.tensors[i] = empty_buffer(static_cast<Buffer>(i), run, options);
 }
 
 // The order of fusion_forward's activations (check_activations).
