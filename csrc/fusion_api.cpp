@@ -1,22 +1,7 @@
-// The fusion as GEMMs plus fused row stages, device-agnostic: the same code drives the host
-// stages on CPU tensors and the CUDA kernels on GPU tensors. Also defines the torch ops and the
-// Python module that loads them.
-//
-// Forward, for both directions d at once (shapes per direction, M pixels, C channels):
-//   g[d]    = x_d @ [W1a; W1b; Wq_d; Wv_d; Wv_{1-d}]^T         GEMM (M, C) x (C, 5C) per direction
-//   hidden  = GELU(g[d][:, :C] + g[1-d][:, C:2C] + b1)            stage HiddenForward
-//   z       = hidden @ W2^T                                       one GEMM over 2M rows
-//   e       = k_noise[d] + s - s * softmax(z + b2)                stage RelationForward
-//   dk      = e @ Wk_d^T                                          batched GEMM
-//   mixed   = v_cross + a * v_delta, a = sigmoid(q . dk) per head stage MixForward (y = s + bo)
-//   y_d    += mixed[d] @ Wo_d^T                                   GEMM, in place
-// That is 8 C^2 multiply-adds per pixel and direction (SPEC §4), and the per-pixel work between
-// the GEMMs is one pass per stage. The backward recomputes up to dk from the inputs and the saved
-// gates (or, when the forward saved its activations, only the row stages: 7 C^2 fewer multiply-adds
-// per pixel and direction), then runs the transposed chain; every weight gradient is a GEMM or a
-// plain sum, so the result is deterministic.
+// The device-agnostic parts of the fusion around its chain (fusion_chain.h): the parameter table by
+// name, the weight packing and its cache, the argument checks and the gradients' assembly. Also
+// defines the torch ops and the Python module that loads them.
 #include <ATen/ATen.h>
-#include <ATen/record_function.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -275,90 +260,6 @@ void check_activations(at::TensorList activations, const at::Tensor& x0) {
   }
 }
 
-namespace {
-
-const char* stage_name(Stage stage) {
-  switch (stage) {
-    case Stage::HiddenForward: return "gemini_kernels::hidden_forward";
-    case Stage::RelationForward: return "gemini_kernels::relation_forward";
-    case Stage::MixForward: return "gemini_kernels::mix_forward";
-    case Stage::MixBackward: return "gemini_kernels::mix_backward";
-    case Stage::RelationBackward: return "gemini_kernels::relation_backward";
-    case Stage::HiddenBackward: return "gemini_kernels::hidden_backward";
-  }
-  return "gemini_kernels::stage";
-}
-
-// Runs a stage under its own name in the torch profiler.
-void run_stage(StageRunner run, Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
-  RECORD_FUNCTION(stage_name(stage), std::vector<c10::IValue>());
-  run(stage, dtype, b);
-}
-
-// The forward chain up to the key projection, shared by the forward and the backward's recompute.
-struct KeyChain {
-  at::Tensor x[2];  // (M, C) contiguous
-  at::Tensor g[2];  // (M, 5C) each
-  at::Tensor hidden, z, e, dk, lse;
-  FusionBuffers buffers{};
-};
-
-// What run_to_keys keeps: the forward lets e and dk reuse the buffers of hidden and z; a forward that
-// saves its activations keeps z and dk in buffers of their own; the backward needs hidden (for
-// d/dW2), z, e and the lse after the keys.
-enum class KeyChainUse { Forward, SavingForward, Backward };
-
-// saved: the forward's activations (check_activations), for the backward, whose GEMM outputs are
-// taken instead of recomputed; z is copied, since the backward overwrites it with d/dz.
-KeyChain run_to_keys(const at::Tensor& x0, const at::Tensor& x1, const PackedWeights& w, int64_t num_heads,
-                     KeyChainUse use, at::TensorList saved, StageRunner run) {
-  const int64_t C = x0.size(-1);
-  const int64_t M = x0.numel() / C;
-  const auto dtype = x0.scalar_type();
-  const auto options = x0.options();
-  const bool resume = !saved.empty();
-  const bool for_backward = use == KeyChainUse::Backward;
-  KeyChain k;
-  k.x[0] = x0.contiguous().view({M, C});
-  k.x[1] = x1.contiguous().view({M, C});
-  for (int d = 0; d < 2; ++d) k.g[d] = resume ? saved[d] : at::mm(k.x[d], w.wx[d].t());
-  k.hidden = at::empty({2, M, C}, options);
-  k.z = resume ? saved[2].clone() : at::empty({2, M, C}, options);
-  k.e = for_backward ? at::empty({2, M, C}, options) : k.hidden;  // hidden is dead once z is computed
-  if (for_backward) k.lse = at::empty({2, M}, options.dtype(accumulation_type(dtype)));
-
-  FusionBuffers& b = k.buffers;
-  b = parameter_buffers(w, C, num_heads);
-  b.pixels = M;
-  b.x[0] = k.x[0].const_data_ptr();
-  b.x[1] = k.x[1].const_data_ptr();
-  b.g[0] = k.g[0].const_data_ptr();
-  b.g[1] = k.g[1].const_data_ptr();
-  b.hidden = k.hidden.data_ptr();
-  b.z = k.z.data_ptr();
-  b.e = k.e.data_ptr();
-  b.lse = for_backward ? k.lse.data_ptr() : nullptr;
-
-  run_stage(run, Stage::HiddenForward, dtype, b);
-  if (!resume) {
-    at::Tensor z_rows = k.z.view({2 * M, C});
-    at::mm_out(z_rows, k.hidden.view({2 * M, C}), w.w2.t());
-  }
-  run_stage(run, Stage::RelationForward, dtype, b);
-  if (resume) {
-    k.dk = saved[3];
-  } else if (use != KeyChainUse::Forward) {
-    k.dk = at::bmm(k.e, w.wk.transpose(1, 2));
-  } else {
-    k.dk = k.z;  // z is dead once e is computed
-    at::bmm_out(k.dk, k.e, w.wk.transpose(1, 2));
-  }
-  b.dk = k.dk.const_data_ptr();
-  return k;
-}
-
-}  // namespace
-
 std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads) {
   std::vector<int64_t> out{2};
   out.insert(out.end(), x_shape.begin(), x_shape.end());
@@ -368,112 +269,6 @@ std::vector<int64_t> gate_shape(at::IntArrayRef x_shape, int64_t num_heads) {
 
 at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
-                             bool save_activations, StageRunner run) {
-  check_arguments(x0, x1, params, num_heads);
-  const int64_t C = x0.size(-1);
-  const PackedWeights w = cached_pack_weights(params, C);
-  KeyChain k = run_to_keys(x0, x1, w, num_heads,
-                           save_activations ? KeyChainUse::SavingForward : KeyChainUse::Forward, {}, run);
-  const int64_t M = k.x[0].size(0);
-
-  // Allocated in the inputs' shape and written through (M, C) views, so that the outputs are not views
-  // themselves: autograd refuses in-place changes (y0 += x0, relu_) to a view a custom op returns.
-  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
-  at::Tensor y[2] = {out[0].view({M, C}), out[1].view({M, C})};
-  at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
-  const at::Tensor mixed = k.hidden;  // hidden and e, which shares its buffer, are dead once dk is computed
-  FusionBuffers& b = k.buffers;
-  b.mixed = mixed.data_ptr();
-  b.y[0] = y[0].data_ptr();
-  b.y[1] = y[1].data_ptr();
-  b.gate = gate.data_ptr();
-  run_stage(run, Stage::MixForward, x0.scalar_type(), b);
-  for (int d = 0; d < 2; ++d) y[d].addmm_(mixed[d], w.wo[d].t());
-  std::vector<at::Tensor> activations;
-  if (save_activations) activations = {k.g[0], k.g[1], k.z, k.dk};
-  return {out[0], out[1], gate, activations};
-}
-
-std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
-                                        const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                        at::TensorList activations, int64_t num_heads, StageRunner run) {
-  check_arguments(x0, x1, params, num_heads);
-  const int64_t C = x0.size(-1);
-  const int64_t M = x0.numel() / C;
-  check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
-  check_activations(activations, x0);
-  const auto dtype = x0.scalar_type();
-  const auto options = x0.options();
-  const PackedWeights w = cached_pack_weights(params, C);
-  KeyChain k = run_to_keys(x0, x1, w, num_heads, KeyChainUse::Backward, activations, run);
-  const bool resumed = !activations.empty();
-
-  const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
-  const at::Tensor gate_rows = gate.contiguous();
-  at::Tensor grad_mixed = at::empty({2, M, C}, options);
-  for (int d = 0; d < 2; ++d) {
-    at::Tensor grad_mixed_d = grad_mixed[d];
-    at::mm_out(grad_mixed_d, gy[d], w.wo[d]);
-  }
-  // In place (see FusionBuffers): mixed over grad_mixed, and, unless they are the forward's saved
-  // activations, grad_dk over dk and grad_g over g.
-  const at::Tensor& mixed = grad_mixed;
-  const at::Tensor grad_dk = resumed ? at::empty_like(k.dk) : k.dk;
-  const at::Tensor grad_g[2] = {resumed ? at::empty_like(k.g[0]) : k.g[0], resumed ? at::empty_like(k.g[1]) : k.g[1]};
-  FusionBuffers& b = k.buffers;
-  b.gate = const_cast<void*>(gate_rows.const_data_ptr());  // only read by the backward stages
-  b.grad_y[0] = gy[0].const_data_ptr();
-  b.grad_y[1] = gy[1].const_data_ptr();
-  b.grad_mixed = grad_mixed.const_data_ptr();
-  b.mixed = mixed.data_ptr();
-  b.grad_dk = grad_dk.data_ptr();
-  b.grad_g[0] = grad_g[0].data_ptr();
-  b.grad_g[1] = grad_g[1].data_ptr();
-  run_stage(run, Stage::MixBackward, dtype, b);
-
-  at::Tensor grad_wo[2], grad_x[2];
-  for (int d = 0; d < 2; ++d) grad_wo[d] = at::mm(gy[d].t(), mixed[d]);
-  const at::Tensor grad_wk = at::bmm(grad_dk.transpose(1, 2), k.e);
-  at::Tensor grad_x_out[2];  // in the inputs' shape, for the reason of fusion_forward's outputs
-  for (int d = 0; d < 2; ++d) {
-    grad_x_out[d] = at::empty((d == 0 ? x0 : x1).sizes(), options);
-    grad_x[d] = grad_x_out[d].view({M, C});
-    at::mm_out(grad_x[d], grad_dk[d], w.wk[d]);  // d/de, overwritten in place with the elementwise d/dx_d
-    b.grad_e[d] = grad_x[d].const_data_ptr();
-    b.grad_x[d] = grad_x[d].data_ptr();
-  }
-  const at::Tensor grad_k_noise = at::stack({grad_x[0].sum(0), grad_x[1].sum(0)});
-  run_stage(run, Stage::RelationBackward, dtype, b);  // k.z now holds d/dz
-
-  const at::Tensor grad_z = k.z.view({2 * M, C});
-  const at::Tensor hidden = k.hidden.view({2 * M, C});
-  const at::Tensor grad_w2 = at::mm(grad_z.t(), hidden);
-  at::Tensor grad_hidden = hidden;  // hidden is dead once d/dW2 is computed
-  at::mm_out(grad_hidden, grad_z, w.w2);
-  b.grad_hidden = grad_hidden.const_data_ptr();
-  run_stage(run, Stage::HiddenBackward, dtype, b);
-
-  at::Tensor grad_wx[2];
-  for (int d = 0; d < 2; ++d) {
-    grad_x[d].addmm_(grad_g[d], w.wx[d]);
-    grad_wx[d] = at::mm(grad_g[d].t(), k.x[d]);
-  }
-  WeightGradients r;
-  for (int d = 0; d < 2; ++d) {
-    r.grad_x[d] = grad_x_out[d];
-    r.grad_wx[d] = grad_wx[d];
-    r.grad_g_sum[d] = grad_g[d].sum(0);
-    r.grad_wo[d] = grad_wo[d];
-    r.grad_bo[d] = gy[d].sum(0);
-  }
-  r.grad_w2 = grad_w2;
-  r.grad_b2 = grad_z.sum(0);
-  r.grad_k_noise = grad_k_noise;
-  r.grad_wk = grad_wk;
-  return assemble_gradients(r, w, x0, x1);
 }
 
 std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const PackedWeights& w, const at::Tensor& x0,
@@ -495,7 +290,7 @@ std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const Packe
   grads.push_back(block(grad_g_sum[0], kFc1Self) + block(grad_g_sum[1], kFc1Self));
   grads.push_back(r.grad_w2);
   grads.push_back(r.grad_b2);
-  grads.push_back(r.grad_k_noise);
+  grads.push_back(at::stack({r.grad_k_noise[0], r.grad_k_noise[1]}));
   at::Tensor grad_v_noise = at::empty({2, C}, options);
   std::vector<at::Tensor> per_direction;
   for (int d = 0; d < 2; ++d) {

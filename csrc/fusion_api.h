@@ -1,6 +1,7 @@
 // The torch-facing fusion, shared by the CPU and CUDA registrations: the projections as GEMMs
 // (at::mm / at::bmm, so cuBLAS or MKL), and between them the row stages of fusion_math.h, run by a
-// device-specific StageRunner (host loops in fusion_host.cpp, CUDA kernels in fusion_cuda.cpp).
+// device-specific StageRunner (host loops in fusion_host.cpp, CUDA kernels in fusion_cuda.cpp). The
+// chain of GEMMs and stages itself is fusion_chain.h's.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -88,8 +89,8 @@ struct WeightGradients {
   at::Tensor grad_g_sum[2];  // (5C,): column sums of d/dg[d]
   at::Tensor grad_w2;        // (C, C)
   at::Tensor grad_b2;        // (C,)
-  at::Tensor grad_k_noise;   // (2, C)
-  at::Tensor grad_wk;        // (2, C, C)
+  at::Tensor grad_k_noise[2];  // (C,): column sums of d/de[d]
+  at::Tensor grad_wk[2];     // (C, C)
   at::Tensor grad_wo[2];     // (C, C)
   at::Tensor grad_bo[2];     // (C,): column sums of grad_y[d]
 };
@@ -115,7 +116,8 @@ void check_activations(at::TensorList activations, const at::Tensor& x0);
 // activations (empty unless asked for); the backward takes back the last two.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
-// params: the 14 tensors in FusionParams order.
+// params: the 14 tensors in FusionParams order. The chain as one range over all pixels, its stages by
+// `run` (fusion_chain.h: run_forward, whole_range).
 ForwardResult fusion_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                              bool save_activations, StageRunner run);
 

@@ -1,23 +1,24 @@
 // The host C++ path: serves `backend="cuda"` for CPU tensors.
 //
-// float32 and float64 at narrow layers (C < 256, see tiled()) run the whole chain of fusion_api.cpp
+// float32 and float64 at narrow layers (C < 256, see tiled()) run the chain of fusion_chain.h
 // (GEMMs and row stages) on tiles of a few hundred pixels (about 1 MiB of intermediates), a
 // contiguous run of tiles per intra-op thread, so that a GEMM's output is read by the next row
-// stage while it is still in cache: with the untiled
-// chain the GEMMs at C=64 are bound by memory, not arithmetic, and each row stage is another pass
-// over DRAM. The tile GEMMs are at::mm_out / addmm_ on views of the thread's own buffers; the row
-// stages are those of fusion_math.h, compiled twice, for the x86-64 baseline and for AVX2+FMA, and
-// picked at run time by torch's own CPU capability (so ATEN_CPU_CAPABILITY=default selects the
-// baseline code). The backward sums the weight gradients of its tiles per thread, then over threads
-// in thread order: deterministic for a given thread count.
+// stage while it is still in cache: with the untiled chain the GEMMs at C=64 are bound by memory,
+// not arithmetic, and each row stage is another pass over DRAM. The tile GEMMs are at::mm_out /
+// addmm_ on views of the thread's own buffers; the row stages are those of fusion_math.h, compiled
+// twice, for the x86-64 baseline and for AVX2+FMA, and picked at run time by torch's own CPU
+// capability (so ATEN_CPU_CAPABILITY=default selects the baseline code). The backward sums the
+// weight gradients of its tiles per thread, then over threads in thread order: deterministic for a
+// given thread count.
 //
-// Wide layers take the untiled chain of fusion_api.cpp (whole-tensor GEMMs, row stages spread over
-// the threads), and so do float16 and bfloat16, whose GEMMs then round each product once rather than
+// Wide layers run the same chain as one range (whole-tensor GEMMs, row stages spread over the
+// threads), and so do float16 and bfloat16, whose GEMMs then round each product once rather than
 // once per tile.
 //
 // When asked, the forward also returns its GEMM outputs (csrc/fusion_api.h, "activations"), and the
-// backward then reads them instead of recomputing them; both chains store them in the same layout.
+// backward then reads them instead of recomputing them; both executors store them in the same layout.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -26,12 +27,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#include "fusion_api.h"
+#include "fusion_chain.h"
 
 namespace gk {
 namespace {
@@ -103,79 +106,30 @@ void run_rows(const FusionBuffers& b, int64_t begin, int64_t end) {
   run_rows_of_width<StageT, T, 0>(b, begin, end);
 }
 
-// The untiled chain's runner: rows spread over the intra-op threads.
-template <class StageT, class T>
-void run_rows_parallel(const FusionBuffers& b) {
-  // About 16K channel-elements per task: enough to amortise the task, small enough to balance.
-  const int64_t grain = std::max<int64_t>(1, 16384 / b.channels);
-  at::parallel_for(0, 2 * b.pixels, grain, [&](int64_t begin, int64_t end) { run_rows<StageT, T>(b, begin, end); });
-}
-
+// Rows [begin, end) of a stage.
 template <class T>
-void run_stage(Stage stage, const FusionBuffers& b) {
+void run_stage_rows(Stage stage, const FusionBuffers& b, int64_t begin, int64_t end) {
   switch (stage) {
-    case Stage::HiddenForward: return run_rows_parallel<HiddenForward, T>(b);
-    case Stage::RelationForward: return run_rows_parallel<RelationForward, T>(b);
-    case Stage::MixForward: return run_rows_parallel<MixForward, T>(b);
-    case Stage::MixBackward: return run_rows_parallel<MixBackward, T>(b);
-    case Stage::RelationBackward: return run_rows_parallel<RelationBackward, T>(b);
-    case Stage::HiddenBackward: return run_rows_parallel<HiddenBackward, T>(b);
+    case Stage::HiddenForward: return run_rows<HiddenForward, T>(b, begin, end);
+    case Stage::RelationForward: return run_rows<RelationForward, T>(b, begin, end);
+    case Stage::MixForward: return run_rows<MixForward, T>(b, begin, end);
+    case Stage::MixBackward: return run_rows<MixBackward, T>(b, begin, end);
+    case Stage::RelationBackward: return run_rows<RelationBackward, T>(b, begin, end);
+    case Stage::HiddenBackward: return run_rows<HiddenBackward, T>(b, begin, end);
   }
 }
 
-// The untiled chain's stages (see tiled()).
+// The untiled chain's stages (see tiled()): rows spread over the intra-op threads.
 void host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gemini_kernels_host_stage",
-                                  [&] { run_stage<scalar_t>(stage, b); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gemini_kernels_host_stage", [&] {
+    // About 16K channel-elements per task: enough to amortise the task, small enough to balance.
+    const int64_t grain = std::max<int64_t>(1, 16384 / b.channels);
+    at::parallel_for(0, 2 * b.pixels, grain,
+                     [&](int64_t begin, int64_t end) { run_stage_rows<scalar_t>(stage, b, begin, end); });
+  });
 }
 
-// ---- tile GEMMs: at::mm_out / addmm_ on views of the tile buffers (so MKL's sgemm, single-threaded
-// inside the parallel region), under InferenceMode to keep the dispatch short ----
-
-template <class T>
-at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// out (rows, n) = beta * out + a (rows, k) @ w^T, w (n, k); beta is 0 or 1
-template <class T>
-void gemm_abt(int64_t rows, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T beta, T* out,
-              int64_t ldo) {
-  at::Tensor o = matrix(out, rows, n, ldo);
-  if (beta == T(0)) {
-    at::mm_out(o, matrix(a, rows, k, lda), matrix(w, n, k, ldw).t());
-  } else {
-    o.addmm_(matrix(a, rows, k, lda), matrix(w, n, k, ldw).t());
-  }
-}
-
-// out (rows, n) = beta * out + a (rows, k) @ w, w (k, n); beta is 0 or 1
-template <class T>
-void gemm_ab(int64_t rows, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw, T beta, T* out,
-             int64_t ldo) {
-  at::Tensor o = matrix(out, rows, n, ldo);
-  if (beta == T(0)) {
-    at::mm_out(o, matrix(a, rows, k, lda), matrix(w, k, n, ldw));
-  } else {
-    o.addmm_(matrix(a, rows, k, lda), matrix(w, k, n, ldw));
-  }
-}
-
-// out (p, q) += a^T @ b, a (rows, p), b (rows, q)
-template <class T>
-void gemm_atb_accumulate(int64_t rows, int64_t p, int64_t q, const T* a, int64_t lda, const T* b, int64_t ldb, T* out) {
-  matrix(out, p, q, q).addmm_(matrix(a, rows, p, lda).t(), matrix(b, rows, q, ldb));
-}
-
-// sums (n,) += column sums of a (rows, n)
-template <class T>
-void add_column_sums(int64_t rows, int64_t n, const T* a, int64_t lda, T* sums) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = a + r * lda;
-    for (int64_t c = 0; c < n; ++c) sums[c] += row[c];
-  }
-}
+// ---- tiles: the chain on ranges of a few hundred pixels ----------------------------------------
 
 // Pixels per tile, for tiles of about 1 MiB of intermediates (per_pixel_elements C-wide rows each).
 // Measured on a 2-core EPYC (512 KiB L2 per core, 32 MiB L3): 384 KiB tiles, which fit L2, run 10-15%
@@ -197,252 +151,200 @@ int64_t tile_pixels(int64_t M, int64_t C, int64_t per_pixel_elements, size_t ele
   return std::max<int64_t>(kMinEvenedPixels, ((M + tiles - 1) / tiles + 15) / 16 * 16);
 }
 
+// sums (n,) += column sums of a (rows, n)
 template <class T>
-const T* rows_of(const at::Tensor& t, int64_t p0, int64_t C) {
-  return t.const_data_ptr<T>() + p0 * C;
+void add_column_sums(int64_t rows, int64_t n, const T* a, int64_t lda, T* sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = a + r * lda;
+    for (int64_t c = 0; c < n; ++c) sums[c] += row[c];
+  }
 }
 
-// ---- tiled forward ----------------------------------------------------------------------------
-
-// Copies the rows [p0, p0 + n) of both directions between a (2, n, C) tile and a (2, M, C) tensor.
+// One run of tiles' weight-gradient sums: every Reduction of fusion_chain.h (one per direction where
+// it has one), in one zeroed block.
 template <class T>
-void copy_tile_rows(T* to, int64_t to_direction_stride, const T* from, int64_t from_direction_stride, int64_t n,
-                    int64_t C) {
-  for (int d = 0; d < 2; ++d)
-    std::memcpy(to + d * to_direction_stride, from + d * from_direction_stride, n * C * sizeof(T));
-}
+class TileSums {
+ public:
+  explicit TileSums(int64_t C) : C_(C) {
+    int64_t size = 0;
+    for (int r = 0; r < kNumReductions; ++r) {
+      offset_[r] = size;
+      size += (reduction_per_direction(static_cast<Reduction>(r)) ? 2 : 1) * elements(static_cast<Reduction>(r));
+    }
+    values_.assign(size, T(0));
+  }
+  T* data(Reduction into, int d) { return values_.data() + offset_[static_cast<int>(into)] + std::max(d, 0) * elements(into); }
+  at::Tensor view(Reduction into, int d) {
+    return at::from_blob(data(into, d), reduction_shape(into, C_),
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  }
+  void add(const TileSums& other) {
+    for (size_t i = 0; i < values_.size(); ++i) values_[i] += other.values_[i];
+  }
 
+ private:
+  int64_t elements(Reduction into) const {
+    int64_t n = 1;
+    for (int64_t extent : reduction_shape(into, C_)) n *= extent;
+    return n;
+  }
+  int64_t C_;
+  std::array<int64_t, kNumReductions> offset_{};
+  std::vector<T> values_;
+};
+
+// A tile's products and sums: MKL calls on views of the tile (single-threaded inside the parallel
+// region), one per direction, as the tiles were measured; the sums added into the run's own.
 template <class T>
-ForwardResult tiled_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
-                            bool save_activations) {
+struct TileOps {
+  static constexpr bool kBatchesDirections = false;
+  FusionBuffers parameters;
+  TileSums<T>* sums;
+
+  void stage(Stage stage, const FusionBuffers& b) { run_stage_rows<T>(stage, b, 0, 2 * b.pixels); }
+  void product(at::Tensor out, const at::Tensor& a, const at::Tensor& w, bool accumulate) {
+    if (accumulate) {
+      out.addmm_(a, w);
+    } else {
+      at::mm_out(out, a, w);
+    }
+  }
+  void weight_gradient(Reduction into, int d, const at::Tensor& a, const at::Tensor& b) {
+    sums->view(into, d).addmm_(a.t(), b);
+  }
+  void column_sum(Reduction into, int d, const at::Tensor& a) {
+    add_column_sums<T>(a.size(0), a.size(1), a.const_data_ptr<T>(), a.stride(0), sums->data(into, d));
+  }
+};
+
+// One thread's tile memory, laid out by the plan: a slot of tile_pixels rows for every scratch
+// buffer, for every (2, M, ·) input or output (whose rows of one tile are not contiguous: staged
+// through the slot, as the row stages index a range's directions n rows apart), and for every input
+// the plan writes (worked on as a copy).
+template <class T>
+class TileArena {
   using A = typename Acc<T>::type;
-  const int64_t C = x0.size(-1);
-  const int64_t M = x0.numel() / C;
-  const int64_t H = num_heads;
-  const PackedWeights w = cached_pack_weights(params, C);
-  const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
-  const at::Tensor w2 = w.w2.contiguous();
-  // In the inputs' shape, not views of (M, C) tensors (see fusion_forward in fusion_api.cpp).
-  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
-  at::Tensor y[2] = {out[0].view({M, C}), out[1].view({M, C})};
-  at::Tensor gate = at::empty(gate_shape(x0.sizes(), H), x0.options().dtype(accumulation_type(x0.scalar_type())));
-  std::vector<at::Tensor> saved;  // g[0], g[1], z, dk (check_activations); the tiles write g there directly
-  if (save_activations)
-    saved = {at::empty({M, kGBlocks * C}, x0.options()), at::empty({M, kGBlocks * C}, x0.options()),
-             at::empty({2, M, C}, x0.options()), at::empty({2, M, C}, x0.options())};
-  const FusionBuffers base = parameter_buffers(w, C, H);
-  const T* wx = w.wx.const_data_ptr<T>();
-  const T* wk = w.wk.const_data_ptr<T>();
-  const T* wo = w.wo.const_data_ptr<T>();
-  A* gate_out = gate.data_ptr<A>();
 
-  const int64_t P = tile_pixels(M, C, 14, sizeof(T));
-  const int64_t tiles = (M + P - 1) / P;
-  at::parallel_for(0, tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
-    const c10::InferenceMode inference_mode;
-    // g[0], g[1] (P, 5C) unless saved; hidden, then e, then mixed (2, P, C); z, then dk (2, P, C);
-    // gates (2, P, H)
-    const int64_t g_elements = save_activations ? 0 : P * 10 * C;
-    std::vector<T> scratch(g_elements + P * 4 * C);
-    std::vector<A> gate_tile(2 * P * H);
-    T* hidden = scratch.data() + g_elements;
-    T* z = hidden + 2 * P * C;
-    for (int64_t tile = first_tile; tile < end_tile; ++tile) {
-      const int64_t p0 = tile * P;
-      const int64_t n = std::min(P, M - p0);
-      FusionBuffers b = base;
-      b.pixels = n;
-      for (int d = 0; d < 2; ++d) {
-        T* g = save_activations ? saved[d].data_ptr<T>() + p0 * kGBlocks * C : scratch.data() + d * P * kGBlocks * C;
-        b.x[d] = rows_of<T>(x[d], p0, C);
-        b.g[d] = g;
-        b.y[d] = y[d].data_ptr<T>() + p0 * C;
-        gemm_abt<T>(n, kGBlocks * C, C, rows_of<T>(x[d], p0, C), C, wx + d * kGBlocks * C * C, C, T(0), g, kGBlocks * C);
-      }
-      b.hidden = hidden;
-      b.z = z;
-      b.e = hidden;  // hidden is dead once z is computed
-      b.lse = nullptr;
-      run_rows<HiddenForward, T>(b, 0, 2 * n);
-      gemm_abt<T>(2 * n, C, C, hidden, C, w2.const_data_ptr<T>(), C, T(0), z, C);
-      if (save_activations) copy_tile_rows(saved[2].data_ptr<T>() + p0 * C, M * C, z, n * C, n, C);
-      run_rows<RelationForward, T>(b, 0, 2 * n);
-      for (int d = 0; d < 2; ++d)  // dk over z, which is dead once e is computed
-        gemm_abt<T>(n, C, C, hidden + d * n * C, C, wk + d * C * C, C, T(0), z + d * n * C, C);
-      if (save_activations) copy_tile_rows(saved[3].data_ptr<T>() + p0 * C, M * C, z, n * C, n, C);
-      b.dk = z;
-      b.mixed = hidden;  // e is dead once dk is computed
-      b.gate = gate_tile.data();
-      run_rows<MixForward, T>(b, 0, 2 * n);
-      for (int d = 0; d < 2; ++d) {
-        gemm_abt<T>(n, C, C, hidden + d * n * C, C, wo + d * C * C, C, T(1), y[d].data_ptr<T>() + p0 * C, C);
-        std::memcpy(gate_out + (d * M + p0) * H, gate_tile.data() + d * n * H, n * H * sizeof(A));
+ public:
+  TileArena(const ChainRun& run, int64_t tile_pixels) : run_(run) {
+    const BufferPlan& p = run.plan->buffers;
+    int64_t values = 0, accumulators = 0;
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      const BufferShape shape = buffer_shape(b);
+      const bool external = p[b] == Placement::Input || p[b] == Placement::Output;
+      slot_[i] = p[b] == Placement::Scratch || (external && (shape.directions == 2 || p.copied[i]));
+      if (!slot_[i]) continue;
+      int64_t& next = shape.accumulator ? accumulators : values;
+      offset_[i] = next;
+      next += shape.directions * tile_pixels * buffer_columns(b, run.channels, run.heads);
+    }
+    values_.resize(values);
+    accumulators_.resize(accumulators);
+  }
+
+  // The tensors of pixels [p0, p0 + n), the staged inputs copied in.
+  RangeTensors enter(int64_t p0, int64_t n) {
+    const BufferPlan& p = run_.plan->buffers;
+    RangeTensors range{&p, n, {}};
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      if (slot_[i]) {
+        const BufferShape shape = buffer_shape(b);
+        const int64_t cols = buffer_columns(b, run_.channels, run_.heads);
+        const auto dtype = shape.accumulator ? c10::CppTypeToScalarType<A>::value : c10::CppTypeToScalarType<T>::value;
+        range.tensors[i] = shape.directions == 2 ? at::from_blob(slot(i), {2, n, cols}, at::TensorOptions().dtype(dtype))
+                                                 : at::from_blob(slot(i), {n, cols}, at::TensorOptions().dtype(dtype));
+        if (p[b] == Placement::Input) copy_rows(run_.tensors[i], range.tensors[i], p0, n, true);
+      } else if (p[b] == Placement::Input || p[b] == Placement::Output) {
+        range.tensors[i] = run_.tensors[i].narrow(0, p0, n);
       }
     }
-  });
-  return {out[0], out[1], gate, saved};
-}
+    for (int i = 0; i < kNumBuffers; ++i)
+      if (p.placement[i] == Placement::Alias) range.tensors[i] = range.tensors[index_of(p.storage[i])];
+    return range;
+  }
 
-// ---- tiled backward ---------------------------------------------------------------------------
+  // Copies the staged outputs of the range back.
+  void leave(const RangeTensors& range, int64_t p0) {
+    for (int i = 0; i < kNumBuffers; ++i)
+      if (slot_[i] && run_.plan->buffers.placement[i] == Placement::Output)
+        copy_rows(run_.tensors[i], range.tensors[i], p0, range.pixels, false);
+  }
 
-// One thread's sums over its tiles.
-template <class T>
-struct GradientSums {
-  std::vector<T> wx, wk, wo, w2, g_sum, b2, k_noise;
-  explicit GradientSums(int64_t C)
-      : wx(2 * kGBlocks * C * C), wk(2 * C * C), wo(2 * C * C), w2(C * C), g_sum(2 * kGBlocks * C), b2(C), k_noise(2 * C) {}
+ private:
+  void* slot(int i) {
+    return buffer_shape(static_cast<Buffer>(i)).accumulator ? static_cast<void*>(accumulators_.data() + offset_[i])
+                                                             : static_cast<void*>(values_.data() + offset_[i]);
+  }
+
+  // Rows [p0, p0 + n) of each direction, between the whole tensor and the tile's.
+  static void copy_rows(const at::Tensor& whole, const at::Tensor& tile, int64_t p0, int64_t n, bool into_tile) {
+    const int64_t directions = tile.dim() == 3 ? 2 : 1;
+    const int64_t row_bytes = tile.size(-1) * tile.element_size();
+    const int64_t M = whole.size(-2);
+    char* whole_bytes = static_cast<char*>(const_cast<void*>(whole.const_data_ptr()));
+    char* tile_bytes = static_cast<char*>(tile.data_ptr());
+    for (int64_t d = 0; d < directions; ++d) {
+      char* w = whole_bytes + (d * M + p0) * row_bytes;
+      char* t = tile_bytes + d * n * row_bytes;
+      if (into_tile) {
+        std::memcpy(t, w, n * row_bytes);
+      } else {
+        std::memcpy(w, t, n * row_bytes);
+      }
+    }
+  }
+
+  const ChainRun& run_;
+  std::array<bool, kNumBuffers> slot_{};
+  std::array<int64_t, kNumBuffers> offset_{};
+  std::vector<T> values_;
+  std::vector<A> accumulators_;
 };
 
 template <class T>
-std::vector<at::Tensor> tiled_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
-                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                       at::TensorList saved, int64_t num_heads) {
-  using A = typename Acc<T>::type;
-  const int64_t C = x0.size(-1);
-  const int64_t M = x0.numel() / C;
-  const int64_t H = num_heads;
-  const auto options = x0.options();
-  const PackedWeights w = cached_pack_weights(params, C);
-  const at::Tensor x[2] = {x0.contiguous().view({M, C}), x1.contiguous().view({M, C})};
-  const at::Tensor gy[2] = {grad_y0.contiguous().view({M, C}), grad_y1.contiguous().view({M, C})};
-  const at::Tensor gate_rows = gate.contiguous();
-  const at::Tensor w2 = w.w2.contiguous();
-  const at::Tensor grad_x_out[2] = {at::empty(x0.sizes(), options), at::empty(x1.sizes(), options)};
-  at::Tensor grad_x[2] = {grad_x_out[0].view({M, C}), grad_x_out[1].view({M, C})};
-  const FusionBuffers base = parameter_buffers(w, C, H);
-  const T* wx = w.wx.const_data_ptr<T>();
-  const T* wk = w.wk.const_data_ptr<T>();
-  const T* wo = w.wo.const_data_ptr<T>();
-  const A* gate_in = gate_rows.const_data_ptr<A>();
-
-  // The forward's activations (check_activations), read in place of the GEMMs that recompute them.
-  const bool resume = !saved.empty();
-  const T* saved_g[2] = {resume ? saved[0].const_data_ptr<T>() : nullptr, resume ? saved[1].const_data_ptr<T>() : nullptr};
-  const T* saved_z = resume ? saved[2].const_data_ptr<T>() : nullptr;
-  const T* saved_dk = resume ? saved[3].const_data_ptr<T>() : nullptr;
-
-  const int64_t P = tile_pixels(M, C, 20, sizeof(T));
+void run_tiles_typed(const ChainRun& run) {
+  const ChainPlan& plan = *run.plan;
+  const int64_t M = run.pixels, C = run.channels;
+  // Tiles as long when the forward saves its GEMM outputs, or the backward reads them, as when they
+  // are recomputed: saving then moves no tile boundary, and so changes no rounding.
+  const ChainPlan& sizing = plan.backward ? backward_plan(false) : forward_plan(false);
+  const int64_t P = tile_pixels(M, C, scratch_rows_per_pixel(sizing), sizeof(T));
   const int64_t tiles = (M + P - 1) / P;
+  PackedWeights w = *run.weights;
+  w.w2 = w.w2.contiguous();
+  const FusionBuffers parameters = parameter_buffers(w, C, run.heads);
   // One contiguous run of tiles per thread, each with its own sums, so that the order of the
   // additions depends on the thread count only.
   const int64_t runs = std::min<int64_t>(at::get_num_threads(), tiles);
-  std::vector<GradientSums<T>> sums(runs, GradientSums<T>(C));
+  std::vector<TileSums<T>> sums(run.gradients != nullptr ? runs : 0, TileSums<T>(C));
   at::parallel_for(0, runs, 1, [&](int64_t first_run, int64_t end_run) {
-   for (int64_t run = first_run; run < end_run; ++run) {
-    const c10::InferenceMode inference_mode;
-    GradientSums<T>& sum = sums[run];
-    const int64_t first_tile = tiles * run / runs, end_tile = tiles * (run + 1) / runs;
-    // g[0], g[1] (P, 5C), then their gradients; hidden, then d/dhidden; z, then d/dz; e; dk, then
-    // d/ddk; d/dmixed, then mixed (each 2, P, C); log-sum-exps (2, P); gates (2, P, H)
-    std::vector<T> scratch(P * 20 * C);
-    std::vector<A> lse(2 * P), gate_tile(2 * P * H);
-    T* g[2] = {scratch.data(), scratch.data() + P * kGBlocks * C};
-    T* hidden = scratch.data() + P * 10 * C;
-    T* z = hidden + 2 * P * C;
-    T* e = z + 2 * P * C;
-    T* dk = e + 2 * P * C;
-    T* grad_mixed = dk + 2 * P * C;
-    for (int64_t tile = first_tile; tile < end_tile; ++tile) {
-      const int64_t p0 = tile * P;
-      const int64_t n = std::min(P, M - p0);
-      FusionBuffers b = base;
-      b.pixels = n;
-      // The forward chain up to the keys, as in the forward, keeping hidden, e and the lse; the GEMMs
-      // only when the forward saved nothing. g is then read from the saved rows and the tile's g
-      // buffers take its gradient; z and dk are copied, as the stages below overwrite them.
-      for (int d = 0; d < 2; ++d) {
-        b.x[d] = rows_of<T>(x[d], p0, C);
-        b.g[d] = resume ? saved_g[d] + p0 * kGBlocks * C : g[d];
-        if (!resume)
-          gemm_abt<T>(n, kGBlocks * C, C, rows_of<T>(x[d], p0, C), C, wx + d * kGBlocks * C * C, C, T(0), g[d], kGBlocks * C);
-      }
-      b.hidden = hidden;
-      b.z = z;
-      b.e = e;
-      b.lse = lse.data();
-      run_rows<HiddenForward, T>(b, 0, 2 * n);
-      if (resume) {
-        copy_tile_rows(z, n * C, saved_z + p0 * C, M * C, n, C);
-      } else {
-        gemm_abt<T>(2 * n, C, C, hidden, C, w2.const_data_ptr<T>(), C, T(0), z, C);
-      }
-      run_rows<RelationForward, T>(b, 0, 2 * n);
-      if (resume) copy_tile_rows(dk, n * C, saved_dk + p0 * C, M * C, n, C);
-      for (int d = 0; d < 2; ++d) {
-        if (!resume) gemm_abt<T>(n, C, C, e + d * n * C, C, wk + d * C * C, C, T(0), dk + d * n * C, C);
-        gemm_ab<T>(n, C, C, rows_of<T>(gy[d], p0, C), C, wo + d * C * C, C, T(0), grad_mixed + d * n * C, C);
-        std::memcpy(gate_tile.data() + d * n * H, gate_in + (d * M + p0) * H, n * H * sizeof(A));
-      }
-      b.dk = dk;
-      b.gate = gate_tile.data();
-      b.grad_mixed = grad_mixed;
-      b.mixed = grad_mixed;
-      b.grad_dk = dk;
-      for (int d = 0; d < 2; ++d) {
-        b.grad_y[d] = rows_of<T>(gy[d], p0, C);
-        b.grad_g[d] = g[d];
-      }
-      run_rows<MixBackward, T>(b, 0, 2 * n);
-
-      for (int d = 0; d < 2; ++d) {
-        T* gx = grad_x[d].data_ptr<T>() + p0 * C;
-        gemm_atb_accumulate<T>(n, C, C, rows_of<T>(gy[d], p0, C), C, grad_mixed + d * n * C, C,
-                               sum.wo.data() + d * C * C);
-        gemm_atb_accumulate<T>(n, C, C, dk + d * n * C, C, e + d * n * C, C, sum.wk.data() + d * C * C);
-        gemm_ab<T>(n, C, C, dk + d * n * C, C, wk + d * C * C, C, T(0), gx, C);  // d/de
-        add_column_sums<T>(n, C, gx, C, sum.k_noise.data() + d * C);
-        b.grad_e[d] = gx;
-        b.grad_x[d] = gx;
-      }
-      run_rows<RelationBackward, T>(b, 0, 2 * n);  // z now holds d/dz
-
-      gemm_atb_accumulate<T>(2 * n, C, C, z, C, hidden, C, sum.w2.data());
-      add_column_sums<T>(2 * n, C, z, C, sum.b2.data());
-      gemm_ab<T>(2 * n, C, C, z, C, w2.const_data_ptr<T>(), C, T(0), hidden, C);  // hidden is dead now
-      b.grad_hidden = hidden;
-      run_rows<HiddenBackward, T>(b, 0, 2 * n);
-
-      for (int d = 0; d < 2; ++d) {
-        T* gx = grad_x[d].data_ptr<T>() + p0 * C;
-        gemm_ab<T>(n, C, kGBlocks * C, g[d], kGBlocks * C, wx + d * kGBlocks * C * C, C, T(1), gx, C);
-        gemm_atb_accumulate<T>(n, kGBlocks * C, C, g[d], kGBlocks * C, rows_of<T>(x[d], p0, C), C, sum.wx.data() + d * kGBlocks * C * C);
-        add_column_sums<T>(n, kGBlocks * C, g[d], kGBlocks * C, sum.g_sum.data() + d * kGBlocks * C);
+    const c10::InferenceMode inference_mode;  // keeps the dispatch of the tile GEMMs short
+    for (int64_t r = first_run; r < end_run; ++r) {
+      TileArena<T> arena(run, P);
+      TileOps<T> ops{parameters, sums.empty() ? nullptr : &sums[r]};
+      for (int64_t tile = tiles * r / runs; tile < tiles * (r + 1) / runs; ++tile) {
+        const int64_t p0 = tile * P;
+        const RangeTensors range = arena.enter(p0, std::min(P, M - p0));
+        run_steps(plan, range, w, ops);
+        arena.leave(range, p0);
       }
     }
-   }
   });
+  if (run.gradients == nullptr) return;
 
-  // Over threads, in thread order.
-  GradientSums<T>& total = sums[0];
-  for (int64_t t = 1; t < runs; ++t) {
-    auto add = [](std::vector<T>& into, const std::vector<T>& from) {
-      for (size_t i = 0; i < into.size(); ++i) into[i] += from[i];
-    };
-    add(total.wx, sums[t].wx);
-    add(total.wk, sums[t].wk);
-    add(total.wo, sums[t].wo);
-    add(total.w2, sums[t].w2);
-    add(total.g_sum, sums[t].g_sum);
-    add(total.b2, sums[t].b2);
-    add(total.k_noise, sums[t].k_noise);
+  // Over threads, in thread order; each a fresh tensor, as the op's outputs must not alias one another.
+  for (int64_t t = 1; t < runs; ++t) sums[0].add(sums[t]);
+  for (int i = 0; i < kNumReductions; ++i) {
+    const Reduction into = static_cast<Reduction>(i);
+    for (int d = 0; d < (reduction_per_direction(into) ? 2 : 1); ++d)
+      reduction_slot(*run.gradients, into, d) = sums[0].view(into, d).clone();
   }
-  // Each a fresh tensor: the op's outputs must not alias one another.
-  auto tensor = [&options](const std::vector<T>& v, int64_t offset, at::IntArrayRef shape) {
-    return at::from_blob(const_cast<T*>(v.data() + offset), shape, options).clone();
-  };
-  WeightGradients r;
-  for (int d = 0; d < 2; ++d) {
-    r.grad_x[d] = grad_x_out[d];
-    r.grad_wx[d] = tensor(total.wx, d * kGBlocks * C * C, {kGBlocks * C, C});
-    r.grad_g_sum[d] = tensor(total.g_sum, d * kGBlocks * C, {kGBlocks * C});
-    r.grad_wo[d] = tensor(total.wo, d * C * C, {C, C});
-    r.grad_bo[d] = gy[d].sum(0);
-  }
-  r.grad_w2 = tensor(total.w2, 0, {C, C});
-  r.grad_b2 = tensor(total.b2, 0, {C});
-  r.grad_k_noise = tensor(total.k_noise, 0, {2, C});
-  r.grad_wk = tensor(total.wk, 0, {2, C, C});
-  return assemble_gradients(r, w, x0, x1);
+}
+
+void run_tiles(const ChainRun& run) {
+  AT_DISPATCH_FLOATING_TYPES(run.dtype, "gemini_kernels_tiles", [&] { run_tiles_typed<scalar_t>(run); });
 }
 
 // Tiles pay at narrow layers, where the row stages are a large part of the work and would
@@ -457,15 +359,13 @@ bool tiled(const at::Tensor& x0) {
   return (x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble) && x0.size(-1) < kUntiledFromWidth;
 }
 
-// Both chains check their arguments first: tiled() reads x0's last dimension.
+// Both executors check their arguments first: tiled() reads x0's last dimension.
 ForwardResult forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                           bool save_activations) {
   check_arguments(x0, x1, params, num_heads);
   if (!tiled(x0)) return fusion_forward(x0, x1, params, num_heads, save_activations, host_stage);
   RECORD_FUNCTION("gemini_kernels::tiled_forward", std::vector<c10::IValue>());
-  return AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "gemini_kernels_tiled_forward", [&] {
-    return tiled_forward<scalar_t>(x0, x1, params, num_heads, save_activations);
-  });
+  return run_forward(x0, x1, params, num_heads, save_activations, run_tiles);
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
@@ -474,16 +374,103 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor
   check_arguments(x0, x1, params, num_heads);
   if (!tiled(x0))
     return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, host_stage);
-  check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
-  check_activations(activations, x0);
   RECORD_FUNCTION("gemini_kernels::tiled_backward", std::vector<c10::IValue>());
-  return AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "gemini_kernels_tiled_backward", [&] {
-    return tiled_backward<scalar_t>(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads);
-  });
+  return run_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, run_tiles);
+}
+
+// ---- the stages' declared accesses, checked ---------------------------------------------------
+
+// Runs each stage on the host over buffers of its own (float64, a few pixels) and compares what it
+// does with what it declares (kReads / kWrites in fusion_math.h), which the chain's plan check and
+// the launch ledger take on trust: every buffer, or column block of a g-layout one, that a stage
+// does not declare it reads is poisoned with NaN and must leave what it writes unchanged; every one
+// it does not declare it writes must come back untouched. Returns the disagreements, one line each.
+// drop_first_read: check each stage as if it did not declare its first read, which must then
+// disagree (the check's own test).
+std::vector<std::string> stage_access_mismatches(bool drop_first_read) {
+  constexpr int64_t M = 5, C = 16, H = 4;
+  BufferPlan plan;
+  for (int i = 0; i < kNumBuffers; ++i) plan.set({static_cast<Buffer>(i)}, Placement::Scratch);
+  plan.alias(Buffer::GradZ, Buffer::Z);  // FusionBuffers has one pointer for z and d/dz
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  auto random = [&options](at::IntArrayRef shape, uint64_t seed) {
+    return at::rand(shape, at::detail::createCPUGenerator(seed), options) + 0.25;  // away from 0
+  };
+  auto fresh = [&](uint64_t seed) {
+    RangeTensors range{&plan, M, {}};
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      const int64_t cols = buffer_columns(b, C, H);
+      if (plan.owner(b) == b)
+        range.tensors[i] = buffer_shape(b).directions == 2 ? random({2, M, cols}, seed + i) : random({M, cols}, seed + i);
+    }
+    range.tensors[index_of(Buffer::GradZ)] = range[Buffer::Z];
+    return range;
+  };
+  const at::Tensor vectors = random({6, C}, 99), pairs = random({4, 2, C}, 98);
+  FusionBuffers parameters{};
+  parameters.channels = C;
+  parameters.heads = H;
+  parameters.scale = 1.0 / std::sqrt(static_cast<double>(C / H));
+  parameters.b1 = vectors[0].const_data_ptr();
+  parameters.b2 = vectors[1].const_data_ptr();
+  parameters.k_noise = pairs[0].const_data_ptr();
+  parameters.bq = pairs[1].const_data_ptr();
+  parameters.bv = pairs[2].const_data_ptr();
+  parameters.bo = pairs[3].const_data_ptr();
+  parameters.vn_proj = vectors.narrow(0, 2, 2).const_data_ptr();
+
+  // The column blocks of a buffer: kGBlocks of C columns for g-layout ones, else the whole row.
+  auto blocks_of = [](Buffer b) { return buffer_shape(b).columns == Columns::GLayout ? kGBlocks : 1; };
+  auto block = [](const at::Tensor& t, Buffer b, int k) {
+    return buffer_shape(b).columns == Columns::GLayout ? t.narrow(-1, k * C, C) : t;
+  };
+  auto declared = [&plan](const std::vector<Access>& list, Buffer memory, int k) {
+    return std::any_of(list.begin(), list.end(), [&](const Access& a) {
+      return plan.owner(a.buffer) == memory && (a.columns & (1u << k));
+    });
+  };
+  std::vector<std::string> mismatches;
+  const Stage stages[] = {Stage::HiddenForward, Stage::RelationForward, Stage::MixForward,
+                          Stage::MixBackward,   Stage::RelationBackward, Stage::HiddenBackward};
+  for (Stage stage : stages) {
+    std::vector<Access> reads = stage_reads(stage);
+    if (drop_first_read) reads.erase(reads.begin());
+    const std::vector<Access> writes = stage_writes(stage);
+    RangeTensors clean = fresh(1), poisoned = fresh(1), before = fresh(1);
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      if (plan.owner(b) != b) continue;
+      for (int k = 0; k < blocks_of(b); ++k)
+        if (!declared(reads, b, k)) block(poisoned[b], b, k).fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    run_stage_rows<double>(stage, clean.stage_buffers(parameters), 0, 2 * M);
+    run_stage_rows<double>(stage, poisoned.stage_buffers(parameters), 0, 2 * M);
+    for (int i = 0; i < kNumBuffers; ++i) {
+      const Buffer b = static_cast<Buffer>(i);
+      if (plan.owner(b) != b) continue;
+      for (int k = 0; k < blocks_of(b); ++k) {
+        const std::string where = std::string(stage_name(stage)) + ", " + buffer_name(b) +
+                                  (blocks_of(b) > 1 ? " block " + std::to_string(k) : std::string());
+        if (declared(writes, b, k)) {
+          if (!at::equal(block(clean[b], b, k), block(poisoned[b], b, k)))
+            mismatches.push_back(where + ": depends on what the stage does not declare it reads");
+        } else if (!at::equal(block(clean[b], b, k), block(before[b], b, k))) {
+          mismatches.push_back(where + ": written, not declared");
+        }
+      }
+    }
+  }
+  return mismatches;
 }
 
 }  // namespace
 }  // namespace gk
+
+TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
+  // The stages' declared accesses checked against what they do (stage_access_mismatches).
+  m.def("stage_access_mismatches(bool drop_first_read=False) -> str[]", &gk::stage_access_mismatches);
+}
 
 TORCH_LIBRARY_IMPL(gemini_kernels, CPU, m) {
   m.impl("fusion_forward", &gk::forward_cpu);

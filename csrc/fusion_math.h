@@ -174,6 +174,16 @@ GK_HD A value_mix(A v_cross, A v_delta, A a) { return v_cross + a * v_delta; }
 // The six row stages, in the order a forward then a backward runs them.
 enum class Stage { HiddenForward, RelationForward, MixForward, MixBackward, RelationBackward, HiddenBackward };
 
+// The activation buffers of FusionBuffers (below) by name, with the per-direction pairs (x[2], g[2],
+// ...) split and grad_z, the d/dz that RelationBackward writes over z, named apart from z: so that
+// each stage can declare what it reads and writes (kReads, kWrites), and the chain that runs the
+// stages between its GEMMs (fusion_chain.h) can check its buffer plan against those declarations.
+enum class Buffer : uint8_t {
+  X0, X1, G0, G1, Hidden, Z, Lse, E, Dk, Gate, Mixed, Y0, Y1,
+  GradY0, GradY1, GradMixed, GradDk, GradE0, GradE1, GradZ, GradHidden, GradG0, GradG1, GradX0, GradX1,
+};
+constexpr int kNumBuffers = static_cast<int>(Buffer::GradX1) + 1;
+
 // ---- buffers ----------------------------------------------------------------------------------
 
 // Every buffer the six stages read or write, as untyped pointers so that the same struct crosses
@@ -238,6 +248,20 @@ GK_HD P* g_block(P* base, int64_t pixel, int C, GBlock block) {
   return base + pixel * kGBlocks * C + static_cast<int64_t>(block) * C;
 }
 
+// What a stage reads or writes of a buffer: for a g-layout buffer (g, grad_g) a set of its column
+// blocks, since the hidden stages and the mix stages touch disjoint blocks (so the backward can
+// write grad_g over g block by block); the whole buffer otherwise.
+constexpr uint8_t column_blocks(GBlock first, GBlock last) {
+  return static_cast<uint8_t>(((1u << (last + 1)) - 1) & ~((1u << first) - 1));
+}
+constexpr uint8_t kFc1Columns = column_blocks(kFc1Self, kFc1Other);
+constexpr uint8_t kAttentionColumns = column_blocks(kQueryRaw, kValueOther);
+constexpr uint8_t kAllColumns = column_blocks(kFc1Self, kValueOther);
+struct Access {
+  Buffer buffer;
+  uint8_t columns = kAllColumns;
+};
+
 template <class T>
 GK_HD const T* cptr(const void* p) { return static_cast<const T*>(p); }
 template <class T>
@@ -276,6 +300,8 @@ GK_HD constexpr bool stores_accumulator() { return sizeof(T) == sizeof(typename 
 
 // hidden = GELU(fc1 pre-activation)
 struct HiddenForward {
+  static constexpr Access kReads[] = {{Buffer::G0, kFc1Columns}, {Buffer::G1, kFc1Columns}};
+  static constexpr Access kWrites[] = {{Buffer::Hidden}};
   GK_HD_TEMPLATE
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
@@ -296,6 +322,8 @@ struct HiddenForward {
 
 // r = softmax_C(z + b2); e = k_noise + s - s * r; also the log-sum-exp when lse is set.
 struct RelationForward {
+  static constexpr Access kReads[] = {{Buffer::Z}, {Buffer::X0}, {Buffer::X1}};
+  static constexpr Access kWrites[] = {{Buffer::E}, {Buffer::Lse}};  // Lse when the chain has one
   GK_HD_TEMPLATE
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
@@ -335,6 +363,9 @@ struct RelationForward {
 
 // Per head: a = sigmoid(q . dk); mixed = v_cross + a * (v_self - v_cross); y = s + bo.
 struct MixForward {
+  static constexpr Access kReads[] = {{Buffer::G0, kAttentionColumns}, {Buffer::G1, kAttentionColumns}, {Buffer::Dk},
+                                     {Buffer::X0}, {Buffer::X1}};
+  static constexpr Access kWrites[] = {{Buffer::Gate}, {Buffer::Mixed}, {Buffer::Y0}, {Buffer::Y1}};
   GK_HD_TEMPLATE
   template <class Team, class T, int kHeadWidth = 0>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
@@ -393,6 +424,10 @@ struct MixForward {
 // of the query and value columns of g. In place: mixed over grad_mixed, grad_dk over dk, grad_g
 // over g.
 struct MixBackward {
+  static constexpr Access kReads[] = {{Buffer::G0, kAttentionColumns}, {Buffer::G1, kAttentionColumns}, {Buffer::Dk},
+                                     {Buffer::GradMixed}, {Buffer::Gate}};
+  static constexpr Access kWrites[] = {{Buffer::Mixed}, {Buffer::GradDk}, {Buffer::GradG0, kAttentionColumns},
+                                      {Buffer::GradG1, kAttentionColumns}};
   GK_HD_TEMPLATE
   template <class Team, class T, int kHeadWidth = 0>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
@@ -449,6 +484,10 @@ struct MixBackward {
 // From d/de: d/dz of the relation softmax (written over z) and the elementwise part of d/dx_d,
 // which is the residual's grad_y plus d/de * (1 - r). In place: grad_x over grad_e.
 struct RelationBackward {
+  static constexpr Access kReads[] = {{Buffer::Z},      {Buffer::Lse},    {Buffer::X0},     {Buffer::X1},
+                                     {Buffer::GradE0}, {Buffer::GradE1}, {Buffer::GradY0}, {Buffer::GradY1}};
+  // d/dz over z: the chain gives GradZ the storage of Z
+  static constexpr Access kWrites[] = {{Buffer::GradZ}, {Buffer::GradX0}, {Buffer::GradX1}};
   GK_HD_TEMPLATE
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
@@ -491,6 +530,8 @@ struct RelationBackward {
 // d/du = d/dhidden * GELU'(u), written to both g columns that feed u (see FusionBuffers). In
 // place: grad_g over g.
 struct HiddenBackward {
+  static constexpr Access kReads[] = {{Buffer::G0, kFc1Columns}, {Buffer::G1, kFc1Columns}, {Buffer::GradHidden}};
+  static constexpr Access kWrites[] = {{Buffer::GradG0, kFc1Columns}, {Buffer::GradG1, kFc1Columns}};
   GK_HD_TEMPLATE
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {

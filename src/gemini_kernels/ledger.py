@@ -14,9 +14,14 @@ SMs a persistent grid occupies): a model to compare designs, never a measurement
 
     python -m gemini_kernels.ledger                      # triton and the eager oracle, NYUDv2 stages, bf16, batch 32
     python -m gemini_kernels.ledger --backends triton --passes fwd --detail
+    python -m gemini_kernels.ledger --backends cuda,torch       # the CUDA C++ backend's GPU plan
 
 Counted backends: ``triton`` (its launchers, as its custom ops call them; what autograd saves, through
-the custom op) and ``torch`` (the eager oracle, forward and autograd backward). Grid-sized buffers
+the custom op), ``torch`` (the eager oracle, forward and autograd backward) and ``cuda``
+(``count_cuda``: the GPU plan of the compiled extension as its CUDA build runs it, the chain of
+csrc/fusion_chain.h as one range: its aten ops recorded as they are called, each row stage as one
+launch that reads and writes what the stage declares; the packed weights found in their cache, so a
+training step's one packing per parameter version is not counted). Grid-sized buffers
 (the tiled kernels' scratch and partials) are counted with the grid of an H100 / H200 (132 SMs),
 once per launch while all programs' buffers fit in its 50 MiB of L2, and reread and rewritten for
 every tile the grid walks when they do not.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -163,6 +169,10 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if name == "chain_stage":  # a row stage of the cuda backend, announced by its counting run
+            stage, reads, writes = args
+            self.ledger.launches.append(Launch(stage, sum(map(_nbytes, reads)), sum(map(_nbytes, writes)), 0))
+            return out
         if func.is_view or name.startswith(_NO_LAUNCH_PREFIXES):
             if name.startswith(("empty", "new_empty")):
                 self._allocated(out)
@@ -283,7 +293,40 @@ def count(backend: str, dim: int, pixels: int, dtype: torch.dtype = torch.bfloat
                 torch.autograd.grad((y0, y1), leaves, (gy0, gy1))
             ledger.backward_peak_bytes = recorder.peak
         return ledger
-    raise ValueError(f"the ledger counts backend 'triton' or 'torch'; got {backend!r}")
+    hint = " (the compiled cuda backend: count_cuda)" if backend == "cuda" else ""
+    raise ValueError(f"the ledger counts backend 'triton' or 'torch'; got {backend!r}{hint}")
+
+
+def count_cuda(dim: int, pixels: int, dtype: torch.dtype = torch.bfloat16, passes: str = "fwd",
+               num_heads: int = 8) -> Ledger:
+    """The ledger of one call of the ``cuda`` backend's GPU plan, as ``count`` is of the Python
+    backends: counted by the compiled extension's counting run (its ops count_forward and
+    count_backward), so it needs the extension, not a GPU."""
+    from .ops import cuda_fusion
+
+    if passes not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"passes must be 'fwd' or 'fwd+bwd'; got {passes!r}")
+    if not cuda_fusion._load():
+        raise RuntimeError(f"the ledger counts backend 'cuda' through its extension: {cuda_fusion._load_error}")
+    ledger = Ledger("cuda", passes, dim, pixels, dtype)
+    x0, x1, params = _meta_case(dim, pixels, dtype)
+    params = list(params)
+    recorder = _Recorder(ledger)
+    ops = torch.ops.gemini_kernels
+    ops.count_forward(x0, x1, params, num_heads)  # packs the weights into the cache, as an earlier call would
+    with recorder:
+        y0, y1, gate = ops.count_forward(x0, x1, params, num_heads)
+    # On CUDA the backward recomputes the activations (cuda_fusion.saves_activations): autograd keeps
+    # the gates beyond the inputs and the parameters.
+    ledger.saved_bytes = _nbytes(gate)
+    if ledger.passes == "fwd+bwd":
+        gy0, gy1 = torch.empty_like(y0), torch.empty_like(y1)
+        with recorder:
+            recorder.tracking = True
+            grads = ops.count_backward(gy0, gy1, x0, x1, params, gate, num_heads)
+            del grads
+        ledger.backward_peak_bytes = recorder.peak
+    return ledger
 
 
 def table(ledgers: Sequence[Ledger]) -> str:
@@ -312,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     parser = argparse.ArgumentParser(description="Count the launches, DRAM bytes and FLOPs of one GeminiFusion "
                                                  "call (on meta tensors: counts, not timings).")
-    parser.add_argument("--backends", default="triton,torch", help="comma-separated: triton, torch")
+    parser.add_argument("--backends", default="triton,torch", help="comma-separated: triton, torch, cuda")
     parser.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
     parser.add_argument("--batch", type=int, default=32, help="images per call (default 32)")
     parser.add_argument("--dtype", choices=sorted(dtypes), default="bf16")
@@ -324,7 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for backend in args.backends.split(","):
         for passes in args.passes.split(","):
             for tokens, dim in stage_dims("nyudv2", "mit-b1").values():
-                ledgers.append(count(backend, dim, args.batch * tokens, dtypes[args.dtype], passes))
+                counter = count_cuda if backend == "cuda" else functools.partial(count, backend)
+                ledgers.append(counter(dim, args.batch * tokens, dtypes[args.dtype], passes))
     print(f"NYUDv2 stages, batch {args.batch}, {args.dtype}; floor: SPEC §4 (gemini_kernels.cost); "
           f"model ms: a roofline with assumed H100 rates (ledger.Roofline), not a measurement")
     print(table(ledgers))
