@@ -15,7 +15,7 @@
 #              tests against the float64 oracle, the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton,
 #              cuda and torch.compile side by side, forward and forward + backward, peak memory), the cuda
 #              backend's GPU tests, a memcheck pass over a few of them, then the ledger; between them the
-#              Triton forward + backward at stages 2-4 with each backward forced (GK_TRITON_BACKWARD)
+#              Triton forward + backward at stages 2-4 with the wide and the split backward forced (GK_TRITON_BACKWARD)
 #
 # The CUDA extension is built for the present GPU only (TORCH_CUDA_ARCH_LIST from nvidia-smi unless set).
 # Test steps run in several processes (scripts/pytest_parallel.py: Triton compiles each configuration on
@@ -69,9 +69,9 @@ for s in "${steps[@]}"; do
       step triton-tests ptest -m gpu tests/test_triton.py
       step triton-bench "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 1,2,3,4 --variants triton,cuda,compile \
         --runs 30 --warmup 5 --out-dir "$OUTDIR" --append-results
-      # Each backward forced at stages 2-4, where the launcher's choice rests on a model: checks
-      # launch.TILED_BWD_MIN_PROGRAMS against the device.
-      for bwd in tiled wide split; do
+      # The wide and the split backward forced at stages 2-4, beside the table's (tiled at stage 2,
+      # wide at 3-4) above: the choice rests on the ledger's model (configs.TILED_BWD_MAX_WIDTH).
+      for bwd in wide split; do
         step "$bwd-bwd-bench" env GK_TRITON_BACKWARD=$bwd "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 2,3,4 \
           --variants triton --passes fwd+bwd --runs 10 --warmup 2 --out-dir "$OUTDIR/${bwd}_bwd"
       done

@@ -173,10 +173,10 @@ def test_wide_backward_at_mit_stage_4_width():
         _check_all(x0, x1, params, 8, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dim, tiles", [(256, (32, 32, 32)), (128, (64, 64, 16))])
+@pytest.mark.parametrize("dim, tiles", [(64, (32, 32, 8)), (128, (64, 64, 16))])
 def test_tiled_backward_float64_in_the_16_bit_configuration(dim, tiles):
     """The 16-bit configurations' tiles (product tiles, lanes per head chunk, 8 warps) in float64:
-    32-wide products from C = 192 on, 64-wide ones at C = 96 ... 128."""
+    32-wide products up to C = 64, 64-wide ones at C = 96 ... 128."""
     x0, x1, params = make_case((5,), dim, device=DEVICE, seed=9)
     gy0, gy1 = _output_grads((5,), dim, torch.float64, DEVICE)
     cfg = configs.tiled_bwd_config(dim, 8, torch.bfloat16)
@@ -385,13 +385,12 @@ def test_availability_and_path_table():
 
 
 def test_backward_path_table():
-    """The tiled backward where it compiles clean for sm_90a (C <= 128 and 192 ... 512, 16-bit), the
-    wide one at the other 16-bit widths whose heads are at most 64 lanes wide, the split one
-    elsewhere. Where a call's pixels would starve the tiled one's grid, the wide one runs instead
-    (MiT stages 3-4 at batch 32: tests/test_ledger.py)."""
-    for dim in (16, 64, 96, 128, 192, 320, 512):
+    """16-bit: the tiled backward up to C = 128 (MiT stages 1-2), the wide one beyond where the heads
+    are at most 64 lanes wide (MiT stages 3-4, Swin up to C = 512), the split one elsewhere."""
+    for dim in (16, 64, 96, 128):
         assert configs.backward_path(dim, 8, torch.bfloat16) == "tiled", dim
-    assert configs.backward_path(160, 8, torch.bfloat16) == "wide"
+    for dim in (160, 192, 256, 320, 384, 512):
+        assert configs.backward_path(dim, 8, torch.float16) == "wide", dim
     for dim, dtype in ((768, torch.float16), (1536, torch.bfloat16), (64, torch.float32), (64, torch.float64)):
         assert configs.backward_path(dim, 8, dtype) == "split", (dim, dtype)
 

@@ -15,11 +15,10 @@ Forward paths, per layer:
   operand tiles in registers, and those spill in the tiled kernel at some widths; these dtypes are
   for accuracy (float64: gradcheck), not speed.
 
-Backward paths (``backward_path``): ``tiled`` (``tiled_bwd.py``) for 16-bit layers where it compiles
-without spills (``tiled_bwd_config``), ``wide`` (``wide_bwd.py``) for the other 16-bit layers whose
-heads fit one product tile (``wide_bwd_config``), ``split`` elsewhere; the launcher also runs
-``wide`` where the tiled one's grid would be starved at the call's pixel count
-(``launch.TILED_BWD_MIN_PROGRAMS``).
+Backward paths (``backward_path``): ``tiled`` (``tiled_bwd.py``) for 16-bit layers up to
+``TILED_BWD_MAX_WIDTH``, ``wide`` (``wide_bwd.py``) for wider 16-bit layers whose heads fit one
+product tile (``wide_bwd_config``), ``split`` elsewhere; the launcher also runs ``split`` where the
+tiled one's grid would be starved at the call's pixel count (``launch.TILED_BWD_MIN_PROGRAMS``).
 """
 from __future__ import annotations
 
@@ -260,28 +259,28 @@ def forward_path(dim: int, num_heads: int, dtype: torch.dtype, allow_tf32: Optio
     return "split"
 
 
-def _tiled_backward_compiles_clean(dim: int) -> bool:
-    # The tiled backward's chain keeps many rows' pointers and tiles live; on sm_90a it spills 16 to
-    # 232 bytes at C = 160 and from 768 on (sm90_check), whatever the product tiles, and in float32
-    # (TF32) at 256 and 512. Those run the wide or the split backward.
-    return dim <= 128 or 192 <= dim <= 512
+# The widest layer the tiled backward serves. Beyond it the per-program weight-gradient partials
+# (11 C^2 floats) that must stay in L2 leave too few programs for any real batch (15 at C = 192, 6 at
+# 320, 2 at 512): wider layers run the wide backward. (The tiled backward also spills 16-232 bytes
+# on sm_90a at C = 160 and from 768 on.)
+TILED_BWD_MAX_WIDTH = 128
 
 
 def _bwd_block(dim: int) -> int:
     # 32-wide product tiles spill 72 to 120 bytes at C = 96 and 128 (sm_90a, 8 warps); 64-wide ones
-    # compile clean there (234 / 255 registers). From 192 on 32 is clean and 64 spills.
+    # compile clean there (234 / 255 registers).
     return 64 if 64 < dim <= 128 else _block(dim, 32)
 
 
 def tiled_bwd_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[TiledConfig]:
-    """The tiled backward's configuration (16-bit dtypes, the widths where it compiles clean), or None.
+    """The tiled backward's configuration (16-bit dtypes up to ``TILED_BWD_MAX_WIDTH``), or None.
 
     Two warpgroups on the 64-pixel tile from C = 64 on (the second takes the other half of each
     product's columns): the backward's chain holds more rows live than the forward's. Narrower
     layers have product tiles too narrow to split between two warpgroups (they would compute the
     same rows): one warpgroup there. One CTA per SM (255 registers x 256 threads).
     """
-    if dtype not in (torch.bfloat16, torch.float16) or not _tiled_backward_compiles_clean(dim):
+    if dtype not in (torch.bfloat16, torch.float16) or dim > TILED_BWD_MAX_WIDTH:
         return None
     dl, ht = lane_chunk(dim // num_heads, 32)
     block = _bwd_block(dim)
@@ -326,20 +325,21 @@ def wide_head_group(head_dim: int):
 WIDE_MAX_HEAD_LANES = 64
 
 
-def wide_bwd_config(dim: int, num_heads: int, dtype: torch.dtype) -> Optional[WideConfig]:
-    """The wide backward's configuration (16-bit dtypes, heads of at most 64 lanes), or None.
+def wide_bwd_config(dim: int, num_heads: int, dtype: torch.dtype, any_width: bool = False) -> Optional[WideConfig]:
+    """The wide backward's configuration (16-bit dtypes wider than ``TILED_BWD_MAX_WIDTH``, heads of at
+    most 64 lanes), or None. ``any_width``: also narrower layers, for a forced wide backward
+    (``GK_TRITON_BACKWARD=wide``: the GPU check times it at stage 2 beside the tiled one).
 
-    Two warpgroups on the 64-pixel tile from C = 40 on (each takes half of a product's columns; with
-    one, the heads kernel spills 144-248 bytes on sm_90a at C = 40 ... 256). Up to C = 32 the product
-    tiles are too narrow to split (8 warps would put two warpgroups on the same rows): one there.
+    Two warpgroups on the 64-pixel tile (each takes half of a product's columns; with one, the heads
+    kernel spills 144-248 bytes on sm_90a at C = 40 ... 256).
     """
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16) or (dim <= TILED_BWD_MAX_WIDTH and not any_width):
         return None
     dl, ht = wide_head_group(dim // num_heads)
     if dl > WIDE_MAX_HEAD_LANES:
         return None
     return WideConfig(block_m=64, block_n=_block(dim, 64), block_k=_block(dim, 32), heads_per_group=ht,
-                      lane_chunk=dl, num_warps=8 if dim > 32 else 4, ctas_per_sm=1, precision="ieee",
+                      lane_chunk=dl, num_warps=8, ctas_per_sm=1, precision="ieee",
                       weight_block=64, weight_pixels=32, weight_warps=4)
 
 
@@ -377,13 +377,18 @@ def config_table(dims: Sequence[int] = CHECKED_WIDTHS, dtypes: Sequence[torch.dt
             block_c = triton.next_power_of_2(dim)
             cfgs = split_configs(dim, num_heads)
             row, head = cfgs["row"], cfgs["head"]
-            entries = [
-                (name, dict(BLOCK_M=row.block_m, BLOCK_C=block_c), row.num_warps, 1)
-                for name in ("gelu_fwd", "gelu_bwd", "relation_fwd", "relation_bwd")
-            ] + [
-                (name, dict(BLOCK_M=head.block_m, H_PAD=h_pad, DH_PAD=dh_pad), head.num_warps, 1)
-                for name in ("gate_fwd", "gate_bwd")
-            ]
+            entries = []
+            # The split path's row kernels: where a forward or backward is split, or may become split
+            # (a tiled backward whose grid a small batch starves: launch.TILED_BWD_MIN_PROGRAMS).
+            if "split" in {forward_path(dim, num_heads, dtype, tf32) for tf32 in (False, True)} or \
+                    backward_path(dim, num_heads, dtype) in ("split", "tiled"):
+                entries += [
+                    (name, dict(BLOCK_M=row.block_m, BLOCK_C=block_c), row.num_warps, 1)
+                    for name in ("gelu_fwd", "gelu_bwd", "relation_fwd", "relation_bwd")
+                ] + [
+                    (name, dict(BLOCK_M=head.block_m, H_PAD=h_pad, DH_PAD=dh_pad), head.num_warps, 1)
+                    for name in ("gate_fwd", "gate_bwd")
+                ]
             nar = narrow_config(dim, num_heads, dtype)
             if nar is not None:
                 entries.append(("narrow_fwd", dict(C=dim, HEAD_DIM=dim // num_heads, BLOCK_M=nar.block_m,

@@ -194,8 +194,8 @@ def backward_programs(n: int, dim: int, elem_size: int, cfg: TiledConfig, device
     and rewrites them: beyond L2 that is DRAM traffic per tile) or would pass
     ``BWD_BUFFERS_PER_INPUT_BYTE`` times the bytes of x0 and x1 (memory).
 
-    At MiT stage 1 (C = 64) that is 80 programs; wide layers get very few (C = 320: 6, C = 512: 2),
-    which starves the GPU: those run the wide backward (``TILED_BWD_MIN_PROGRAMS``)."""
+    At MiT stage 1 (C = 64) that is 80 programs, at stage 2 29; wider layers would get very few (C = 320:
+    6, C = 512: 2), which is why they run the wide backward (``configs.TILED_BWD_MAX_WIDTH``)."""
     per_program = (11 * dim * dim + 14 * dim + NUM_SLOTS * cfg.block_m * dim) * 4
     memory_cap = int(BWD_BUFFERS_PER_INPUT_BYTE * 2 * n * dim * elem_size) // per_program
     return max(1, min(triton.cdiv(n, cfg.block_m), num_sms(device) * cfg.ctas_per_sm, memory_cap,
@@ -259,16 +259,17 @@ def _forced_tiled_config(dim: int, num_heads: int) -> TiledConfig:
                        num_stages=1, ctas_per_sm=2, precision="ieee")
 
 
-# The tiled backward is chosen only where its grid holds at least this many programs or one per tile.
-# Its weight-gradient partials and scratch rows must stay in L2 (``backward_programs``), which at
-# batch 32 leaves 79 programs at C = 64, 29 at 128, 6 at 320 and 2 at 512. The ledger's roofline
-# (``gemini_kernels.ledger.Roofline``, assumed H100 rates) puts forward + backward with the tiled /
-# wide / split backward at 1.5 / 1.7 / 5.6 ms (C = 64), 3.5 / 1.1 / 3.0 (128), 25 / 1.8 / 2.2 (320)
-# and 47 / 1.0 / 1.2 (512): the wide one where the tiled grid is starved. At C = 128 the model
-# prefers the wide one too, but it counts 5.6x the floor's bytes there (the stage's budget: 4x) and
-# 4x the tiled one's memory, and the model charges the tiled grid's 29 programs as 29 busy SMs,
-# which is the part of it least known. A model, not a measurement: the GPU check times each
-# backward (GK_TRITON_BACKWARD) to confirm or move this.
+# The tiled backward runs only where its grid holds at least this many programs or one per tile (else
+# the split one). Its weight-gradient partials and scratch rows must stay in L2 (``backward_programs``),
+# which at batch 32 leaves 79 programs at C = 64 and 29 at 128; smaller batches cap the grid by memory
+# (``BWD_BUFFERS_PER_INPUT_BYTE``). Wider layers run the wide backward (``configs.TILED_BWD_MAX_WIDTH``):
+# the tiled one would have 6 programs at C = 320, 2 at 512. The ledger's roofline (``ledger.Roofline``,
+# assumed H100 rates) puts forward + backward with the tiled / wide / split backward at 1.5 / 1.7 /
+# 5.6 ms (C = 64), 3.4 / 1.1 / 3.0 (128), 25 / 1.8 / 2.2 (320) and 47 / 1.0 / 1.2 (512). At C = 128 it
+# prefers the wide one, but that one counts 5.6x the floor's bytes there (the stage's budget: 4x) and
+# 4x the tiled one's memory, and the model charges the tiled grid's 29 programs as 29 busy SMs, the
+# part of it least known. A model, not a measurement: the GPU check times the backwards
+# (GK_TRITON_BACKWARD) to confirm or move this.
 TILED_BWD_MIN_PROGRAMS = 24
 
 
@@ -300,19 +301,19 @@ def backward_rows(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionPar
     gradient in one flat tensor in FusionParams order (11 C^2 + 14 C elements).
 
     ``path`` forces ``"tiled"``, ``"wide"`` or ``"split"``; by default ``configs.backward_path``
-    decides, and where the tiled one's grid would be starved (``TILED_BWD_MIN_PROGRAMS``) the wide
-    one runs (the split one where the wide one has no configuration).
+    decides, and the split one runs where the tiled one's grid would be starved
+    (``TILED_BWD_MIN_PROGRAMS``).
     """
     n, dim, dtype = x0.shape[0], x0.shape[1], x0.dtype
     forced = _FORCED["path"] if _FORCED["path"] in BACKWARD_PATHS else _backward_from_env()
     path = path or forced or backward_path(dim, num_heads, dtype)
     if path == "tiled" and not forced and _tiled_backward_starved(n, dim, dtype, num_heads, x0):
-        path = "wide" if wide_bwd_config(dim, num_heads, dtype) is not None else "split"
+        path = "split"
     if path == "tiled":
         cfg = tiled_bwd_config(dim, num_heads, dtype) or _forced_tiled_config(dim, num_heads)
         return _tiled_backward(gy0, gy1, x0, x1, p, num_heads, cfg)
     if path == "wide":
-        cfg = wide_bwd_config(dim, num_heads, dtype) or _forced_wide_config(dim, num_heads)
+        cfg = wide_bwd_config(dim, num_heads, dtype, any_width=True) or _forced_wide_config(dim, num_heads)
         return _wide_backward(gy0, gy1, x0, x1, p, num_heads, cfg)
     if path == "split":
         grads = _split_backward(gy0, gy1, x0, x1, p, num_heads)
