@@ -1,7 +1,7 @@
 """What every fused backend promises, one suite over the backends available on this machine's device
 (on CPU: the Triton kernels under the interpreter and the CUDA extension's host path; on a GPU both
-on the GPU). A backend's own files test only what is its own (tests/test_triton.py,
-tests/test_cuda_host.py).
+on the GPU), each held to the bounds it declares (``Backend.bounds``). A backend's own files test its
+own paths, shapes and entry points (tests/test_triton.py, tests/test_cuda_host.py).
 
 A backend with more than one way to run its backward is tested in each: the CUDA extension either
 recomputes the forward's GEMM outputs or saves them (``cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH``).
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import gemini_kernels as gk
-from gemini_kernels import gemini_fusion
-from helpers import make_case
+from gemini_kernels import FusionParams, gemini_fusion, gemini_fusion_reference
+from gemini_kernels.params import PARAM_NAMES
+from helpers import make_case, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED = [name for name in gk.available_backends(DEVICE) if name != "torch"]
@@ -32,12 +33,36 @@ def backend(request, monkeypatch):
     return name
 
 
-def _outputs_and_grads(backend, x0, x1, params, num_heads, seed=3):
+def _outputs_and_grads(backend, x0, x1, params, num_heads, seed=3, dtype=None):
+    """(y0, y1) and the gradients of <y0, g0> + <y1, g1> for fixed random g0, g1 (drawn in ``dtype``,
+    default the outputs'); ``backend`` a name or a function (x0, x1, params, num_heads) -> (y0, y1)."""
     leaves = [x0, x1, *params]
-    y0, y1 = gemini_fusion(x0, x1, params, num_heads, backend=backend)
+    if callable(backend):
+        y0, y1 = backend(x0, x1, params, num_heads)
+    else:
+        y0, y1 = gemini_fusion(x0, x1, params, num_heads, backend=backend)
     g = torch.Generator().manual_seed(seed)
-    gy0, gy1 = (torch.randn(y.shape, generator=g, dtype=torch.float64).to(y) for y in (y0, y1))
+    gy0, gy1 = (torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype or y.dtype).to(y)
+                for y in (y0, y1))
     return (y0, y1), torch.autograd.grad((y0 * gy0).sum() + (y1 * gy1).sum(), leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_outputs_and_every_gradient_within_the_declared_bounds(backend, dtype):
+    """Outputs and all 16 gradients against the float64 oracle's, within the bounds the backend
+    declares (``Backend.bounds``: what the benchmark's guard applies too), on odd pixel counts
+    and a leading dimension."""
+    x0, x1, params = make_case((2, 5), 40, dtype=dtype, device=DEVICE, requires_grad=True, seed=40)
+    (y0, y1), grads = _outputs_and_grads(backend, x0, x1, params, 8)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x0, x1, *params)]
+    (r0, r1), ref = _outputs_and_grads(lambda a, b, p, h: gemini_fusion_reference(a, b, FusionParams(*p), h),
+                                       ref_leaves[0], ref_leaves[1], ref_leaves[2:], 8, dtype=dtype)
+    bound = gk.backends.BACKENDS[backend].bounds[dtype]
+    errors = {"y0": rel_err(y0, r0), "y1": rel_err(y1, r1)}
+    errors.update({name: rel_err(g, r) for name, g, r in zip(("x0", "x1", *PARAM_NAMES), grads, ref)})
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < bound, f"{worst}: rel_err {errors[worst]:.1e} >= {bound:.0e}"
 
 
 def test_reruns_give_bitwise_equal_outputs_and_gradients(backend):

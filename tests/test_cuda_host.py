@@ -2,8 +2,8 @@
 
 Every output and every gradient (x0, x1 and all 14 parameters) is compared with the float64 oracle.
 The host path runs the same per-pixel math (csrc/fusion_math.h) as the CUDA kernels. What every fused
-backend promises (bitwise reruns, refused second derivatives and forward-mode AD) is in
-tests/test_backend_contract.py, in both backward modes.
+backend promises (its declared bounds in every dtype, bitwise reruns, refused second derivatives and
+forward-mode AD) is in tests/test_backend_contract.py, in both backward modes.
 """
 import sys
 

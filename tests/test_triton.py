@@ -2,8 +2,8 @@
 backward path, odd widths and head widths, leading dimensions, non-contiguous inputs, autocast, the
 custom ops (opcheck, torch.compile). On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py),
 so the CPU shapes are tiny; the GPU tests (marked) run the NYUDv2 stage shapes. What every fused
-backend promises (bitwise reruns, refused second derivatives and forward-mode AD) is in
-tests/test_backend_contract.py."""
+backend promises (its declared bounds in every dtype, bitwise reruns, refused second derivatives and
+forward-mode AD) is in tests/test_backend_contract.py."""
 import pytest
 import torch
 
