@@ -8,10 +8,10 @@ each process gets a mix of widths and dtypes); each process writes its log to --
 
     python scripts/pytest_parallel.py -j 8 -m gpu tests/test_triton.py tests/test_cuda_host.py
 
-With ``--own-process FILE[,FILE...]`` (repeatable) those files' tests run in a process of their own
-and all the others in one more (``-j`` is then ignored): the CPU suite (``scripts/test.sh``) puts the
-interpreter-bound Triton tests (and a few more, to even the two out) beside the rest, so that two
-cores finish it in about half the time; a file's module fixtures (the sm_90a compile) then run once. ``--print-logs`` prints every process's
+With ``--own-process FILE`` (repeatable) each such file's tests run in a process of their own and
+all the others in one more (``-j`` is then ignored): the CPU suite (``scripts/test.sh``) puts the
+interpreter-bound Triton tests beside the rest, so that two cores finish it in about half the time;
+a file's module fixtures (the sm_90a compile) then run once. ``--print-logs`` prints every process's
 whole log at the end (a CI log needs the failures' tracebacks).
 
 The exit code is 0 when every process passed, pytest's 5 when nothing was selected (an empty
@@ -46,12 +46,10 @@ def deal(ids, jobs):
 
 
 def by_file(ids, own_files):
-    """One group per entry of ``own_files`` (a file, or several joined by commas: their tests), then
-    one of every other test; no empty groups."""
-    own = [{os.path.normpath(f) for f in entry.split(",")} for entry in own_files]
-    taken = set().union(*own)
-    groups = [[i for i in ids if os.path.normpath(i.split("::")[0]) in files] for files in own]
-    groups.append([i for i in ids if os.path.normpath(i.split("::")[0]) not in taken])
+    """One group per file of ``own_files`` (its tests), then one of every other test; no empty groups."""
+    own = [os.path.normpath(f) for f in own_files]
+    groups = [[i for i in ids if os.path.normpath(i.split("::")[0]) == f] for f in own]
+    groups.append([i for i in ids if os.path.normpath(i.split("::")[0]) not in own])
     return [g for g in groups if g]
 
 
@@ -63,8 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("-k", "--keyword", default=None, help="pytest -k expression")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "."),
                         help="where each process's log goes (default: $OUT, else the current directory)")
-    parser.add_argument("--own-process", action="append", default=[], metavar="FILE[,FILE...]",
-                        help="run these test files' tests in a process of their own (repeatable; -j is ignored)")
+    parser.add_argument("--own-process", action="append", default=[], metavar="FILE",
+                        help="run this test file's tests in a process of their own (repeatable; -j is ignored)")
     parser.add_argument("--print-logs", action="store_true", help="print every process's whole log at the end")
     parser.add_argument("paths", nargs="+", help="test files or directories")
     args = parser.parse_args(argv)

@@ -7,11 +7,10 @@ cd "$ROOT"
 # No path here: pytest takes pyproject.toml's testpaths (tests/) when it is given none, and only the
 # given ones otherwise (`bash scripts/test.sh tests/test_triton.py` runs that file, not the suite plus it).
 if [ "$#" -eq 0 ] && [ "$(nproc 2>/dev/null || echo 1)" -ge 2 ] && [ -z "${GK_TESTS_IN_ONE_PROCESS:-}" ]; then
-  # The whole suite on two or more cores: the Triton interpreter's tests and the model tests (about
-  # half the suite's time) in one process, everything else (the sm_90a compile check among it) in
-  # another. Each process's whole log is printed at the end; GK_TESTS_IN_ONE_PROCESS=1 runs one pytest.
+  # The whole suite on two or more cores: the Triton interpreter's tests (one core's worth, about half
+  # the suite's time) in one process, everything else (the sm_90a compile check among it) in another.
+  # Each process's whole log is printed at the end; GK_TESTS_IN_ONE_PROCESS=1 runs one pytest instead.
   LOGS="$(mktemp -d)"
-  exec "$PY" scripts/pytest_parallel.py --own-process tests/test_triton.py,tests/test_models.py,tests/test_published_models.py \
-    --print-logs --log-dir "$LOGS" tests
+  exec "$PY" scripts/pytest_parallel.py --own-process tests/test_triton.py --print-logs --log-dir "$LOGS" tests
 fi
 exec "$PY" -m pytest -ra "$@"

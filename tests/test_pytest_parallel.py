@@ -64,17 +64,3 @@ def test_own_process_files_run_apart_and_logs_are_printed(tmp_path):
     assert "1 passed" in (logs / "pytest_parallel_0.log").read_text()  # test_other.py alone
     assert "4 passed" in (logs / "pytest_parallel_1.log").read_text()
     assert done.stdout.count("---- process") == 2 and "4 passed" in done.stdout.split("---- process 1")[1]
-
-
-def test_an_own_process_entry_may_name_several_files(tmp_path):
-    (tmp_path / "test_other.py").write_text("def test_one():\n    assert True\n")
-    (tmp_path / "test_third.py").write_text("def test_two():\n    assert True\n")
-    (tmp_path / "test_sample.py").write_text(TESTS)
-    logs = tmp_path / "logs"
-    done = subprocess.run([sys.executable, SCRIPT, "--log-dir", str(logs), "--own-process", "test_other.py,test_third.py",
-                           "-k", "not fails", "test_sample.py", "test_other.py", "test_third.py"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "6 tests in 2 processes" in done.stdout
-    assert "2 passed" in (logs / "pytest_parallel_0.log").read_text()
-    assert "4 passed" in (logs / "pytest_parallel_1.log").read_text()
