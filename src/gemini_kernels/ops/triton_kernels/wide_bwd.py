@@ -5,9 +5,10 @@ The tiled backward (``tiled_bwd.py``) keeps every weight gradient as per-program
 (11 C^2 floats a program) and 21 scratch rows, all of which must stay in L2: at C = 320 that leaves 6
 programs, at 512 two. Here no program holds a weight gradient. The chain runs in two persistent
 row-tile kernels whose per-program scratch is two or three rows of the input dtype, so the grid is
-as large as the forward's; each writes the per-pixel operands of the weight gradients (input dtype,
-as the oracle's intermediates are) once, and a weight-gradient kernel then computes each
-``G^T A`` over all pixels, one C x C tile a program, deterministically (no atomics, no split).
+the persistent one (a program per SM); each writes the per-pixel operands of the weight gradients
+(input dtype, as the oracle's intermediates are) once, and a weight-gradient kernel then computes
+each ``G^T A`` over all pixels, one 64 x 64 tile of it a program, deterministically (no atomics, no
+split over pixels).
 
 ``wide_bwd_heads_kernel`` (per tile and direction: self ``s``, other ``o``, output gradient ``gy``)::
 
