@@ -104,7 +104,7 @@ def test_forward_matches_oracle(dim, num_heads, shape, dtype, path):
 # The tiled kernel in float64 (IEEE products; on a GPU these dtypes run split), for every kind of
 # head group: several narrow heads per tile, one padded head, a head in several lane chunks, a
 # partial last tile and more tiles than programs (the persistent loop).
-TILED_FLOAT64_CASES = [(12, 4, 70), (16, 8, 5), (24, 8, 33), (96, 8, 9), (128, 8, 130), (320, 8, 7), (384, 8, 3)]
+TILED_FLOAT64_CASES = [(12, 4, 70), (16, 8, 5), (24, 8, 33), (96, 8, 9), (128, 8, 37), (320, 8, 7), (96, 2, 3)]
 
 
 @pytest.mark.parametrize("dim, num_heads, pixels", TILED_FLOAT64_CASES)
