@@ -53,7 +53,7 @@ def test_an_empty_selection_is_not_a_pass(tmp_path):
 
 
 def test_own_process_files_run_apart_and_logs_are_printed(tmp_path):
-    (tmp_path / "test_other.py").write_text("def test_one():\n    assert True\n")
+    (tmp_path / "test_other.py").write_text("def test_one():\n    assert sum([1, 1]) == 2\n")
     (tmp_path / "test_sample.py").write_text(TESTS)
     logs = tmp_path / "logs"
     done = subprocess.run([sys.executable, SCRIPT, "--log-dir", str(logs), "--own-process", "test_other.py",
