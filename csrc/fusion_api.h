@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fused_forward.h"
 #include "fusion_math.h"
 #include "fusion_params.h"
 
@@ -115,6 +116,33 @@ void check_activations(at::TensorList activations, const at::Tensor& x0);
 // y0, y1, the gates (2, *x0.shape[:-1], num_heads) in the accumulation type, and the saved
 // activations (empty unless asked for); the backward takes back the last two.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// ---- the fused forward of narrow layers (fused_forward.h, fused_forward.cpp) --------------------
+
+// One launch of it: the arguments, and the tensors it reads and writes and its FLOPs (what the launch
+// ledger counts).
+struct FusedForwardCall {
+  FusedForwardArgs args;
+  at::ScalarType dtype;
+  std::vector<at::Tensor> reads, writes;
+  int64_t flops;
+};
+// Runs the call's tiles: the host engine (CPU), the CUDA kernel, or the ledger's announcement.
+using FusedLauncher = void (*)(const FusedForwardCall& call);
+
+// Whether a forward takes the fused kernel: the layer fits (fused_forward_fits), and with
+// tensor_cores (the CUDA engine) also a 16-bit dtype whose MMAs the GPU has (compute_capability:
+// 10 * major + minor), a tile within `shared_memory_bytes` and contiguous, 32-byte aligned weight
+// matrices.
+bool takes_fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                         bool tensor_cores, int64_t shared_memory_bytes, int compute_capability);
+// Shared memory of one CUDA tile (the tile's buffers and the warps' staging) for inputs of element_size bytes.
+int64_t fused_forward_launch_bytes(int64_t C, int64_t num_heads, int element_size);
+// y0, y1 and the gates (as fusion_forward's, no activations), the tiles run by `launch`.
+ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                            FusedLauncher launch);
+// The launch as a gemini_kernels::chain_stage call named "fused_forward" (the ledger's count).
+void announce_fused_forward(const FusedForwardCall& call);
 
 // params: the 14 tensors in FusionParams order. The chain as one range over all pixels, its stages by
 // `run` (fusion_chain.h: run_forward, whole_range).

@@ -506,7 +506,7 @@ void announce_stage(Stage stage, const RangeTensors& range) {
     return list;
   };
   torch::jit::Stack stack{c10::IValue(std::string(stage_name(stage))), c10::IValue(tensors(stage_reads(stage))),
-                          c10::IValue(tensors(stage_writes(stage)))};
+                          c10::IValue(tensors(stage_writes(stage))), c10::IValue(int64_t{0})};
   op.callBoxed(&stack);
 }
 
@@ -697,13 +697,21 @@ std::vector<at::Tensor> fusion_backward(const at::Tensor& grad_y0, const at::Ten
 
 namespace {
 
-void ignore_stage(const c10::OperatorHandle&, torch::jit::Stack* stack) { torch::jit::drop(*stack, 3); }
+void ignore_stage(const c10::OperatorHandle&, torch::jit::Stack* stack) { torch::jit::drop(*stack, 4); }
 
 // The GPU plan counted where there is no GPU (meta tensors: shapes, no data): whole_range's aten ops,
 // and the stages announced as chain_stage calls (count_range).
+// An H100's shared memory per block (opt-in) and compute capability: the GPU the counts stand for.
+constexpr int64_t kCountedSharedMemoryBytes = 227 * 1024;
+constexpr int kCountedComputeCapability = 90;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> count_forward(const at::Tensor& x0, const at::Tensor& x1,
                                                              at::TensorList params, int64_t num_heads) {
-  const gk::ForwardResult result = gk::run_forward(x0, x1, params, num_heads, false, gk::count_range());
+  // as forward_cuda (fusion_cuda.cpp) chooses
+  const gk::ForwardResult result =
+      gk::takes_fused_forward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability)
+          ? gk::fused_forward(x0, x1, params, num_heads, gk::announce_fused_forward)
+          : gk::run_forward(x0, x1, params, num_heads, false, gk::count_range());
   return {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
 }
 
@@ -720,7 +728,7 @@ TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
   m.def("chain_plan(bool backward, bool saved) -> str[]", &gk::chain_plan_table);
   // For the launch ledger (python -m gemini_kernels.ledger --backends cuda): the forward and backward
   // of the CUDA build as it runs them, its stages announced by chain_stage, which does nothing.
-  m.def("chain_stage(str stage, Tensor[] reads, Tensor[] writes) -> ()");
+  m.def("chain_stage(str stage, Tensor[] reads, Tensor[] writes, int flops=0) -> ()");
   m.def("count_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
   m.def("count_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
         "int num_heads) -> Tensor[]");

@@ -26,10 +26,47 @@ void cuda_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers)
   TORCH_CHECK(status == cudaSuccess, "gemini_kernels: CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
 
+void cuda_fused_forward(const FusedForwardCall& call) {
+  const cudaError_t status =
+      launch_fused_forward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the fused forward's launch failed: ", cudaGetErrorString(status));
+}
+
+int device_attribute(cudaDeviceAttr attribute, const at::Tensor& x) {
+  int value = 0;
+  const cudaError_t status = cudaDeviceGetAttribute(&value, attribute, x.get_device());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaDeviceGetAttribute failed: ", cudaGetErrorString(status));
+  return value;
+}
+
+bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
+  const int capability = 10 * device_attribute(cudaDevAttrComputeCapabilityMajor, x0) +
+                         device_attribute(cudaDevAttrComputeCapabilityMinor, x0);
+  return takes_fused_forward(x0, x1, params, num_heads, true,
+                             device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, x0), capability);
+}
+
+// The fused forward where it takes the layer (C <= 128, 16-bit; fused_forward.h), else the chain. A
+// forward that saves its activations for the backward runs the chain, whose products they are.
 ForwardResult forward_cuda(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                            bool save_activations) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
+  if (!save_activations &&
+      takes_fused_forward_here(x0, x1, params, num_heads))
+    return fused_forward(x0, x1, params, num_heads, cuda_fused_forward);
   return fusion_forward(x0, x1, params, num_heads, save_activations, cuda_stage);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x0, const at::Tensor& x1,
+                                                                  at::TensorList params, int64_t num_heads) {
+  const c10::cuda::CUDAGuard device_guard(x0.device());
+  TORCH_CHECK(takes_fused_forward_here(x0, x1, params, num_heads),
+              "gemini_kernels: the fused forward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C <= ",
+              kFusedMaxChannels, " channels, a multiple of ", kMmaEdge,
+              ", and contiguous 32-byte aligned weights; got x0 ",
+              x0.scalar_type(), " of shape ", x0.sizes());
+  const ForwardResult r = fused_forward(x0, x1, params, num_heads, cuda_fused_forward);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
@@ -45,4 +82,5 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tenso
 TORCH_LIBRARY_IMPL(gemini_kernels, CUDA, m) {
   m.impl("fusion_forward", &gk::forward_cuda);
   m.impl("fusion_backward", &gk::backward_cuda);
+  m.impl("fused_forward", &gk::fused_forward_cuda);
 }

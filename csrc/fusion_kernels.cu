@@ -1,9 +1,17 @@
-// The CUDA row stages: one warp per row (direction, pixel), its lanes striding over the channels
-// and reducing with shuffles; the math is the stages of fusion_math.h, shared with the host path.
-// Includes only toolkit headers (no torch), see fusion_kernels.h.
+// The CUDA kernels: the row stages, one warp per row (direction, pixel), its lanes striding over the
+// channels and reducing with shuffles; and the fused forward of narrow layers, a block per tile of
+// pixels whose products run on the tensor cores. The math is fusion_math.h's and the tile logic
+// fused_forward.h's, both shared with the host path. Includes only toolkit headers (no torch), see
+// fusion_kernels.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <type_traits>
 
 #include "fusion_kernels.h"
 
@@ -79,6 +87,145 @@ cudaError_t launch_typed(Stage stage, const FusionBuffers& buffers, cudaStream_t
   return cudaErrorInvalidValue;
 }
 
+// ---- the fused forward ------------------------------------------------------------------------
+
+static_assert(kFusedWarps == kWarpsPerBlock, "the fused forward's blocks are the row stages' size");
+
+// The CUDA engine of fused_forward.h: a tile's buffers in shared memory, a row to a warp, and the
+// 16 x 16 output tiles of a product to the warps' WMMA MMAs (16-bit operands, float accumulators),
+// staged through each warp's own 1 KiB of shared memory on the way to the epilogue.
+template <class T>
+struct WarpMmaEngine {
+  using A = typename Acc<T>::type;
+  using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kMmaEdge, kMmaEdge, kMmaEdge, float>;
+  T* tile;
+  A* tile_gates;
+  float* staging;  // this warp's kMmaEdge x kMmaEdge floats
+  int stride;
+  int warp;
+  int lane;
+
+  __device__ __forceinline__ int ld() const { return stride; }
+  __device__ __forceinline__ T* matrix(int i) const { return tile + i * kFusedTileRows * stride; }
+  __device__ __forceinline__ A* gates() const { return tile_gates; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  template <class F>
+  __device__ __forceinline__ void rows(const F& f) const {
+    const WarpTeam team{lane};
+    for (int r = warp; r < kFusedTileRows; r += kFusedWarps) f(team, r);
+  }
+  template <class E>
+  __device__ __forceinline__ void gemm(const E& epilogue, int n, const MmaTerm<T>& first, const MmaTerm<T>& second) const {
+    const MmaSplit split = MmaSplit::of(n);
+    switch (split.rows) {
+      case 4: return items<4>(epilogue, split, first, second);
+      case 2: return items<2>(epilogue, split, first, second);
+      default: return items<1>(epilogue, split, first, second);
+    }
+  }
+
+  template <int kRows, class E>
+  __device__ __forceinline__ void items(const E& epilogue, const MmaSplit& split, const MmaTerm<T>& first,
+                                        const MmaTerm<T>& second) const {
+    static_assert(MmaSplit::kRowTiles == 4, "the cases of gemm");
+    for (int item = warp; item < split.items(); item += kFusedWarps) {
+      const int j = split.column_tile(item), i0 = split.first_row_tile(item);
+      Accumulator sum[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) nvcuda::wmma::fill_fragment(sum[r], 0.f);
+      accumulate<kRows>(sum, first, i0, j);
+      if (second.a != nullptr) accumulate<kRows>(sum, second, i0, j);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        nvcuda::wmma::store_matrix_sync(staging, sum[r], kMmaEdge, nvcuda::wmma::mem_row_major);
+        __syncwarp(kFullMask);
+        for (int e = lane; e < kMmaEdge * kMmaEdge; e += kWarpSize)
+          epilogue((i0 + r) * kMmaEdge + e / kMmaEdge, j * kMmaEdge + e % kMmaEdge, staging[e]);
+        __syncwarp(kFullMask);  // the staging is read before the next tile's results overwrite it
+      }
+    }
+  }
+
+  // sum[r] += rows i0 + r of a times columns j of w^T: w (n x k, row-major) is w^T (k x n) column-major.
+  template <int kRows>
+  __device__ __forceinline__ static void accumulate(Accumulator (&sum)[kRows], const MmaTerm<T>& term, int i0, int j) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::row_major> a;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::col_major> b;
+    const T* a_rows = term.a + i0 * kMmaEdge * term.lda;
+    const T* w_rows = term.w + static_cast<int64_t>(j) * kMmaEdge * term.ldw;
+    for (int k = 0; k < term.k; k += kMmaEdge) {
+      nvcuda::wmma::load_matrix_sync(b, w_rows + k, term.ldw);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        nvcuda::wmma::load_matrix_sync(a, a_rows + r * kMmaEdge * term.lda + k, term.lda);
+        nvcuda::wmma::mma_sync(sum[r], a, b, sum[r]);
+      }
+    }
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(kFusedWarps * kWarpSize) fused_forward_kernel(const FusedForwardArgs args) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  using A = typename Acc<T>::type;
+  const int stride = fused_row_stride(args.channels);
+  const int warp = threadIdx.x / kWarpSize;
+  WarpMmaEngine<T> engine;
+  engine.tile = reinterpret_cast<T*>(shared);
+  engine.tile_gates = reinterpret_cast<A*>(shared + kFusedTileMatrices * kFusedTileRows * stride * sizeof(T));
+  engine.staging = reinterpret_cast<float*>(shared + fused_tile_bytes(args.channels, args.heads, sizeof(T), sizeof(A))) +
+                   warp * kMmaEdge * kMmaEdge;
+  engine.stride = stride;
+  engine.warp = warp;
+  engine.lane = threadIdx.x % kWarpSize;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // bfloat16 MMAs need sm_80; the launcher's caller never sends them to an older GPU
+  // (takes_fused_forward), and this keeps builds for older GPUs compiling.
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __trap();
+  } else
+#endif
+  {
+    fused_forward_tile<T>(engine, args, static_cast<int64_t>(blockIdx.x) * kFusedTileRows);
+  }
+}
+
+// Lets the fused forward's blocks take kFusedMaxLaunchBytes of shared memory (or the device's most),
+// once per device: the setting belongs to the function on that device, shared by every host thread,
+// so a call must never lower it under another's launch.
+template <class T>
+cudaError_t allow_fused_shared_memory() {
+  constexpr int kDevices = 64;
+  static std::atomic<bool> allowed[kDevices];
+  static std::mutex mutex;
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  if (device < kDevices && allowed[device].load(std::memory_order_acquire)) return cudaSuccess;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (device < kDevices && allowed[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  int most = 0;
+  status = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status != cudaSuccess) return status;
+  status = cudaFuncSetAttribute(fused_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(std::min<int64_t>(kFusedMaxLaunchBytes, most)));
+  if (status == cudaSuccess && device < kDevices) allowed[device].store(true, std::memory_order_release);
+  return status;
+}
+
+template <class T>
+cudaError_t launch_fused(const FusedForwardArgs& args, cudaStream_t stream) {
+  const size_t bytes = fused_tile_bytes(args.channels, args.heads, sizeof(T), sizeof(typename Acc<T>::type)) +
+                       kFusedStagingBytes;
+  // Above 48 KiB a block's dynamic shared memory must be asked for (the caller checked that `bytes`
+  // is within the device's most).
+  const cudaError_t status = allow_fused_shared_memory<T>();
+  if (status != cudaSuccess) return status;
+  const int64_t blocks = (args.pixels + kFusedTileRows - 1) / kFusedTileRows;
+  fused_forward_kernel<T><<<static_cast<unsigned>(blocks), kFusedWarps * kWarpSize, bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buffers, cudaStream_t stream) {
@@ -89,6 +236,14 @@ cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buff
     case ScalarKind::BFloat16: return launch_typed<__nv_bfloat16>(stage, buffers, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, cudaStream_t stream) {
+  switch (kind) {
+    case ScalarKind::Half: return launch_fused<__half>(args, stream);
+    case ScalarKind::BFloat16: return launch_fused<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace gk

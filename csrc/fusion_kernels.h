@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "fused_forward.h"
 #include "fusion_math.h"
 
 namespace gk {
@@ -12,5 +13,9 @@ enum class ScalarKind { Float, Double, Half, BFloat16 };
 
 // Queues `stage` over all 2 * buffers.pixels rows on `stream`; returns the launch error, if any.
 cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buffers, cudaStream_t stream);
+
+// Queues the fused forward (fused_forward.h) over all args.pixels pixels, a block of kFusedWarps warps
+// per tile of kFusedTileRows pixels; Half and BFloat16 only (cudaErrorInvalidValue otherwise).
+cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, cudaStream_t stream);
 
 }  // namespace gk

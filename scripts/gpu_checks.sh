@@ -7,14 +7,16 @@
 # steps:
 #   tests      the GPU tests (pytest -m gpu): every backend's outputs and gradients against the float64
 #              oracle in fp32 (TF32 off) / bf16 / fp16 on NYUDv2 stage shapes and odd shapes
-#   sanitizer  compute-sanitizer memcheck over a subset of the CUDA backend's GPU tests (memcheck is slow)
+#   sanitizer  compute-sanitizer memcheck over a subset of the CUDA backend's GPU tests (memcheck is slow),
+#              racecheck and synccheck over one case of the fused forward
 #   bench      the benchmark harness, NYUDv2 stages, bf16, batch 8 and 32 (appends to bench/RESULTS.md);
 #              bench8 / bench32: one batch size each, where one call may run 10 minutes at most
 #   model      MiT-B3 480x640 batch 8 bf16 training step / inference: fused vs no fusion vs published loop
 #   quick      the kernel issues' checks in about 6 minutes, most important first: the Triton backend's GPU
 #              tests against the float64 oracle, the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton,
 #              cuda and torch.compile side by side, forward and forward + backward, peak memory), the cuda
-#              backend's GPU tests, a memcheck pass over a few of them, then the ledger; between them the
+#              backend's GPU tests (its fused forward's among them), a memcheck pass over a few of them and a
+#              racecheck / synccheck pass over one, then the ledger; between them the
 #              Triton forward + backward at stages 2-4 with the wide and the split backward forced (GK_TRITON_BACKWARD)
 #
 # The CUDA extension is built for the present GPU only (TORCH_CUDA_ARCH_LIST from nvidia-smi unless set).
@@ -60,8 +62,12 @@ for s in "${steps[@]}"; do
     tests) step tests ptest -m gpu tests ;;
     sanitizer)
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q \
-        -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations" ;;
+        "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py -m gpu -x -q \
+        -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations or (gpu_fused_forward and (37 or 65 or 63))"
+      for tool in racecheck synccheck; do
+        step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PY" -m pytest tests/test_fused_forward.py -m gpu -x -q -k "gpu_fused_forward and 37 and bfloat16"
+      done ;;
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
     model) step model "$PY" bench/model_speed.py --json "$OUTDIR/model_speed.json" ;;
@@ -75,9 +81,14 @@ for s in "${steps[@]}"; do
         step "$bwd-bwd-bench" env GK_TRITON_BACKWARD=$bwd "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 2,3,4 \
           --variants triton --passes fwd+bwd --runs 10 --warmup 2 --out-dir "$OUTDIR/${bwd}_bwd"
       done
-      step cuda-tests ptest -m gpu tests/test_cuda_host.py
+      step cuda-tests ptest -m gpu tests/test_cuda_host.py tests/test_fused_forward.py
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest tests/test_cuda_host.py -m gpu -x -q -k "gpu_matches_oracle and (300 or 33)"
+        "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py -m gpu -x -q \
+        -k "(gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63))"
+      for tool in racecheck synccheck; do  # the fused forward's barriers, on one small case each
+        step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PY" -m pytest tests/test_fused_forward.py -m gpu -x -q -k "gpu_fused_forward and 37 and bfloat16"
+      done
       step ledger "$PY" -m gemini_kernels.ledger ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;
   esac

@@ -18,10 +18,12 @@ SMs a persistent grid occupies): a model to compare designs, never a measurement
 
 Counted backends: ``triton`` (its launchers, as its custom ops call them; what autograd saves, through
 the custom op), ``torch`` (the eager oracle, forward and autograd backward) and ``cuda``
-(``count_cuda``: the GPU plan of the compiled extension as its CUDA build runs it, the chain of
-csrc/fusion_chain.h as one range: its aten ops recorded as they are called, each row stage as one
-launch that reads and writes what the stage declares; the packed weights found in their cache, so a
-training step's one packing per parameter version is not counted). Grid-sized buffers
+(``count_cuda``: the GPU plan of the compiled extension as its CUDA build runs it: the fused forward
+of narrow 16-bit layers (csrc/fused_forward.h) as one launch reading x0, x1 and the parameters and
+writing y0, y1 and the gates, or the chain of csrc/fusion_chain.h as one range, its aten ops recorded
+as they are called, each row stage as one launch that reads and writes what the stage declares; the
+packed weights found in their cache, so a training step's one packing per parameter version is not
+counted). Grid-sized buffers
 (the tiled kernels' scratch and partials) are counted with the grid of an H100 / H200 (132 SMs),
 once per launch while all programs' buffers fit in its 50 MiB of L2, and reread and rewritten for
 every tile the grid walks when they do not.
@@ -170,8 +172,9 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if name == "chain_stage":  # a row stage of the cuda backend, announced by its counting run
-            stage, reads, writes = args
-            self.ledger.launches.append(Launch(stage, sum(map(_nbytes, reads)), sum(map(_nbytes, writes)), 0))
+            stage, reads, writes, *flops = args
+            self.ledger.launches.append(Launch(stage, sum(map(_nbytes, reads)), sum(map(_nbytes, writes)),
+                                               flops[0] if flops else 0))
             return out
         if func.is_view or name.startswith(_NO_LAUNCH_PREFIXES):
             if name.startswith(("empty", "new_empty")):
@@ -313,7 +316,11 @@ def count_cuda(dim: int, pixels: int, dtype: torch.dtype = torch.bfloat16, passe
     params = list(params)
     recorder = _Recorder(ledger)
     ops = torch.ops.gemini_kernels
-    ops.count_forward(x0, x1, params, num_heads)  # packs the weights into the cache, as an earlier call would
+    # An earlier call packs the weights into the cache (the chain's forward, or the backward where the
+    # forward is fused and reads the parameters as they are): one packing per parameter version.
+    y0, y1, gate = ops.count_forward(x0, x1, params, num_heads)
+    if passes == "fwd+bwd":
+        ops.count_backward(torch.empty_like(y0), torch.empty_like(y1), x0, x1, params, gate, num_heads)
     with recorder:
         y0, y1, gate = ops.count_forward(x0, x1, params, num_heads)
     # On CUDA the backward recomputes the activations (cuda_fusion.saves_activations): autograd keeps

@@ -1,7 +1,9 @@
 """The ``"cuda"`` backend: the compiled extension ``gemini_kernels._C`` (csrc/).
 
-On CUDA tensors it runs the CUDA kernels (csrc/fusion_kernels.cu) between cuBLAS GEMMs; on CPU
-tensors it runs the same per-pixel math as host C++ (csrc/fusion_host.cpp) between MKL GEMMs.
+On CUDA tensors it runs the CUDA kernels (csrc/fusion_kernels.cu): the forward of float16 / bfloat16
+layers of C <= 128 channels as one fused tensor-core kernel (csrc/fused_forward.h), everything else as
+row-stage kernels between cuBLAS GEMMs; on CPU tensors it runs the same per-pixel math as host C++
+(csrc/fusion_host.cpp) between MKL GEMMs.
 
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
 this module gives them fake implementations (so ``torch.compile`` traces them) and autograd formulas
