@@ -1,5 +1,5 @@
-// The CUDA kernels: the row stages, one warp per row (direction, pixel), its lanes striding over the
-// channels and reducing with shuffles; and the fused forward of narrow layers, a block per tile of
+// The CUDA kernels: the row stages, a team of lanes per row (direction, pixel), its lanes striding over
+// the channels and reducing with shuffles; and the fused forward of narrow layers, a block per tile of
 // pixels whose products run on the tensor cores. The math is fusion_math.h's and the tile logic
 // fused_forward.h's, both shared with the host path. Includes only toolkit headers (no torch), see
 // fusion_kernels.h.
@@ -39,50 +39,76 @@ constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// A warp owns a row: lane l handles channels l, l + 32, ...
-struct WarpTeam {
-  int lane;
+// A group of kLanes consecutive lanes owns a row, 32 / kLanes rows a warp: lane l of the group handles
+// channels l, l + kLanes, ... and the group reduces with shuffles among its own lanes. `mask` holds the
+// warp's lanes that have a row (whole groups: past the last row a group leaves).
+template <int kLanes>
+struct LaneGroupTeam {
+  static_assert(kLanes >= 1 && kLanes <= kWarpSize && (kLanes & (kLanes - 1)) == 0, "a power of two within a warp");
+  int lane;  // within the group
+  unsigned mask;
   __device__ __forceinline__ int first() const { return lane; }
-  __device__ __forceinline__ int stride() const { return kWarpSize; }
+  __device__ __forceinline__ int stride() const { return kLanes; }
   __device__ __forceinline__ bool leader() const { return lane == 0; }
   // Orders the lanes' memory accesses: what one lane wrote before it, the others read after it.
-  __device__ __forceinline__ void sync() const { __syncwarp(kFullMask); }
+  __device__ __forceinline__ void sync() const { __syncwarp(mask); }
   template <class A>
   __device__ __forceinline__ A sum(A v) const {
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset);
     return v;
   }
   template <class A>
   __device__ __forceinline__ A max(A v) const {
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = max_(v, __shfl_xor_sync(kFullMask, v, offset));
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) v = max_(v, __shfl_xor_sync(mask, v, offset));
     return v;
   }
 };
+// A warp owns a row: lane l handles channels l, l + 32, ...
+using WarpTeam = LaneGroupTeam<kWarpSize>;
 
-template <class StageT, class T>
+template <class StageT, class T, int kLanes>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) stage_kernel(const FusionBuffers buffers) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (row >= 2 * buffers.pixels) return;  // whole warps leave together, so the shuffles stay full
-  StageT::template run<WarpTeam, T>(WarpTeam{static_cast<int>(threadIdx.x % kWarpSize)}, buffers, row);
+  constexpr int kRowsPerWarp = kWarpSize / kLanes;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row =
+      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize) * kRowsPerWarp + lane / kLanes;
+  const bool has_row = row < 2 * buffers.pixels;
+  const unsigned mask = __ballot_sync(kFullMask, has_row);
+  if (!has_row) return;  // whole groups leave together, so each group's shuffles stay within `mask`
+  StageT::template run<LaneGroupTeam<kLanes>, T>(LaneGroupTeam<kLanes>{lane % kLanes, mask}, buffers, row);
 }
 
-template <class StageT, class T>
+template <class StageT, class T, int kLanes>
 cudaError_t launch(const FusionBuffers& buffers, cudaStream_t stream) {
   const int64_t rows = 2 * buffers.pixels;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  stage_kernel<StageT, T><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(buffers);
+  constexpr int kRowsPerBlock = kWarpsPerBlock * (kWarpSize / kLanes);
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  stage_kernel<StageT, T, kLanes><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(buffers);
   return cudaGetLastError();
+}
+
+// The mix stages walk one head at a time, its channels over the team: a lane group as wide as the head
+// (a power of two, 4 to 32 lanes) keeps the lanes busy where a warp per row left most idle (8 of 32 at
+// C = 64 with 8 heads), and runs several rows a warp. The other stages stride over all C channels: a
+// warp a row.
+template <class StageT, class T>
+cudaError_t launch_by_head_width(const FusionBuffers& buffers, cudaStream_t stream) {
+  const int width = buffers.channels / buffers.heads;
+  if (width >= 32) return launch<StageT, T, 32>(buffers, stream);
+  if (width >= 16) return launch<StageT, T, 16>(buffers, stream);
+  if (width >= 8) return launch<StageT, T, 8>(buffers, stream);
+  return launch<StageT, T, 4>(buffers, stream);
 }
 
 template <class T>
 cudaError_t launch_typed(Stage stage, const FusionBuffers& buffers, cudaStream_t stream) {
   switch (stage) {
-    case Stage::HiddenForward: return launch<HiddenForward, T>(buffers, stream);
-    case Stage::RelationForward: return launch<RelationForward, T>(buffers, stream);
-    case Stage::MixForward: return launch<MixForward, T>(buffers, stream);
-    case Stage::MixBackward: return launch<MixBackward, T>(buffers, stream);
-    case Stage::RelationBackward: return launch<RelationBackward, T>(buffers, stream);
-    case Stage::HiddenBackward: return launch<HiddenBackward, T>(buffers, stream);
+    case Stage::HiddenForward: return launch<HiddenForward, T, kWarpSize>(buffers, stream);
+    case Stage::RelationForward: return launch<RelationForward, T, kWarpSize>(buffers, stream);
+    case Stage::MixForward: return launch_by_head_width<MixForward, T>(buffers, stream);
+    case Stage::MixBackward: return launch_by_head_width<MixBackward, T>(buffers, stream);
+    case Stage::RelationBackward: return launch<RelationBackward, T, kWarpSize>(buffers, stream);
+    case Stage::HiddenBackward: return launch<HiddenBackward, T, kWarpSize>(buffers, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -111,7 +137,7 @@ struct WarpMmaEngine {
   __device__ __forceinline__ void sync() const { __syncthreads(); }
   template <class F>
   __device__ __forceinline__ void rows(const F& f) const {
-    const WarpTeam team{lane};
+    const WarpTeam team{lane, kFullMask};  // every lane of the block runs the whole tile
     for (int r = warp; r < kFusedTileRows; r += kFusedWarps) f(team, r);
   }
   template <class E>

@@ -5,8 +5,8 @@
 // relation, hidden). A "row" is one (direction, pixel) pair; rows are independent.
 //
 // Each stage is written against a Team: the threads that share one row. The host team is a
-// single thread walking the channels one by one; the CUDA team is a warp whose lanes stride over
-// the channels and reduce with shuffles. The team supplies the reductions (max, sum) and the
+// single thread walking the channels one by one; the CUDA team is a warp, or a group of its lanes,
+// striding over the channels and reducing with shuffles. The team supplies the reductions (max, sum) and the
 // stride, the stage supplies the math, so every line of math below runs on CPU in the tests.
 //
 // This header includes only the C++ standard library, so that it compiles in a .cu file that sees
