@@ -1,7 +1,9 @@
-"""The CUDA sources compile, without a GPU: every csrc/*.cu with nvcc for sm_90, and the torch-facing
-csrc/fusion_cuda.cpp (only built in CUDA builds of the extension) checked against torch's headers.
+"""The CUDA sources compile, without a GPU: every csrc/*.cu with nvcc for sm_90 and sm_80, and the
+torch-facing csrc/fusion_cuda.cpp (only built in CUDA builds of the extension) checked against torch's
+headers.
 
-A kernel that spills registers or uses a stack frame fails: none of the row stages needs either.
+A kernel that spills registers or uses a stack frame fails: none of the row stages or the fused
+forward needs either.
 """
 import os
 import re
@@ -80,25 +82,34 @@ def test_there_are_cuda_sources():
     assert CU_FILES, f"no .cu files under {CSRC}"
 
 
+# The architectures setup.py builds for by default (TORCH_CUDA_ARCH_LIST 8.0;9.0), each with its own
+# instantiations (bfloat16 MMAs exist from sm_80 on): both must compile; the spill and stack limits are
+# asserted on sm_90, the target. On sm_80 ptxas spills 4-8 bytes in the mix forward stage (as it did
+# with a warp per row before the lane groups): reported, not asserted, as for the Triton kernels.
+ARCHS = {"sm_90": True, "sm_80": False}  # arch: spills and stack frames fail
+
+
 @needs_nvcc
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
-def test_nvcc_compiles_without_spills(source, tmp_path):
-    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", "-Xptxas", "-v", *TORCH_NVCC_DEFINES,
+def test_nvcc_compiles_without_spills(source, arch, tmp_path):
+    cmd = [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "-Xptxas", "-v", *TORCH_NVCC_DEFINES,
            "-c", str(source), "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{log}"
+    assert proc.returncode == 0, f"nvcc failed on {source.name} for {arch}:\n{log}"
     kernels = parse_ptxas(log)
     assert kernels, f"ptxas reported no kernels for {source.name}:\n{log}"
     for name, usage in kernels.items():
         assert {"stack", "spill_stores", "spill_loads", "registers"} <= usage.keys(), f"unparsed ptxas output for {name}"
-        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills registers: {usage}"
-        assert usage["stack"] == 0, f"{name} uses a stack frame: {usage}"
+        if ARCHS[arch]:
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills registers: {usage}"
+            assert usage["stack"] == 0, f"{name} uses a stack frame: {usage}"
     names = sorted(kernels)
     report = "\n".join(f"  {pretty}: {kernels[name]['registers']} registers, stack {kernels[name]['stack']} B, "
                        f"spills {kernels[name]['spill_stores']}/{kernels[name]['spill_loads']} B"
                        for name, pretty in zip(names, _demangle(names)))
-    print(f"{source.name}, sm_90:\n{report}")
+    print(f"{source.name}, {arch}:\n{report}")
 
 
 def test_cuda_registration_compiles_against_torch_headers(tmp_path):
