@@ -92,18 +92,13 @@ bool takes_fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorL
   const at::ScalarType t = x0.scalar_type();
   if (t != at::kHalf && t != at::kBFloat16) return false;  // float32 would run on TF32 tensor cores: 1e-3, not 1e-5
   if (compute_capability < (t == at::kBFloat16 ? 80 : 70)) return false;  // the WMMA shapes of that dtype
-  if (fused_forward_launch_bytes(C, num_heads, 2) > shared_memory_bytes) return false;
+  if (fused_launch_bytes(static_cast<int>(C), static_cast<int>(num_heads)) > shared_memory_bytes) return false;
   // The MMA loads read the weights straight from global memory, 32-byte aligned.
   const FusionParamTensors p = named_params(params);
   for (const at::Tensor* w : {&p.fc1_weight, &p.fc2_weight, &p.in_proj_weight_0, &p.in_proj_weight_1,
                               &p.out_proj_weight_0, &p.out_proj_weight_1})
     if (!w->is_contiguous() || !aligned(*w, 32)) return false;
   return true;
-}
-
-int64_t fused_forward_launch_bytes(int64_t C, int64_t num_heads, int element_size) {
-  return fused_tile_bytes(static_cast<int>(C), static_cast<int>(num_heads), element_size, element_size == 8 ? 8 : 4) +
-         kFusedStagingBytes;
 }
 
 ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,

@@ -77,8 +77,10 @@ GK_HD constexpr int64_t fused_tile_bytes(int C, int h, int element, int accumula
 // The CUDA engine's warps per tile, and the float 16 x 16 tile each stages its MMA results in.
 constexpr int kFusedWarps = 8;
 constexpr int kFusedStagingBytes = kFusedWarps * kMmaEdge * kMmaEdge * 4;
-// The most shared memory a 16-bit tile can need (C = 128, a head per channel), staging included.
-constexpr int64_t kFusedMaxLaunchBytes = fused_tile_bytes(kFusedMaxChannels, kFusedMaxChannels, 2, 4) + kFusedStagingBytes;
+// The shared memory of one CUDA block (its engine takes 16-bit inputs, float gates): the tile's
+// buffers, then the warps' staging; at most kFusedMaxLaunchBytes (C = 128, a head per channel).
+GK_HD constexpr int64_t fused_launch_bytes(int C, int h) { return fused_tile_bytes(C, h, 2, 4) + kFusedStagingBytes; }
+constexpr int64_t kFusedMaxLaunchBytes = fused_launch_bytes(kFusedMaxChannels, kFusedMaxChannels);
 
 // One operand pair of a product: a (kFusedTileRows x k, row stride lda) times w^T, w (n x k, row stride ldw).
 template <class T>

@@ -136,8 +136,6 @@ using FusedLauncher = void (*)(const FusedForwardCall& call);
 // matrices.
 bool takes_fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                          bool tensor_cores, int64_t shared_memory_bytes, int compute_capability);
-// Shared memory of one CUDA tile (the tile's buffers and the warps' staging) for inputs of element_size bytes.
-int64_t fused_forward_launch_bytes(int64_t C, int64_t num_heads, int element_size);
 // y0, y1 and the gates (as fusion_forward's, no activations), the tiles run by `launch`.
 ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                             FusedLauncher launch);

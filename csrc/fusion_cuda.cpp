@@ -51,8 +51,7 @@ bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::Te
 ForwardResult forward_cuda(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                            bool save_activations) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
-  if (!save_activations &&
-      takes_fused_forward_here(x0, x1, params, num_heads))
+  if (!save_activations && takes_fused_forward_here(x0, x1, params, num_heads))
     return fused_forward(x0, x1, params, num_heads, cuda_fused_forward);
   return fusion_forward(x0, x1, params, num_heads, save_activations, cuda_stage);
 }

@@ -241,8 +241,8 @@ cudaError_t allow_fused_shared_memory() {
 
 template <class T>
 cudaError_t launch_fused(const FusedForwardArgs& args, cudaStream_t stream) {
-  const size_t bytes = fused_tile_bytes(args.channels, args.heads, sizeof(T), sizeof(typename Acc<T>::type)) +
-                       kFusedStagingBytes;
+  static_assert(sizeof(T) == 2 && sizeof(typename Acc<T>::type) == 4, "fused_launch_bytes counts 16-bit tiles");
+  const size_t bytes = fused_launch_bytes(args.channels, args.heads);
   // Above 48 KiB a block's dynamic shared memory must be asked for (the caller checked that `bytes`
   // is within the device's most).
   const cudaError_t status = allow_fused_shared_memory<T>();
