@@ -1,4 +1,4 @@
-"""The host C++ path (backend="cuda" on CPU tensors) against the oracle in eager mode, on CPU: the
+"""The host C++ path (backend="cpu_cpp") against the oracle in eager mode, on CPU: the
 measurement behind the CPU order of ``"auto"`` (gemini_kernels/backends.py).
 
 float32, batch 2, NYUDv2 stages with MiT-B1 widths (bench_shapes.stage_dims; stages 1 and 2 by
@@ -29,7 +29,7 @@ import gemini_kernels as gk  # noqa: E402
 from bench_shapes import stage_dims  # noqa: E402
 from bench_timing import interleaved_times_ms  # noqa: E402
 
-VARIANTS = {"oracle": "torch", "host": "cuda"}
+VARIANTS = {"oracle": "torch", "host": "cpu_cpp"}
 
 
 def forward(x0, x1, params, backend):
@@ -61,9 +61,9 @@ def parse_cpu_args(doc: str, default_stages) -> argparse.Namespace:
                         help="run each variant's runs back to back rather than interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    reason = gk.backends.BACKENDS["cuda"].unavailable_reason(torch.device("cpu"))
+    reason = gk.backends.BACKENDS["cpu_cpp"].unavailable_reason(torch.device("cpu"))
     if reason is not None:
-        raise SystemExit(f"backend='cuda' is not available on CPU: {reason}")
+        raise SystemExit(f"backend='cpu_cpp' is not available: {reason}")
     return args
 
 

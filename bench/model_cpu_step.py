@@ -3,7 +3,7 @@
 For ``swin_tiny`` (RGB + depth) and the 4-modality DeLiVER B0, times one training step (forward, the
 sum of the cross-entropies of the three outputs, backward, AdamW) with
 
-* ``fused (cuda host path)``: ``fusion_backend="cuda"``, the compiled C++ path, which runs on CPU;
+* ``fused (cpu_cpp)``: ``fusion_backend="cpu_cpp"``, the compiled host C++ path;
 * ``oracle (torch)``: ``fusion_backend="torch"``, the pure-PyTorch reference;
 * ``published per-batch loop``: the fusion layers replaced by the published code's loop over the batch
   around ``nn.MultiheadAttention`` (:class:`gemini_kernels.baselines.PublishedFusion`), same weights.
@@ -20,21 +20,20 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench_timing import median_ms  # noqa: E402
 from model_speed import with_published_loop  # noqa: E402
 from gemini_seg import build_deliver_model, build_model  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
-VARIANTS = (("fused (cuda host path)", "cuda"), ("oracle (torch)", "torch"), ("published per-batch loop", None))
+VARIANTS = (("fused (cpu_cpp)", "cpu_cpp"), ("oracle (torch)", "torch"), ("published per-batch loop", None))
 
 
 def build(name, backend):
@@ -64,14 +63,7 @@ def step_ms(model, images, target, warmup, runs):
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(lambda i: step(), torch.device("cpu"), warmup, runs)
 
 
 def main(argv=None):

@@ -113,13 +113,23 @@ def xattn_variant() -> Variant:
 
 def all_variants(device: torch.device) -> list:
     """Every backend of the package's registry, then the baselines. A backend that does not report itself
-    available on ``device`` at run time keeps its row, which gives the reason."""
+    available on ``device`` at run time keeps its row, which gives the reason; a name that runs another
+    backend on ``device`` ("cuda" on CPU runs "cpu_cpp") gets none of its own (see ``variant_aliases``)."""
     variants = []
     for name, backend in gk.backends.BACKENDS.items():
+        if device.type in backend.runs_elsewhere:
+            continue
         reason = backend.unavailable_reason(device)
         variants.append(backend_variant(name) if reason is None
                         else Variant(name, "fusion", build=None, unavailable=reason))
     return variants + [compile_variant(), published_variant(), exchange_variant(), xattn_variant()]
+
+
+def variant_aliases(device: torch.device) -> dict:
+    """{name: the variant it runs on ``device``}: ``--variants cuda`` on CPU times cpu_cpp, as
+    ``backend="cuda"`` runs it there."""
+    return {name: backend.runs_elsewhere[device.type] for name, backend in gk.backends.BACKENDS.items()
+            if device.type in backend.runs_elsewhere}
 
 
 def progress_bar(total: int) -> Progress:
@@ -467,10 +477,15 @@ def _main(args, extra_variants) -> dict:
     variants = all_variants(device)
     known = [v.name for v in variants]
     if args.variants:
-        unknown = [v for v in args.variants if v not in known]
+        aliases = variant_aliases(device)
+        wanted = [aliases.get(v, v) for v in args.variants]
+        unknown = [v for v in wanted if v not in known]
         if unknown:
-            raise SystemExit(f"--variants: {unknown} not among {known}")
-        variants = [v for v in variants if v.name in args.variants]
+            raise SystemExit(f"--variants: {unknown} not among {known + list(aliases)}")
+        for name in args.variants:
+            if name in aliases:
+                print(f"--variants {name}: on {device.type} that is {aliases[name]}", flush=True)
+        variants = [v for v in variants if v.name in wanted]
     variants += list(extra_variants)
 
     env = bench_report.environment(device)

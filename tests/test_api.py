@@ -1,5 +1,6 @@
 """The public API: module, functional form, dispatch, initialisation, dtypes and bad input."""
 import contextlib
+import dataclasses
 import math
 import os
 import subprocess
@@ -121,7 +122,7 @@ print("ok")
 def test_empty_inputs_in_a_fresh_process(backend, compiled):
     """The empty-input path switches to the oracle, which a fresh process that asked for another
     backend has not loaded yet (it raised KeyError: 'torch')."""
-    if backend != "auto" and backend not in gk.available_backends("cpu"):
+    if backend != "auto" and gk.backends.BACKENDS[backend].unavailable_reason(torch.device("cpu")) is not None:
         pytest.skip(f"backend={backend!r} is not available on CPU here")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", _EMPTY_IN_FRESH_PROCESS, backend, str(int(compiled))],
@@ -134,10 +135,51 @@ def test_available_backends_and_errors():
     assert "torch" in gk.available_backends(torch.device("cpu"))
     with pytest.raises(ValueError, match="backend must be one of"):
         GeminiFusion(16, backend="nope")(torch.randn(2, 16), torch.randn(2, 16))
-    for name in ("triton", "cuda"):
-        if name not in gk.available_backends("cpu"):
+    for name in ("triton", "cuda", "cpu_cpp"):
+        if gk.backends.BACKENDS[name].unavailable_reason(torch.device("cpu")) is not None:
             with pytest.raises(RuntimeError, match=f"backend='{name}' is not available"):
                 gemini_fusion(torch.randn(2, 16), torch.randn(2, 16), gk.random_params(16), backend=name)
+    with pytest.raises(RuntimeError, match="backend='cpu_cpp' is not available for tensors on meta: it runs on "
+                                           "cpu tensors; got a tensor on meta"):
+        gemini_fusion(*(torch.randn(2, 16, device="meta") for _ in range(2)), gk.random_params(16, device="meta"),
+                      backend="cpu_cpp")
+
+
+def test_each_backend_declares_what_it_supports_and_dispatch_follows():
+    """Devices, dtypes and widths are declared once per backend (backends.BACKENDS): available_backends,
+    "auto" and the refusals follow from them and from each module's run-time probe."""
+    for name, backend in gk.backends.BACKENDS.items():
+        assert set(backend.dtypes) <= set(gk.validation.SUPPORTED_DTYPES) and backend.widths, name
+        assert backend.runs_on("cpu") or backend.runs_on("cuda") or backend.devices is None, name
+        for device_type, target in backend.runs_elsewhere.items():
+            assert not backend.runs_on(device_type) and gk.backends.BACKENDS[target].runs_on(device_type), name
+    for device_type, order in gk.backends.AUTO_ORDER.items():
+        assert all(gk.backends.BACKENDS[n].runs_on(device_type) for n in order), (device_type, order)
+    # A name that runs another backend on a device is resolved to it, and listed once.
+    cpu = torch.device("cpu")
+    if gk.backends.BACKENDS["cpu_cpp"].unavailable_reason(cpu) is None:
+        assert gk.backends.resolve_backend("cuda", cpu) == "cpu_cpp" == gk.backends.resolve_backend("auto", cpu)
+        assert "cpu_cpp" in gk.available_backends(cpu) and "cuda" not in gk.available_backends(cpu)
+        x0, x1, params = make_case((3, 5), 16, dtype=torch.float32, seed=9)
+        for a, b in zip(gemini_fusion(x0, x1, params, 4, backend="cuda"),
+                        gemini_fusion(x0, x1, params, 4, backend="cpu_cpp")):
+            assert torch.equal(a, b)
+
+
+def test_a_backend_refuses_a_dtype_it_does_not_declare(monkeypatch):
+    """The refusal names the backend, the dtype and what it supports; "auto" passes over it."""
+    cpu = torch.device("cpu")
+    if gk.backends.BACKENDS["cpu_cpp"].unavailable_reason(cpu) is not None:
+        pytest.fail("the compiled extension is part of the build (scripts/setup_env.sh)")
+    limited = dataclasses.replace(gk.backends.BACKENDS["cpu_cpp"], dtypes=(torch.float64,))
+    monkeypatch.setitem(gk.backends.BACKENDS, "cpu_cpp", limited)
+    x = torch.randn(2, 16)
+    for name in ("cpu_cpp", "cuda"):  # "cuda" runs cpu_cpp on CPU, and is refused as it would be
+        with pytest.raises(TypeError, match=rf"backend='{name}' does not support dtype torch.float32: it computes "
+                                            r"in float64; got torch.float32"):
+            gemini_fusion(x, x, gk.random_params(16), backend=name)
+    assert gk.backends.resolve_backend("auto", cpu, torch.float64) == "cpu_cpp"
+    assert gk.backends.resolve_backend("auto", cpu, torch.float32) == "torch"
 
 
 def test_cuda_device_without_cuda_gives_reasons_not_errors(monkeypatch):
@@ -149,7 +191,9 @@ def test_cuda_device_without_cuda_gives_reasons_not_errors(monkeypatch):
         assert gk.available_backends(device) == []
         for name, backend in gk.backends.BACKENDS.items():
             reason = backend.unavailable_reason(torch.device(device))
-            assert reason == "no CUDA device is visible (torch.cuda.is_available() is False)", (name, reason)
+            expected = ("no CUDA device is visible (torch.cuda.is_available() is False)" if backend.runs_on("cuda")
+                        else f"it runs on {' and '.join(backend.devices)} tensors; got a tensor on cuda")
+            assert reason == expected, (name, reason)
     from gemini_kernels.ops import cuda_fusion
     assert cuda_fusion.unavailable_reason(torch.device("cuda")) is not None
     with pytest.raises(RuntimeError, match="backend='triton' is not available for tensors on cuda.*no CUDA device"):

@@ -1,9 +1,9 @@
 """What every fused backend promises, one suite over the backends available on this machine's device
-(on CPU: the Triton kernels under the interpreter and the CUDA extension's host path; on a GPU both
-on the GPU), each held to the bounds it declares (``Backend.bounds``). A backend's own files test its
+(on CPU: the Triton kernels under the interpreter and the extension's host path, cpu_cpp; on a GPU the
+Triton and CUDA kernels), each held to the bounds it declares (``Backend.bounds``). A backend's own files test its
 own paths, shapes and entry points (tests/test_triton.py, tests/test_cuda_host.py).
 
-A backend with more than one way to run its backward is tested in each: the CUDA extension either
+A backend with more than one way to run its backward is tested in each: the compiled extension either
 recomputes the forward's GEMM outputs or saves them (``cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH``).
 """
 import pytest
@@ -18,8 +18,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED = [name for name in gk.available_backends(DEVICE) if name != "torch"]
 # The CUDA extension's backward modes: the threshold width from which its forward saves activations.
 _CUDA_MODES = {"recompute": 1 << 30, "saved": 0}
+_EXTENSION = ".ops.cuda_fusion"  # the compiled extension's module: backends "cuda" and "cpu_cpp"
 VARIANTS = [pytest.param((name, mode), id=name if mode is None else f"{name}-{mode}")
-            for name in FUSED for mode in (_CUDA_MODES if name == "cuda" else (None,))]
+            for name in FUSED
+            for mode in (_CUDA_MODES if gk.backends.BACKENDS[name].module == _EXTENSION else (None,))]
 
 
 @pytest.fixture(params=VARIANTS)

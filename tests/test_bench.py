@@ -100,6 +100,19 @@ def test_the_guard_holds_each_variant_to_the_bounds_its_tests_assert(bench_run):
             assert bench_run.guard_bound(variant, dtype) == gk.backends.ORACLE_BOUNDS[dtype]
 
 
+def test_a_backend_name_that_runs_another_backend_times_that_one(bench_run, tmp_path, capsys):
+    """On CPU, backend="cuda" runs cpu_cpp: --variants cuda times it once, under its own name, and the
+    default list has no second row of the same code."""
+    cpu = torch.device("cpu")
+    if gk.backends.BACKENDS["cpu_cpp"].unavailable_reason(cpu) is not None:
+        pytest.fail("the compiled extension is part of the build (scripts/setup_env.sh)")
+    assert [v.name for v in bench_run.all_variants(cpu)].count("cpu_cpp") == 1
+    assert "cuda" not in [v.name for v in bench_run.all_variants(cpu)]
+    result = bench_run.main(tiny(tmp_path, "--variants", "cuda", "--passes", "fwd", "--no-results-md", "--no-plot"))
+    assert [(r["variant"], r["status"]) for r in result["rows"]] == [("cpu_cpp", "ok")]
+    assert "--variants cuda: on cpu that is cpu_cpp" in capsys.readouterr().out
+
+
 def test_a_failing_variant_gets_a_row_and_the_run_goes_on(bench_run, tmp_path):
     def build(case):
         raise RuntimeError("CUDA out of memory. Tried to allocate 80.00 GiB")
@@ -136,7 +149,7 @@ def test_the_scripts_read_the_harness_stage_list_and_timing_loop(bench_run):
     from bench_shapes import stage_dims
     assert stage_dims() == {1: (19200, 64), 2: (4800, 128), 3: (1200, 320), 4: (300, 512)}
     for script in ("cpu_host_vs_oracle.py", "experiments/save_activations.py", "experiments/cpu_layer_stack.py",
-                   "model_speed.py"):
+                   "model_speed.py", "model_cpu_step.py"):
         code = (BENCH / script).read_text().split('"""', 2)[-1]  # after the docstring
         assert "19200" not in code and "perf_counter" not in code and "cuda.Event" not in code, script
         assert "from bench_timing import" in code, script

@@ -28,11 +28,15 @@ def test_python_m_gemini_kernels_prints_versions_and_every_backend_with_its_reas
             reason = backend.unavailable_reason(torch.device(device))  # the same environment as the child
             line = next(l for l in lines if l.startswith(f"backend {name} ") and f" on {device}" in l)
             assert line.endswith("available" if reason is None else f"unavailable: {reason}"), line
+            if device in backend.runs_elsewhere:
+                assert f": runs {backend.runs_elsewhere[device]}: " in line, line
         assert any(l.startswith(f"backend='auto' on {device}: ") for l in lines)
-    assert "backend torch  on cpu : available" in out
     width = max(len(n) for n in gk.backends.BACKENDS)
+    assert f"backend {'torch':<{width}} on cpu : available" in out
     for name, backend in gk.backends.BACKENDS.items():  # what runs where, once per backend
-        assert f"backend {name:<{width}}: {backend.summary}" in lines
+        at = lines.index(f"backend {name:<{width}}: {backend.summary}")
+        for declared in (backend.widths, *(str(d).replace("torch.", "") for d in backend.dtypes)):
+            assert declared in lines[at + 1], (name, declared)  # and what it supports, on the next line
 
 
 def test_json_report_and_an_absent_extension_says_how_to_build_it(monkeypatch):

@@ -1,6 +1,6 @@
 """When the host backward should read the forward's saved activations: one layer at a time, on CPU.
 
-Forward + backward of the host C++ path (backend="cuda" on CPU tensors) with the backward reading the
+Forward + backward of the host C++ path (backend="cpu_cpp") with the backward reading the
 GEMM outputs the forward saved ("saved") and with it recomputing them ("recompute"), beside the
 library's default choice ("host") and the eager oracle; float32, batch 2, NYUDv2 stages with MiT-B1
 widths, 8 heads, variants interleaved run by run (or back to back with --blocks), median of --repeats
@@ -28,7 +28,7 @@ from gemini_kernels.ops import cuda_fusion  # noqa: E402
 
 # variant: (backend, the channel count from which a differentiated host forward saves its activations;
 # None: the library's default)
-VARIANTS = {"oracle": ("torch", None), "host": ("cuda", None), "saved": ("cuda", 0), "recompute": ("cuda", 1 << 30)}
+VARIANTS = {"oracle": ("torch", None), "host": ("cpu_cpp", None), "saved": ("cpu_cpp", 0), "recompute": ("cpu_cpp", 1 << 30)}
 
 
 def forward_backward(x0, x1, params, variant):

@@ -21,7 +21,7 @@ def build_model(backbone: str = "mit_b3", num_classes: int = 40, fusion_backend:
 
     Args:
         num_classes: 40 for NYUDv2, 37 for SUN RGB-D.
-        fusion_backend: ``"auto"``, ``"torch"`` (the oracle), ``"triton"`` or ``"cuda"``, resolved per
+        fusion_backend: ``"auto"``, ``"torch"`` (the oracle), ``"triton"``, ``"cuda"`` or ``"cpu_cpp"``, resolved per
             call on the input's device; every fusion layer uses it. It never changes the parameters, so
             :meth:`GeminiSegmenter.set_fusion_backend` can switch it later.
         num_modalities: 2 (RGB + X); 1 builds the single-stream SegFormer (no fusion), the RGB-only

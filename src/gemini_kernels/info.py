@@ -87,6 +87,12 @@ def backend_status(device: str) -> dict:
     return status
 
 
+def _support(backend) -> str:
+    devices = "any device" if backend.devices is None else " and ".join(backend.devices)
+    dtypes = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
+    return f"devices: {devices}; dtypes: {dtypes}; widths: {backend.widths}"
+
+
 def _auto(device: str, status: dict) -> Optional[str]:
     return next((n for n in AUTO_ORDER.get(device, ("torch",)) if status.get(n) is None), None)
 
@@ -95,6 +101,7 @@ def collect() -> dict:
     backends = {device: backend_status(device) for device in DEVICES}
     return {
         "backend_summaries": {name: backend.summary for name, backend in BACKENDS.items()},
+        "backend_support": {name: _support(backend) for name, backend in BACKENDS.items()},
         "gemini_kernels": {"version": __version__, "path": str(Path(__file__).parent), "install": _install()},
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
@@ -130,10 +137,13 @@ def format_report(info: dict) -> str:
     width = max(len(n) for n in BACKENDS)
     for name, summary in info["backend_summaries"].items():
         lines.append(f"backend {name:<{width}}: {summary}")
+        lines.append(f"        {'':<{width}}  {info['backend_support'][name]}")
     for device in DEVICES:
         for name, reason in info["backends"][device].items():
+            elsewhere = BACKENDS[name].runs_elsewhere.get(device)
+            state = "available" if reason is None else f"unavailable: {reason}"
             lines.append(f"backend {name:<{width}} on {device:<4}: "
-                         + ("available" if reason is None else f"unavailable: {reason}"))
+                         + (f"runs {elsewhere}: {state}" if elsewhere else state))
         lines.append(f"backend='auto' on {device}: {info['auto'][device] or 'none (no backend can run there)'}")
     for var, value in info["environment"].items():
         lines.append(f"${var}={value}")

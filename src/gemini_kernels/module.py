@@ -42,8 +42,8 @@ class GeminiFusion(nn.Module):
     Args:
         dim: channel width ``C``.
         num_heads: attention heads (8 in the published models, whatever the width).
-        backend: ``"auto"`` (the fastest available for the input's device), ``"torch"``, ``"triton"``
-            or ``"cuda"``; see :func:`gemini_kernels.available_backends`. Changing it never changes
+        backend: ``"auto"`` (the fastest available for the input's device), ``"torch"``, ``"triton"``,
+            ``"cuda"`` or ``"cpu_cpp"``; see :func:`gemini_kernels.available_backends`. Changing it never changes
             the parameters.
     """
 

@@ -155,7 +155,7 @@ def patch(model: nn.Module, backend: str = "auto") -> int:
     the backend. Parameters, buffers and the state_dict do not change.
 
     Args:
-        backend: ``"auto"``, ``"torch"`` (the oracle), ``"triton"`` or ``"cuda"``; see
+        backend: ``"auto"``, ``"torch"`` (the oracle), ``"triton"``, ``"cuda"`` or ``"cpu_cpp"``; see
             :func:`gemini_kernels.available_backends`.
 
     Raises:

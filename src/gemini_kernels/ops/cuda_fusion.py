@@ -1,8 +1,9 @@
-"""The ``"cuda"`` backend: the compiled extension ``gemini_kernels._C`` (csrc/).
+"""The ``"cuda"`` and ``"cpu_cpp"`` backends: the compiled extension ``gemini_kernels._C`` (csrc/).
 
-On CUDA tensors it runs the CUDA kernels (csrc/fusion_kernels.cu): the forward of float16 / bfloat16
+On CUDA tensors (``"cuda"``) it runs the CUDA kernels (csrc/fusion_kernels.cu): the forward of float16 / bfloat16
 layers of C <= 128 channels as one fused tensor-core kernel (csrc/fused_forward.h), everything else as
-row-stage kernels between cuBLAS GEMMs; on CPU tensors it runs the same per-pixel math as host C++
+row-stage kernels between cuBLAS GEMMs; on CPU tensors (``"cpu_cpp"``, which ``backend="cuda"`` runs there
+too) it runs the same per-pixel math as host C++
 (csrc/fusion_host.cpp) between MKL GEMMs.
 
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
@@ -74,6 +75,11 @@ def _fusion_backward_fake(grad_y0, grad_y1, x0, x1, params, gate, activations, n
     return [x0.new_empty(x0.shape), x1.new_empty(x1.shape), *(p.new_empty(p.shape) for p in params)]
 
 
+def backend_name(x: torch.Tensor) -> str:
+    """The name of the backend this module runs for ``x``'s device (backends.BACKENDS)."""
+    return "cuda" if x.device.type == "cuda" else "cpu_cpp"
+
+
 def _has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("gemini_kernels::fusion_forward", "CUDA")
 
@@ -99,7 +105,7 @@ def weight_cache_info() -> dict:
     """The counters of the extension's packed-weight cache (csrc/fusion_api.h, cached_pack_weights):
     the parameters are rearranged for the GEMMs once per parameter version, not on every call."""
     if not _load():
-        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+        raise RuntimeError(f"the compiled extension gemini_kernels._C is not available: {_load_error}")
     hits, misses, uncached, entries = torch.ops.gemini_kernels.weight_cache_info()
     return {"hits": hits, "misses": misses, "uncached": uncached, "entries": entries}
 
@@ -108,7 +114,7 @@ def clear_weight_cache() -> None:
     """Forgets every packed weight (and zeroes the counters): for parameters changed in a way their
     version counter does not see, such as ``p.data.copy_(...)``."""
     if not _load():
-        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+        raise RuntimeError(f"the compiled extension gemini_kernels._C is not available: {_load_error}")
     torch.ops.gemini_kernels.clear_weight_cache()
 
 
@@ -117,7 +123,7 @@ def weight_cache_disabled():
     """Packs the weights on every call inside the block: for code that changes parameters past their
     version counter, such as ``torch.autograd.gradcheck``, which perturbs its inputs through ``.data``."""
     if not _load():
-        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
+        raise RuntimeError(f"the compiled extension gemini_kernels._C is not available: {_load_error}")
     previous = torch.ops.gemini_kernels.set_weight_cache_enabled(False)
     try:
         yield
@@ -180,7 +186,7 @@ def _forward_autograd(x0, x1, params, num_heads, save_activations=False):
     warned. Written by hand rather than with torch.library.register_autograd, whose kernel skips
     autograd when no input requires grad, so that forward-mode AD (whose dual tensors need not)
     silently got zero tangents; here it raises."""
-    refuse_forward_mode_ad("cuda", (x0, x1, *params))
+    refuse_forward_mode_ad(backend_name(x0), (x0, x1, *params))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x0, x1, *params)):
         y0, y1, gate, *activations = _ForwardFunction.apply(x0, x1, num_heads, save_activations, *params)
         return y0, y1, gate, activations
@@ -189,8 +195,8 @@ def _forward_autograd(x0, x1, params, num_heads, save_activations=False):
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("gemini_kernels: the backward of backend='cuda' is not differentiable: it cannot "
-                       "differentiate twice (a gradient penalty or another second derivative of GeminiFusion "
+    raise RuntimeError("gemini_kernels: the backward of the compiled extension (backend 'cuda' / 'cpu_cpp') is "
+                       "not differentiable: it cannot differentiate twice (a gradient penalty or another second derivative of GeminiFusion "
                        "needs backend='torch')")
 
 
@@ -221,7 +227,7 @@ def _apply(x0, x1, num_heads, params):
 def fusion(x0: torch.Tensor, x1: torch.Tensor, params: FusionParams, num_heads: int):
     """``(y0, y1)``; inputs validated by the caller (functional.gemini_fusion)."""
     if not _load():
-        raise RuntimeError(f"backend='cuda' is not available: {_load_error}")
-    refuse_forward_mode_ad("cuda", (x0, x1, *params))  # also when called without gemini_fusion
+        raise RuntimeError(f"the compiled extension gemini_kernels._C is not available: {_load_error}")
+    refuse_forward_mode_ad(backend_name(x0), (x0, x1, *params))  # also when called without gemini_fusion
     # Under autocast as the oracle (ops/autocast.py).
     return like_the_oracle(lambda a, b, p, h: _apply(a, b, h, p), x0, x1, params, num_heads)
