@@ -2,8 +2,10 @@
 
 Every output and every gradient (x0, x1 and all 14 parameters) is compared with the float64 oracle.
 The host path runs the same per-pixel math (csrc/fusion_math.h) as the CUDA kernels. What every fused
-backend promises (its declared bounds in every dtype, bitwise reruns, refused second derivatives and
-forward-mode AD) is in tests/test_backend_contract.py, in both backward modes.
+backend promises (its declared bounds in every dtype, bitwise reruns, gradcheck, outputs that take
+in-place ops, non-contiguous inputs and parameters, autocast, torch.compile, opcheck of its ops,
+refused second derivatives and forward-mode AD) is in tests/test_backend_contract.py, in both
+backward modes.
 """
 import sys
 
@@ -15,9 +17,7 @@ import gemini_kernels
 from gemini_kernels import FusionParams, GeminiFusion, gemini_fusion
 from gemini_kernels.ops import cuda_fusion
 from gemini_kernels.reference import gemini_fusion_reference
-from helpers import make_case, rel_err
-
-GRAD_NAMES = ("x0", "x1", *FusionParams._fields)
+from helpers import GRAD_NAMES, assert_matches_oracle, make_case, outputs_and_grads, rel_err, upstream_grads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,42 +40,8 @@ def save_mode(request, monkeypatch):
     return request.param
 
 
-def _upstream(y0, y1, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(y0.shape, generator=g, dtype=torch.float64).to(y0),
-            torch.randn(y1.shape, generator=g, dtype=torch.float64).to(y1))
-
-
-def outputs_and_grads(fn, x0, x1, params, heads, seed=1):
-    """(y0, y1) and the gradients of <y0, g0> + <y1, g1> for fixed random g0, g1."""
-    inputs = [x0, x1, *params]
-    y0, y1 = fn(x0, x1, params, heads)
-    g0, g1 = _upstream(y0, y1, seed)
-    grads = torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), inputs)
-    return (y0, y1), grads
-
-
 def cuda_backend(x0, x1, params, heads):
     return gemini_fusion(x0, x1, params, heads, backend="cuda")
-
-
-def oracle_float64(x0, x1, params, heads):
-    """The oracle in float64 on detached float64 copies, with their own leaves."""
-    x0, x1 = (x.detach().double().requires_grad_() for x in (x0, x1))
-    params = FusionParams(*(p.detach().double().requires_grad_() for p in params))
-    return outputs_and_grads(gemini_fusion_reference, x0, x1, params, heads)
-
-
-def assert_matches_oracle(x0, x1, params, heads, out_bound, grad_bound):
-    (y0, y1), grads = outputs_and_grads(cuda_backend, x0, x1, params, heads)
-    (r0, r1), ref_grads = oracle_float64(x0, x1, params, heads)
-    assert y0.dtype == x0.dtype and y0.shape == x0.shape and y1.shape == x1.shape
-    errors = {"y0": rel_err(y0, r0), "y1": rel_err(y1, r1)}
-    errors.update({f"grad {n}": rel_err(g, r) for n, g, r in zip(GRAD_NAMES, grads, ref_grads)})
-    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
-        assert g.shape == r.shape and g.dtype == x0.dtype, name
-    bad = {k: v for k, v in errors.items() if not v < (out_bound if k in ("y0", "y1") else grad_bound)}
-    assert not bad, f"errors over the bound ({out_bound:g} outputs, {grad_bound:g} gradients): {bad}"
 
 
 # (leading shape, dim, heads): head widths 3, 4, 5, 8, 12, 16, 40, 192; odd pixel counts; several leading dims.
@@ -96,41 +62,19 @@ WIDTH_CASES = [
 @pytest.mark.parametrize("shape,dim,heads", WIDTH_CASES, ids=lambda v: str(v))
 def test_float64_matches_oracle(shape, dim, heads, save_mode):
     x0, x1, params = make_case(shape, dim, requires_grad=True, seed=dim + heads)
-    assert_matches_oracle(x0, x1, params, heads, out_bound=1e-12, grad_bound=1e-11)
-
-
-def test_gradcheck_float64(save_mode):
-    x0, x1, params = make_case((3,), 4, requires_grad=True, seed=5)
-
-    def f(x0, x1, *params):
-        return gemini_fusion(x0, x1, FusionParams(*params), 2, backend="cuda")
-
-    with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
-        assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
-
-
-def test_non_contiguous_inputs_and_params(save_mode):
-    x0, x1, params = make_case((6, 10), 48, seed=11)
-    # Every other pixel of a wider map, channels last by transposition: neither is contiguous.
-    x0 = x0.transpose(0, 1)[::2].requires_grad_()
-    x1 = x1.transpose(0, 1)[::2].detach().requires_grad_()
-    params = FusionParams(*(p.t().contiguous().t() if p.dim() == 2 else p for p in params))
-    assert not x0.is_contiguous() and not params.fc1_weight.is_contiguous()
-    for p in params:
-        p.requires_grad_()
-    assert_matches_oracle(x0, x1, params, 8, out_bound=1e-12, grad_bound=1e-11)
+    assert_matches_oracle(cuda_backend, x0, x1, params, heads, out_bound=1e-12, grad_bound=1e-11)
 
 
 @pytest.mark.parametrize("shape,dim", [((2, 37), 64), ((1, 23), 128)], ids=str)
 def test_float32_bounds(shape, dim, save_mode):
     x0, x1, params = make_case(shape, dim, dtype=torch.float32, requires_grad=True, seed=3)
-    assert_matches_oracle(x0, x1, params, 8, out_bound=1e-5, grad_bound=1e-4)
+    assert_matches_oracle(cuda_backend, x0, x1, params, 8, out_bound=1e-5, grad_bound=1e-4)
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)], ids=str)
 def test_half_precision_on_host(dtype, bound, save_mode):
     x0, x1, params = make_case((2, 9), 64, dtype=dtype, requires_grad=True, seed=4)
-    assert_matches_oracle(x0, x1, params, 8, out_bound=bound, grad_bound=2 * bound)
+    assert_matches_oracle(cuda_backend, x0, x1, params, 8, out_bound=bound, grad_bound=2 * bound)
 
 
 # Pixel counts over the host path's tile size (about 1 MiB of intermediates, at least 256 pixels:
@@ -147,7 +91,7 @@ def test_many_tiles_on_two_threads(shape, dim, heads, dtype, out_bound, grad_bou
     torch.set_num_threads(2)
     try:
         x0, x1, params = make_case(shape, dim, dtype=dtype, requires_grad=True, seed=8)
-        assert_matches_oracle(x0, x1, params, heads, out_bound=out_bound, grad_bound=grad_bound)
+        assert_matches_oracle(cuda_backend, x0, x1, params, heads, out_bound=out_bound, grad_bound=grad_bound)
         first = outputs_and_grads(cuda_backend, x0, x1, params, heads)
         second = outputs_and_grads(cuda_backend, x0, x1, params, heads)
         for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
@@ -168,15 +112,6 @@ def test_one_output_unused():
         assert (g - r).norm() <= 1e-11 * max(r.norm(), 1.0), name
 
 
-def test_autocast_follows_the_oracle():
-    x0, x1, params = make_case((2, 7), 32, dtype=torch.float32, seed=8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y0, y1 = gemini_fusion(x0, x1, params, 8, backend="cuda")
-        r0, r1 = gemini_fusion_reference(x0, x1, params, 8)
-    assert y0.dtype == r0.dtype == torch.float32 and y1.dtype == r1.dtype
-    assert rel_err(y0, r0) < 2e-2 and rel_err(y1, r1) < 2e-2
-
-
 def test_module_backend_cuda_matches_torch_backend():
     torch.manual_seed(9)
     fused = GeminiFusion(40, backend="cuda").double()
@@ -185,17 +120,6 @@ def test_module_backend_cuda_matches_torch_backend():
     x0, x1 = torch.randn(2, 5, 40, dtype=torch.float64), torch.randn(2, 5, 40, dtype=torch.float64)
     for a, b in zip(fused(x0, x1), plain(x0, x1)):
         assert rel_err(a, b) < 1e-12
-
-
-@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
-def test_ops_pass_opcheck(save):
-    x0, x1, params = make_case((2, 3), 16, seed=10)
-    params = list(params)
-    y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, params, 4, save)
-    assert len(activations) == (4 if save else 0)
-    torch.library.opcheck(torch.ops.gemini_kernels.fusion_forward.default, (x0, x1, params, 4, save))
-    torch.library.opcheck(torch.ops.gemini_kernels.fusion_backward.default,
-                          (torch.randn_like(y0), torch.randn_like(y1), x0, x1, params, gate, activations, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
@@ -254,23 +178,6 @@ def test_activations_are_saved_only_for_a_differentiated_wide_cpu_forward(monkey
     assert not cuda_fusion.saves_activations(torch.empty(2, 1024, device="meta"))
 
 
-def test_compiles_with_torch_compile(save_mode):
-    # The backend entry point (the public gemini_fusion adds the registry's lazy import, which
-    # dynamo does not trace under fullgraph=True).
-    x0, x1, params = make_case((2, 5), 16, dtype=torch.float32, requires_grad=True, seed=12)
-
-    def loss(x0, x1, *params):
-        y0, y1 = cuda_fusion.fusion(x0, x1, FusionParams(*params), 4)
-        return (y0 * y1).sum()
-
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    inputs = [x0, x1, *params]
-    eager_grads = torch.autograd.grad(loss(*inputs), inputs)
-    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
-    for a, b in zip(eager_grads, compiled_grads):
-        assert torch.equal(a, b)
-
-
 def test_unavailable_reasons(monkeypatch):
     assert "CPU and CUDA tensors only" in cuda_fusion.unavailable_reason(torch.device("meta"))
     if not cuda_fusion._has_cuda_kernels():
@@ -315,32 +222,11 @@ def test_raw_op_is_differentiable(save):
     inputs = [x0, x1, *params]
     y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4, save)
     assert not gate.requires_grad and not any(a.requires_grad for a in activations)
-    g0, g1 = _upstream(y0, y1, 24)
+    g0, g1 = upstream_grads(y0, y1, seed=24)
     grads = torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), inputs)
     r0, r1 = gemini_fusion_reference(x0, x1, params, 4)
     ref = torch.autograd.grad((r0 * g0).sum() + (r1 * g1).sum(), inputs)
     for name, g, r in zip(GRAD_NAMES, grads, ref):
-        assert rel_err(g, r) < 1e-11, name
-
-
-@pytest.mark.parametrize("dim", [16, 320], ids=["tiled", "untiled"])
-@pytest.mark.parametrize("inplace", ["add", "relu"])
-def test_outputs_can_be_modified_in_place_under_autograd(dim, inplace, save_mode):
-    """The outputs are not views of internal (M, C) tensors: in-place ops on them work under autograd
-    and differentiate as the oracle's."""
-    x0, x1, params = make_case((2, 3), dim, requires_grad=True, seed=25)
-    inputs = [x0, x1, *params]
-
-    def loss(fn):
-        y0, y1 = fn(x0, x1, params, 8)
-        assert y0._base is None and y1._base is None
-        if inplace == "add":
-            y0 += x0
-        else:
-            torch.relu_(y1)
-        return torch.autograd.grad((y0 * y1).sum(), inputs)
-
-    for name, g, r in zip(GRAD_NAMES, loss(cuda_backend), loss(gemini_fusion_reference)):
         assert rel_err(g, r) < 1e-11, name
 
 
@@ -385,12 +271,6 @@ def weight_cache():
     cuda_fusion.clear_weight_cache()
 
 
-def _matches_oracle(x0, x1, params, heads, bound=1e-12):
-    y0, y1 = cuda_backend(x0, x1, params, heads)
-    r0, r1 = gemini_fusion_reference(x0, x1, params, heads)
-    return rel_err(y0, r0) < bound and rel_err(y1, r1) < bound
-
-
 @pytest.mark.parametrize("dim", [16, 320], ids=["tiled", "untiled"])
 def test_weights_are_packed_once_per_parameter_version(dim, weight_cache):
     x0, x1, params = make_case((2, 3), dim, requires_grad=True, seed=41)
@@ -404,7 +284,7 @@ def test_weights_are_packed_once_per_parameter_version(dim, weight_cache):
     for i in (0, 6, 13):
         with torch.no_grad():
             params[i].mul_(1.5)
-        assert _matches_oracle(x0, x1, params, 8), FusionParams._fields[i]
+        assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False, note=f"{GRAD_NAMES[2 + i]}: ")
     assert weight_cache()["misses"] == 4
 
 
@@ -427,19 +307,19 @@ def test_weight_cache_after_optimizer_steps_and_fresh_parameters(weight_cache):
     # addresses, with version 0 again): never a stale hit.
     for seed in range(3):
         _, _, params = make_case((2, 5), 32, seed=44 + seed)
-        assert _matches_oracle(x0, x1, params, 8)
+        assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False)
         del params
 
 
 def test_writes_past_the_version_counter_need_the_cache_cleared_or_off(weight_cache):
     x0, x1, params = make_case((2, 5), 32, seed=46)
-    assert _matches_oracle(x0, x1, params, 8)
+    assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False)
     params[6].data.mul_(1.5)  # .data has a version counter of its own
     cuda_fusion.clear_weight_cache()
-    assert _matches_oracle(x0, x1, params, 8)
+    assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False)
     with cuda_fusion.weight_cache_disabled():
         params[6].data.mul_(1.5)
-        assert _matches_oracle(x0, x1, params, 8)
+        assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False)
         assert weight_cache()["entries"] == 0
     assert torch.ops.gemini_kernels.set_weight_cache_enabled(True)  # restored
 
@@ -447,9 +327,9 @@ def test_writes_past_the_version_counter_need_the_cache_cleared_or_off(weight_ca
 def test_inference_tensors_are_not_cached(weight_cache):
     with torch.inference_mode():
         x0, x1, params = make_case((2, 5), 32, seed=45)
-        assert _matches_oracle(x0, x1, params, 8)
+        assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False)
         params[2].mul_(2.0)  # inference tensors have no version counter: nothing could see this
-        assert _matches_oracle(x0, x1, params, 8)
+        assert_matches_oracle(cuda_backend, x0, x1, params, 8, 1e-12, grads=False)
     info = weight_cache()
     assert info["uncached"] == 2 and info["entries"] == 0, info
 
@@ -470,7 +350,7 @@ def test_the_extension_reads_the_parameter_table_of_params_py():
 
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 
-GPU_BOUNDS = gemini_kernels.backends.BACKENDS["cuda"].bounds  # the backend's declared bounds
+BOUNDS = gemini_kernels.backends.BACKENDS["cuda"].bounds  # the backend's declared bounds
 # NYUDv2 480x640 stages (SPEC §4) at batch 2, and odd shapes (odd pixel counts, head widths 3 to 192).
 GPU_CASES = [
     ((2, 19200), 64, 8),
@@ -493,15 +373,15 @@ def no_tf32():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(GPU_BOUNDS), ids=str)
+@pytest.mark.parametrize("dtype", list(BOUNDS), ids=str)
 @pytest.mark.parametrize("shape,dim,heads", GPU_CASES, ids=str)
 def test_gpu_matches_oracle(shape, dim, heads, dtype, no_tf32):
     reason = cuda_fusion.unavailable_reason(torch.device("cuda"))
     if reason is not None:
         pytest.fail(reason)
     x0, x1, params = make_case(shape, dim, dtype=dtype, device="cuda", requires_grad=True, seed=dim)
-    bound = GPU_BOUNDS[dtype]
-    assert_matches_oracle(x0, x1, params, heads, out_bound=bound, grad_bound=bound)
+    bound = BOUNDS[dtype]
+    assert_matches_oracle(cuda_backend, x0, x1, params, heads, out_bound=bound, grad_bound=bound)
 
 
 @pytest.mark.gpu
@@ -510,17 +390,8 @@ def test_gpu_saved_activations_match_the_oracle(monkeypatch, dtype, no_tf32):
     """The op's save_activations path on CUDA, which the library leaves off there by default."""
     monkeypatch.setattr(cuda_fusion, "saves_activations", lambda x0: True)
     x0, x1, params = make_case((2, 1200), 320, dtype=dtype, device="cuda", requires_grad=True, seed=16)
-    bound = GPU_BOUNDS[dtype]
-    assert_matches_oracle(x0, x1, params, 8, out_bound=bound, grad_bound=bound)
-
-
-@pytest.mark.gpu
-def test_gpu_deterministic():
-    x0, x1, params = make_case((2, 4800), 128, dtype=torch.bfloat16, device="cuda", requires_grad=True, seed=2)
-    first = outputs_and_grads(cuda_backend, x0, x1, params, 8)
-    second = outputs_and_grads(cuda_backend, x0, x1, params, 8)
-    for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
-        assert torch.equal(a, b)
+    bound = BOUNDS[dtype]
+    assert_matches_oracle(cuda_backend, x0, x1, params, 8, out_bound=bound, grad_bound=bound)
 
 
 @pytest.mark.gpu

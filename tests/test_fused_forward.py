@@ -9,17 +9,14 @@ tensor-core MMA runs here.
 import pytest
 import torch
 
-from gemini_kernels import FusionParams
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from gemini_kernels.reference import gemini_fusion_reference
-from helpers import make_case, rel_err
+from helpers import assert_matches_oracle, make_case, oracle_float64, rel_err
 
 if not cuda_fusion._load():
     pytest.fail(f"the compiled extension is not available: {cuda_fusion._load_error}", pytrace=False)
 
 BOUNDS = BACKENDS["cuda"].bounds
-GRAD_NAMES = ("x0", "x1", *FusionParams._fields)
 
 # (leading shape, C, heads): partial last tiles (1, 63, 65, 130 pixels), one and many tiles, head
 # widths 1 to 32 (three heads of 16: not a power of two in count), leading dims 1 to 2
@@ -37,17 +34,12 @@ def fused(x0, x1, params, heads):
     return torch.ops.gemini_kernels.fused_forward(x0, x1, list(params), heads)
 
 
-def oracle(x0, x1, params, heads):
-    with torch.no_grad():
-        return gemini_fusion_reference(x0.double(), x1.double(), FusionParams(*(p.double() for p in params)), heads)
-
-
 @pytest.mark.parametrize("dtype", list(BOUNDS), ids=str)
 @pytest.mark.parametrize("shape,dim,heads", CASES, ids=str)
 def test_host_engine_matches_the_oracle(shape, dim, heads, dtype):
     x0, x1, params = make_case(shape, dim, dtype=dtype, seed=dim + len(shape))
     y0, y1, gate = fused(x0, x1, params, heads)
-    r0, r1 = oracle(x0, x1, params, heads)
+    (r0, r1), _ = oracle_float64(x0, x1, params, heads)
     assert y0.shape == x0.shape and y0.dtype == dtype and gate.shape == (2, *shape, heads)
     errors = {"y0": rel_err(y0, r0), "y1": rel_err(y1, r1)}
     assert max(errors.values()) < BOUNDS[dtype], errors
@@ -83,19 +75,8 @@ class _FusedThenChainBackward(torch.autograd.Function):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_backward_from_the_fused_gates_matches_the_oracle(dtype):
     x0, x1, params = make_case((2, 45), 32, dtype=dtype, requires_grad=True, seed=9)
-    inputs = (x0, x1, *params)
-    g = torch.Generator().manual_seed(10)
-    up0, up1 = (torch.randn(x0.shape, generator=g, dtype=torch.float64) for _ in range(2))
-
-    def loss(y0, y1):
-        return (y0.double() * up0).sum() + (y1.double() * up1).sum()
-
-    grads = torch.autograd.grad(loss(*_FusedThenChainBackward.apply(x0, x1, 4, *params)), inputs)
-    leaves = [t.detach().double().requires_grad_() for t in inputs]
-    ref = torch.autograd.grad(loss(*gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), 4)),
-                              leaves)
-    errors = {n: rel_err(a, b) for n, a, b in zip(GRAD_NAMES, grads, ref)}
-    assert max(errors.values()) < 10 * BOUNDS[dtype], errors
+    assert_matches_oracle(lambda a, b, p, h: _FusedThenChainBackward.apply(a, b, h, *p), x0, x1, params, 4,
+                          out_bound=BOUNDS[dtype], grad_bound=10 * BOUNDS[dtype], seed=10)
 
 
 def test_gradcheck_through_the_fused_forward():
@@ -111,7 +92,7 @@ def test_non_contiguous_inputs_and_weights():
     params = list(params)
     params[2] = params[2].t().contiguous().t()  # fc2 weight, column-major
     y0, y1, _ = fused(wide0, wide1, params, 8)
-    r0, r1 = oracle(x0, x1, params, 8)
+    (r0, r1), _ = oracle_float64(x0, x1, params, 8)
     assert max(rel_err(y0, r0), rel_err(y1, r1)) < BOUNDS[torch.float64]
 
 
@@ -152,7 +133,7 @@ GPU_CASES = [((2, 19200), 64, 8), ((2, 4800), 128, 8), ((3, 37), 64, 8), ((65,),
 def test_gpu_fused_forward_matches_the_oracle_and_the_host_engine(shape, dim, heads, dtype):
     x0, x1, params = make_case(shape, dim, dtype=dtype, device="cuda", seed=dim)
     y0, y1, gate = fused(x0, x1, params, heads)
-    r0, r1 = oracle(x0, x1, params, heads)
+    (r0, r1), _ = oracle_float64(x0, x1, params, heads)
     assert max(rel_err(y0, r0), rel_err(y1, r1)) < BOUNDS[dtype]
     # The host engine sums the same rounded operands in another order: the gates agree to float rounding.
     _, _, host_gate = fused(x0.cpu(), x1.cpu(), [p.cpu() for p in params], heads)

@@ -1,17 +1,17 @@
 """The Triton backend against the float64 oracle: outputs and every gradient, every forward and
-backward path, odd widths and head widths, leading dimensions, non-contiguous inputs, autocast, the
-custom ops (opcheck, torch.compile). On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py),
+backward path (gradcheck of each), odd widths and head widths, leading dimensions, the configuration
+table, the custom op's argument checks. On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py),
 so the CPU shapes are tiny; the GPU tests (marked) run the NYUDv2 stage shapes. What every fused
-backend promises (its declared bounds in every dtype, bitwise reruns, refused second derivatives and
-forward-mode AD) is in tests/test_backend_contract.py."""
+backend promises (its declared bounds in every dtype, bitwise reruns, gradcheck, outputs that take
+in-place ops, non-contiguous inputs, autocast, torch.compile, opcheck of its ops, refused second
+derivatives and forward-mode AD) is in tests/test_backend_contract.py."""
 import pytest
 import torch
 
 import gemini_kernels as gk
-from gemini_kernels import FusionParams, GeminiFusion, gemini_fusion, gemini_fusion_reference
-from gemini_kernels.params import PARAM_NAMES
+from gemini_kernels import FusionParams, GeminiFusion, gemini_fusion
 from gemini_kernels.shapes import stage_dims
-from helpers import make_case, rel_err
+from helpers import GRAD_NAMES, assert_matches_oracle, make_case, oracle_float64, rel_err, upstream_grads
 
 pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -22,49 +22,9 @@ if _REASON is None:
     from gemini_kernels.ops import triton_fusion as tf
     from gemini_kernels.ops.triton_kernels import configs, launch
 
-# Bounds on ||out - ref|| / ||ref|| against the float64 oracle: the backend's declared ones.
-BOUND = gk.backends.BACKENDS["triton"].bounds
-NAMES = ("x0", "x1", *PARAM_NAMES)
-
-
-def _oracle(x0, x1, params, num_heads, gy0=None, gy1=None):
-    """Outputs (and, given output gradients, all 16 gradients) of the float64 oracle."""
-    leaves = [t.detach().double().requires_grad_() for t in (x0, x1, *params)]
-    y0, y1 = gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), num_heads)
-    if gy0 is None:
-        return (y0.detach(), y1.detach()), None
-    grads = torch.autograd.grad((y0 * gy0.double()).sum() + (y1 * gy1.double()).sum(), leaves)
-    return (y0.detach(), y1.detach()), grads
-
-
-def _triton_grads(x0, x1, params, num_heads, gy0, gy1):
-    leaves = [t.detach().requires_grad_() for t in (x0, x1, *params)]
-    y0, y1 = gemini_fusion(leaves[0], leaves[1], FusionParams(*leaves[2:]), num_heads, backend="triton")
-    grads = torch.autograd.grad((y0 * gy0).sum() + (y1 * gy1).sum(), leaves)
-    return (y0.detach(), y1.detach()), grads
-
-
-def _output_grads(shape, dim, dtype, device, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(*shape, dim, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-                 for _ in range(2))
-
-
-def _check_all(x0, x1, params, num_heads, dtype, bound=None):
-    """Outputs and every gradient of the triton backend against the float64 oracle."""
-    bound = BOUND[dtype] if bound is None else bound
-    gy0, gy1 = _output_grads(x0.shape[:-1], x0.shape[-1], dtype, x0.device)
-    (r0, r1), ref = _oracle(x0, x1, params, num_heads, gy0, gy1)
-    (y0, y1), got = _triton_grads(x0, x1, params, num_heads, gy0, gy1)
-    assert y0.dtype == dtype and y0.shape == x0.shape
-    errors = {"y0": rel_err(y0, r0), "y1": rel_err(y1, r1)}
-    for name, g, r in zip(NAMES, got, ref):
-        assert g.shape == r.shape and g.dtype == dtype, name
-        if name.endswith("in_proj_bias"):  # the key-bias third has zero gradient (it cancels)
-            assert torch.count_nonzero(g[x0.shape[-1]:2 * x0.shape[-1]]) == 0
-        errors[name] = rel_err(g, r)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < bound, f"{worst}: rel_err {errors[worst]:.2e} >= {bound:.0e}; all: {errors}"
+# Bounds on ||out - ref|| / ||ref|| against the float64 oracle: the backend's declared ones. The
+# oracle comparisons (tests/helpers.py: assert_matches_oracle) draw their upstream gradients with seed 7.
+BOUNDS = gk.backends.BACKENDS["triton"].bounds
 
 
 # (dim, num_heads, leading shape, dtype, forward path): head widths 2..192, pixel counts that no
@@ -91,10 +51,10 @@ FORWARD_CASES = [
 @pytest.mark.parametrize("dim, num_heads, shape, dtype, path", FORWARD_CASES)
 def test_forward_matches_oracle(dim, num_heads, shape, dtype, path):
     x0, x1, params = make_case(shape, dim, dtype=dtype, device=DEVICE, seed=dim)
-    (r0, r1), _ = _oracle(x0, x1, params, num_heads)
+    (r0, r1), _ = oracle_float64(x0, x1, params, num_heads)
     rows = [t.reshape(-1, dim) for t in (x0, x1)]
     y0, y1 = launch.forward_rows(*rows, params, num_heads, path=path)
-    assert rel_err(y0, r0.reshape(-1, dim)) < BOUND[dtype] and rel_err(y1, r1.reshape(-1, dim)) < BOUND[dtype]
+    assert rel_err(y0, r0.reshape(-1, dim)) < BOUNDS[dtype] and rel_err(y1, r1.reshape(-1, dim)) < BOUNDS[dtype]
     # The public entry point runs the path the configuration table picks for this case.
     assert configs.forward_path(dim, num_heads, dtype) == path
     p0, p1 = gemini_fusion(x0, x1, params, num_heads, backend="triton")
@@ -110,19 +70,19 @@ TILED_FLOAT64_CASES = [(12, 4, 70), (16, 8, 5), (24, 8, 33), (96, 8, 9), (128, 8
 @pytest.mark.parametrize("dim, num_heads, pixels", TILED_FLOAT64_CASES)
 def test_tiled_forward_float64(dim, num_heads, pixels):
     x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 3)
-    (r0, r1), _ = _oracle(x0, x1, params, num_heads)
+    (r0, r1), _ = oracle_float64(x0, x1, params, num_heads)
     y0, y1 = launch.forward_rows(x0, x1, params, num_heads, path="tiled")
-    assert rel_err(y0, r0) < BOUND[torch.float64] and rel_err(y1, r1) < BOUND[torch.float64]
+    assert rel_err(y0, r0) < BOUNDS[torch.float64] and rel_err(y1, r1) < BOUNDS[torch.float64]
 
 
 def test_tiled_forward_with_few_programs():
     """Each program walks several tiles (the persistent loop) and reuses its scratch rows."""
     x0, x1, params = make_case((200,), 40, dtype=torch.float16, device=DEVICE, seed=4)
-    (r0, r1), _ = _oracle(x0, x1, params, 8)
+    (r0, r1), _ = oracle_float64(x0, x1, params, 8)
     cfg = configs.tiled_config(40, 8, torch.float16)._replace(block_m=16)
     with launch.programs_at_most(3):
         y0, y1 = launch._tiled_forward(x0, x1, params, 8, cfg)
-    assert rel_err(y0, r0) < BOUND[torch.float16] and rel_err(y1, r1) < BOUND[torch.float16]
+    assert rel_err(y0, r0) < BOUNDS[torch.float16] and rel_err(y1, r1) < BOUNDS[torch.float16]
 
 
 # The tiled backward in float64 on every kind of head group ((40, 5), (24, 6): a last group with fewer
@@ -136,7 +96,7 @@ TILED_BACKWARD_CASES = [(12, 4, 70), (16, 8, 5), (40, 8, 33), (40, 5, 9), (24, 6
 def test_tiled_backward_float64(dim, num_heads, pixels):
     x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 5)
     with launch.forced_path("tiled"), launch.programs_at_most(2):
-        _check_all(x0, x1, params, num_heads, torch.float64)
+        assert_matches_oracle("triton", x0, x1, params, num_heads, BOUNDS[torch.float64], seed=7)
 
 
 # The wide backward (wide_bwd.py) in float64 on every kind of head group: several heads per product
@@ -149,7 +109,7 @@ WIDE_BACKWARD_CASES = [(12, 4, 70), (40, 5, 33), (24, 6, 7), (96, 8, 9)]
 def test_wide_backward_float64(dim, num_heads, pixels):
     x0, x1, params = make_case((pixels,), dim, device=DEVICE, seed=dim + 6)
     with launch.forced_path("wide"), launch.programs_at_most(2):
-        _check_all(x0, x1, params, num_heads, torch.float64)
+        assert_matches_oracle("triton", x0, x1, params, num_heads, BOUNDS[torch.float64], seed=7)
 
 
 def test_wide_backward_float64_in_the_16_bit_configuration():
@@ -157,7 +117,7 @@ def test_wide_backward_float64_in_the_16_bit_configuration():
     lanes, 64 x 64 weight-gradient tiles over 32 pixels a step) in float64, against the split one."""
     dim = 192
     x0, x1, params = make_case((37,), dim, device=DEVICE, seed=10)
-    gy0, gy1 = _output_grads((37,), dim, torch.float64, DEVICE)
+    gy0, gy1 = upstream_grads(x0, x1, seed=7)
     cfg = configs.wide_bwd_config(dim, 8, torch.bfloat16)
     assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.lane_chunk, cfg.weight_block, cfg.weight_pixels) == \
         (64, 64, 32, 32, 64, 32)
@@ -172,7 +132,7 @@ def test_wide_backward_at_mit_stage_4_width():
     gradients against the float64 oracle's."""
     x0, x1, params = make_case((3,), 512, dtype=torch.bfloat16, device=DEVICE, seed=513)
     with launch.forced_path("wide"):
-        _check_all(x0, x1, params, 8, torch.bfloat16)
+        assert_matches_oracle("triton", x0, x1, params, 8, BOUNDS[torch.bfloat16], seed=7)
 
 
 @pytest.mark.parametrize("dim, tiles", [(64, (32, 32, 8)), (128, (64, 64, 16))])
@@ -180,7 +140,7 @@ def test_tiled_backward_float64_in_the_16_bit_configuration(dim, tiles):
     """The 16-bit configurations' tiles (product tiles, lanes per head chunk, 8 warps) in float64:
     32-wide products up to C = 64, 64-wide ones at C = 96 ... 128."""
     x0, x1, params = make_case((5,), dim, device=DEVICE, seed=9)
-    gy0, gy1 = _output_grads((5,), dim, torch.float64, DEVICE)
+    gy0, gy1 = upstream_grads(x0, x1, seed=7)
     cfg = configs.tiled_bwd_config(dim, 8, torch.bfloat16)
     assert (cfg.block_n, cfg.block_k, cfg.lane_chunk) == tiles
     got = launch._tiled_backward(gy0, gy1, x0, x1, FusionParams(*params), 8, cfg)
@@ -193,9 +153,10 @@ def test_backward_paths_agree_and_rerun_bitwise():
     """The tiled backward (the table's for 16-bit), the wide one and the split one give the same
     gradients to rounding, and a rerun gives bitwise the same (partials reduced in a fixed order; under the
     interpreter, which runs programs one by one, this holds by construction: the GPU test of
-    determinism is test_gpu_weight_gradients_are_deterministic)."""
+    determinism is test_backend_contract.py's
+    test_gpu_reruns_give_bitwise_equal_outputs_and_gradients)."""
     x0, x1, params = make_case((45,), 64, dtype=torch.float16, device=DEVICE, seed=8)
-    gy0, gy1 = _output_grads((45,), 64, torch.float16, DEVICE)
+    gy0, gy1 = upstream_grads(x0, x1, seed=7)
     p = FusionParams(*params)
     tiled = launch.backward_rows(gy0, gy1, x0, x1, p, 8)  # the table's path
     assert configs.backward_path(64, 8, torch.float16) == "tiled"
@@ -213,10 +174,10 @@ def test_narrow_forward_in_several_chunks(dtype):
     """The narrow kernel's chunk loops (relation hidden units, attention output channels), which the
     table runs as one chunk up to C = 64, give the same function over several chunks."""
     x0, x1, params = make_case((37,), 64, dtype=dtype, device=DEVICE, seed=2)
-    (r0, r1), _ = _oracle(x0, x1, params, 8)
+    (r0, r1), _ = oracle_float64(x0, x1, params, 8)
     cfg = configs.NarrowConfig(block_m=64, chunk=16, num_warps=4, num_stages=1)
     y0, y1 = launch._narrow_forward(x0, x1, params, 8, cfg)
-    assert rel_err(y0, r0) < BOUND[dtype] and rel_err(y1, r1) < BOUND[dtype]
+    assert rel_err(y0, r0) < BOUNDS[dtype] and rel_err(y1, r1) < BOUNDS[dtype]
 
 
 @pytest.mark.parametrize(
@@ -233,7 +194,7 @@ def test_narrow_forward_in_several_chunks(dtype):
 )
 def test_every_gradient_matches_oracle(dim, num_heads, shape, dtype):
     x0, x1, params = make_case(shape, dim, dtype=dtype, device=DEVICE, seed=dim + 1)
-    _check_all(x0, x1, params, num_heads, dtype)
+    assert_matches_oracle("triton", x0, x1, params, num_heads, BOUNDS[dtype], seed=7)
 
 
 def test_backward_at_the_widest_width():
@@ -242,13 +203,13 @@ def test_backward_at_the_widest_width():
     forward at this width, which test_forward_matches_oracle checks."""
     dim, num_heads = 1536, 8
     x0, x1, params = make_case((2,), dim, dtype=torch.bfloat16, device=DEVICE, seed=15)
-    gy0, gy1 = _output_grads((2,), dim, torch.bfloat16, DEVICE)
-    _, ref = _oracle(x0, x1, params, num_heads, gy0, gy1)
+    gy0, gy1 = upstream_grads(x0, x1, seed=7)
+    _, ref = oracle_float64(x0, x1, params, num_heads, seed=7)
     assert configs.backward_path(dim, num_heads, torch.bfloat16) == "split"
     gx0, gx1, flat = launch.backward_rows(gy0, gy1, x0, x1, FusionParams(*params), num_heads)
     got = [gx0, gx1, *torch.split(flat, [t.numel() for t in params])]
-    for name, g, r in zip(NAMES, got, ref):
-        assert rel_err(g.reshape(r.shape), r) < BOUND[torch.bfloat16], name
+    for name, g, r in zip(GRAD_NAMES, got, ref):
+        assert rel_err(g.reshape(r.shape), r) < BOUNDS[torch.bfloat16], name
 
 
 @pytest.mark.parametrize("path", ["split", "tiled", "wide"])
@@ -261,76 +222,6 @@ def test_gradcheck_float64(path):
 
     with launch.forced_path(path):
         assert torch.autograd.gradcheck(f, (x0, x1, *params), fast_mode=True)
-
-
-@pytest.mark.parametrize("dim, dtype", [(16, torch.bfloat16), (40, torch.float16), (24, torch.float64)],
-                         ids=["narrow", "tiled", "split"])
-def test_outputs_are_not_views_and_take_inplace_ops(dim, dtype):
-    """As the oracle's: `y0 += x0` under autograd works (a view of an internal (N, C) tensor would
-    raise "returns multiple views"), and the gradient is the oracle's."""
-    x0, x1, params = make_case((2, 3), dim, dtype=dtype, device=DEVICE, requires_grad=True)
-    y0, y1 = gemini_fusion(x0, x1, params, num_heads=8, backend="triton")
-    assert y0._base is None and y1._base is None
-    y0 += x0
-    (y0.double().sum() + y1.double().sum()).backward()
-    leaves = [t.detach().double().requires_grad_() for t in (x0, x1, *params)]
-    r0, r1 = gemini_fusion_reference(leaves[0], leaves[1], FusionParams(*leaves[2:]), 8)
-    ((r0 + leaves[0]).sum() + r1.sum()).backward()
-    assert rel_err(x0.grad, leaves[0].grad) < BOUND[dtype]
-
-
-def test_non_contiguous_inputs_and_leading_dims():
-    x0, x1, params = make_case((3, 2, 5), 40, dtype=torch.float32, device=DEVICE, seed=3)
-    t0 = x0.transpose(0, 2).contiguous().transpose(0, 2)
-    t1 = x1.new_empty(*x1.shape[:-1], 80)[..., ::2].copy_(x1)  # last dim strided
-    assert not t0.is_contiguous() and not t1.is_contiguous() and t1.stride(-1) == 2
-    ref = gemini_fusion(x0, x1, params, backend="triton")
-    out = gemini_fusion(t0, t1, params, backend="triton")
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-    _check_all(t0, t1, params, 8, torch.float32)
-
-
-def test_autocast_matches_the_oracle_under_autocast():
-    device_type = DEVICE.type
-    dtype = torch.bfloat16
-    x0, x1, params = make_case((2, 7), 64, dtype=torch.float32, device=DEVICE, seed=11)
-    leaves = [t.detach().requires_grad_() for t in (x0, x1, *params)]
-    with torch.autocast(device_type, dtype=dtype):
-        y0, y1 = gemini_fusion(leaves[0], leaves[1], FusionParams(*leaves[2:]), backend="triton")
-        r0, r1 = gemini_fusion(x0, x1, params, backend="torch")
-    assert y0.dtype == y1.dtype == r0.dtype == torch.float32
-    (d0, d1), _ = _oracle(x0, x1, params, 8)
-    assert rel_err(y0, d0) < 2e-2 and rel_err(y1, d1) < 2e-2
-    assert rel_err(y0, d0) > 1e-6  # the products really ran in bfloat16
-    assert rel_err(y0, r0) < 2e-2
-    (y0.sum() + y1.sum()).backward()
-    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
-
-
-def test_opcheck_forward_and_backward_ops():
-    x0, x1, params = make_case((5,), 16, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(tf.fusion_fwd_op, (x0, x1, list(params), 8))
-    gy = torch.randn_like(x0)
-    torch.library.opcheck(tf.fusion_bwd_op, (gy, gy, x0.detach(), x1.detach(), [p.detach() for p in params], 8))
-
-
-def test_torch_compile_fullgraph_traces_the_custom_op():
-    """No graph break (fullgraph=True raises on one); compiled forward and backward match eager.
-    The aot_eager backend traces exactly what inductor would, without needing a C++ toolchain."""
-    torch._dynamo.reset()
-    module = GeminiFusion(16, backend="triton").to(DEVICE)
-    x0, x1 = (torch.randn(2, 3, 16, device=DEVICE, requires_grad=True) for _ in range(2))
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    y0, y1 = compiled(x0, x1)
-    e0, e1 = module(x0, x1)
-    assert torch.equal(y0, e0) and torch.equal(y1, e1)
-    (y0.sum() + 2 * y1.sum()).backward()
-    compiled_grads = [t.grad.clone() for t in (x0, x1, *module.parameters())]
-    for t in (x0, x1, *module.parameters()):
-        t.grad = None
-    (e0.sum() + 2 * e1.sum()).backward()
-    for a, t in zip(compiled_grads, (x0, x1, *module.parameters())):
-        assert torch.equal(a, t.grad)
 
 
 def test_availability_and_path_table():
@@ -394,7 +285,7 @@ def test_gpu_outputs_and_gradients(batch, pixels, dim, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         x0, x1, params = make_case((batch, pixels), dim, dtype=dtype, device="cuda", seed=dim)
-        _check_all(x0, x1, params, 8, dtype)
+        assert_matches_oracle("triton", x0, x1, params, 8, BOUNDS[dtype], seed=7)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
@@ -407,20 +298,9 @@ def test_gpu_float32_with_tf32(batch, pixels, dim):
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         x0, x1, params = make_case((batch, pixels), dim, dtype=torch.float32, device="cuda", seed=dim)
-        _check_all(x0, x1, params, 8, torch.float32, bound=5e-3)
+        assert_matches_oracle("triton", x0, x1, params, 8, 5e-3, seed=7)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch, pixels, dim", [(2, 19200, 64), (2, 1200, 320)])
-def test_gpu_weight_gradients_are_deterministic(batch, pixels, dim):
-    x0, x1, params = make_case((batch, pixels), dim, dtype=torch.bfloat16, device="cuda", seed=dim)
-    gy0, gy1 = _output_grads((batch, pixels), dim, torch.bfloat16, "cuda")
-    _, first = _triton_grads(x0, x1, params, 8, gy0, gy1)
-    _, second = _triton_grads(x0, x1, params, 8, gy0, gy1)
-    for name, a, b in zip(NAMES, first, second):
-        assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu
