@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fused_forward.h"
+#include "fused_host_engine.h"
 #include "fusion_api.h"
 
 namespace gk {
@@ -19,43 +20,6 @@ namespace gk {
 namespace {
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0; }
-
-// The host engine: one thread does what the CUDA engine gives to warps and tensor cores, summing in
-// the accumulation type.
-template <class T>
-struct HostTileEngine {
-  using A = typename Acc<T>::type;
-  T* tile;
-  A* tile_gates;
-  int stride;
-
-  int ld() const { return stride; }
-  T* matrix(int i) const { return tile + static_cast<int64_t>(i) * kFusedTileRows * stride; }
-  A* gates() const { return tile_gates; }
-  void sync() const {}
-  template <class F>
-  void rows(const F& f) const {
-    for (int r = 0; r < kFusedTileRows; ++r) f(SerialTeam{}, r);
-  }
-  // The CUDA engine's split of the output tiles over warps and items (MmaSplit), each 16 x 16 tile's
-  // MMAs replaced by sums in the accumulation type.
-  template <class E>
-  void gemm(const E& epilogue, int n, const MmaTerm<T>& first, const MmaTerm<T>& second) const {
-    const MmaSplit split = MmaSplit::of(n);
-    for (int warp = 0; warp < kFusedWarps; ++warp)
-      for (int item = warp; item < split.items(); item += kFusedWarps)
-        for (int i = split.first_row_tile(item); i < split.first_row_tile(item) + split.rows; ++i)
-          for (int r = i * kMmaEdge; r < (i + 1) * kMmaEdge; ++r)
-            for (int c = split.column_tile(item) * kMmaEdge; c < (split.column_tile(item) + 1) * kMmaEdge; ++c)
-              epilogue(r, c, dot(first, r, c) + dot(second, r, c));
-  }
-  static A dot(const MmaTerm<T>& term, int r, int c) {
-    A sum = 0;
-    for (int k = 0; k < term.k; ++k)
-      sum += fused::widen(term.a[r * term.lda + k]) * fused::widen(term.w[static_cast<int64_t>(c) * term.ldw + k]);
-    return sum;
-  }
-};
 
 template <class T>
 void run_tiles_on_host(const FusedForwardArgs& args) {

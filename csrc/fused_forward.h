@@ -13,6 +13,10 @@
 //   void gemm(const E& epilogue, int n, MmaTerm<T> first, MmaTerm<T> second)
 //                               for every row r < kFusedTileRows and column c < n:
 //                                 epilogue(r, c, sum_k first.a[r][k] first.w[c][k] (+ the same of second))
+//                               (w[k][c] for a transposed term)
+//
+// The fused backward (fused_backward.h) asks three more of an engine: weight_gradient, column_sums
+// and clear (see there).
 //
 // The host engine (fused_forward.cpp) walks rows and columns with one thread and sums in the
 // accumulation type, so CPU tests run every line below against the float64 oracle; the CUDA engine
@@ -69,9 +73,10 @@ GK_HD constexpr bool fused_forward_fits(int64_t C, int64_t h) {
 
 GK_HD constexpr int fused_row_stride(int C) { return C + kFusedRowPad; }
 
-// Bytes of a tile's buffers: the matrices of `element` bytes, then the gates of `accumulator` bytes.
-GK_HD constexpr int64_t fused_tile_bytes(int C, int h, int element, int accumulator) {
-  return static_cast<int64_t>(kFusedTileMatrices) * kFusedTileRows * fused_row_stride(C) * element +
+// Bytes of a tile's buffers: `matrices` matrices of `element` bytes, then the gates of `accumulator` bytes.
+GK_HD constexpr int64_t fused_tile_bytes(int C, int h, int element, int accumulator,
+                                         int matrices = kFusedTileMatrices) {
+  return static_cast<int64_t>(matrices) * kFusedTileRows * fused_row_stride(C) * element +
          static_cast<int64_t>(kFusedTileRows) * h * accumulator;
 }
 // The CUDA engine's warps per tile, and the float 16 x 16 tile each stages its MMA results in.
@@ -82,7 +87,8 @@ constexpr int kFusedStagingBytes = kFusedWarps * kMmaEdge * kMmaEdge * 4;
 GK_HD constexpr int64_t fused_launch_bytes(int C, int h) { return fused_tile_bytes(C, h, 2, 4) + kFusedStagingBytes; }
 constexpr int64_t kFusedMaxLaunchBytes = fused_launch_bytes(kFusedMaxChannels, kFusedMaxChannels);
 
-// One operand pair of a product: a (kFusedTileRows x k, row stride lda) times w^T, w (n x k, row stride ldw).
+// One operand pair of a product: a (kFusedTileRows x k, row stride lda) times w^T, w (n x k, row stride
+// ldw): a Linear's forward. Transposed, a times w, w (k x n, row stride ldw): a Linear's input gradient.
 template <class T>
 struct MmaTerm {
   const T* a = nullptr;
@@ -90,6 +96,7 @@ struct MmaTerm {
   const T* w = nullptr;
   int ldw = 0;
   int k = 0;
+  bool transposed = false;
 };
 
 // How a product's 16 x 16 output tiles are split over the warps of a tile: a work item is one column
@@ -189,7 +196,8 @@ struct LoadRows {
   }
 };
 
-// r = softmax_C(z); e = k_noise + s - s r (the input of the key difference's product), over z's row.
+// r = softmax_C(z); e = k_noise + s - s r (the input of the key difference's product), over z's row;
+// also r itself, rounded, where `relation` is set (it may be z: each element is read before it is written).
 template <class T>
 struct RelationRow {
   const T* z;  // z + b2, rounded
@@ -198,6 +206,7 @@ struct RelationRow {
   int ld;
   const T* k_noise;  // row d
   int channels;
+  T* relation = nullptr;
   GK_HD_TEMPLATE
   template <class Team>
   GK_HD void operator()(const Team& team, int r) const {
@@ -213,6 +222,7 @@ struct RelationRow {
     for (int c = team.first(); c < channels; c += team.stride()) {
       const A p = exp_(widen(zr[c]) - top) * inv_total;
       e[r * ld + c] = round_to<T>(key_delta(widen(k_noise[c]), widen(self[r * ld + c]), p));
+      if (relation != nullptr) relation[r * ld + c] = round_to<T>(p);
     }
   }
 };

@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fused_backward.h"
 #include "fused_forward.h"
 #include "fusion_math.h"
 #include "fusion_params.h"
@@ -141,6 +142,30 @@ ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
                             FusedLauncher launch);
 // The launch as a gemini_kernels::chain_stage call named "fused_forward" (the ledger's count).
 void announce_fused_forward(const FusedForwardCall& call);
+
+// ---- the fused backward of narrow layers (fused_backward.h, fused_backward.cpp) -------------------
+
+// Its two launches: the tiles (dx and the programs' partial sums) and the reduction (the parameters'
+// gradients), with what each reads and writes.
+struct FusedBackwardCall {
+  FusedBackwardArgs args;
+  at::ScalarType dtype;
+  std::vector<at::Tensor> tile_reads, tile_writes, reduce_reads, reduce_writes;
+  int64_t tile_flops;
+};
+using FusedBackwardLauncher = void (*)(const FusedBackwardCall& call);
+
+// Whether a backward takes the fused kernels: takes_fused_forward's conditions, with the backward's
+// tile within `shared_memory_bytes`.
+bool takes_fused_backward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                          bool tensor_cores, int64_t shared_memory_bytes, int compute_capability);
+// The gradients of x0, x1 and the 14 parameters (as fusion_backward's), the weight gradients summed over
+// `programs` partial sums (at most one per tile), both passes run by `launch`.
+std::vector<at::Tensor> fused_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                       int64_t num_heads, int64_t programs, FusedBackwardLauncher launch);
+// The launches as gemini_kernels::chain_stage calls named "fused_backward" and "fused_backward_reduce".
+void announce_fused_backward(const FusedBackwardCall& call);
 
 // params: the 14 tensors in FusionParams order. The chain as one range over all pixels, its stages by
 // `run` (fusion_chain.h: run_forward, whole_range).

@@ -68,11 +68,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(const at::Tens
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
+void cuda_fused_backward(const FusedBackwardCall& call) {
+  const cudaError_t status =
+      launch_fused_backward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the fused backward's launch failed: ", cudaGetErrorString(status));
+}
+
+bool takes_fused_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
+  const int capability = 10 * device_attribute(cudaDevAttrComputeCapabilityMajor, x0) +
+                         device_attribute(cudaDevAttrComputeCapabilityMinor, x0);
+  return takes_fused_backward(x0, x1, params, num_heads, true,
+                              device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, x0), capability);
+}
+
+// As many programs as the GPU runs at once: each then walks tiles / programs tiles.
+int64_t device_programs(const at::Tensor& x0, int64_t num_heads) {
+  int programs = 0;
+  const cudaError_t status = fused_backward_programs(scalar_kind(x0.scalar_type()), static_cast<int>(x0.size(-1)),
+                                                     static_cast<int>(num_heads), &programs);
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: sizing the fused backward failed: ", cudaGetErrorString(status));
+  return programs;
+}
+
+// The fused backward where it takes the layer (as the forward, with its larger tile), else the chain; a
+// backward given saved activations runs the chain, which reads them.
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
                                       at::TensorList activations, int64_t num_heads) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
+  if (activations.empty() && takes_fused_backward_here(x0, x1, params, num_heads))
+    return fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, device_programs(x0, num_heads),
+                          cuda_fused_backward);
   return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, cuda_stage);
+}
+
+std::vector<at::Tensor> fused_backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                            const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                            int64_t num_heads, int64_t programs) {
+  const c10::cuda::CUDAGuard device_guard(x0.device());
+  TORCH_CHECK(takes_fused_backward_here(x0, x1, params, num_heads),
+              "gemini_kernels: the fused backward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C <= ",
+              kFusedMaxChannels, " channels, a multiple of ", kMmaEdge,
+              ", a tile within the device's shared memory, and contiguous 32-byte aligned weights; got x0 ",
+              x0.scalar_type(), " of shape ", x0.sizes());
+  return fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, programs, cuda_fused_backward);
 }
 
 }  // namespace
@@ -82,4 +121,5 @@ TORCH_LIBRARY_IMPL(gemini_kernels, CUDA, m) {
   m.impl("fusion_forward", &gk::forward_cuda);
   m.impl("fusion_backward", &gk::backward_cuda);
   m.impl("fused_forward", &gk::fused_forward_cuda);
+  m.impl("fused_backward", &gk::fused_backward_cuda);
 }

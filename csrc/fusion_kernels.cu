@@ -1,7 +1,7 @@
 // The CUDA kernels: the row stages, a team of lanes per row (direction, pixel), its lanes striding over
-// the channels and reducing with shuffles; and the fused forward of narrow layers, a block per tile of
-// pixels whose products run on the tensor cores. The math is fusion_math.h's and the tile logic
-// fused_forward.h's, both shared with the host path. Includes only toolkit headers (no torch), see
+// the channels and reducing with shuffles; and the fused forward and backward of narrow layers, a block
+// per tile of pixels (or per program of tiles) whose products run on the tensor cores. The math is
+// fusion_math.h's and the tile logic fused_forward.h's and fused_backward.h's, all shared with the host. Includes only toolkit headers (no torch), see
 // fusion_kernels.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -172,15 +172,27 @@ struct WarpMmaEngine {
     }
   }
 
-  // sum[r] += rows i0 + r of a times columns j of w^T: w (n x k, row-major) is w^T (k x n) column-major.
   template <int kRows>
   __device__ __forceinline__ static void accumulate(Accumulator (&sum)[kRows], const MmaTerm<T>& term, int i0, int j) {
+    if (term.transposed) {
+      accumulate_as<kRows, nvcuda::wmma::row_major>(sum, term, i0, j);
+    } else {
+      accumulate_as<kRows, nvcuda::wmma::col_major>(sum, term, i0, j);
+    }
+  }
+  // sum[r] += rows i0 + r of a times columns j of w^T: w (n x k, row-major) is w^T (k x n) column-major;
+  // transposed, w (k x n, row-major) itself.
+  template <int kRows, class Layout>
+  __device__ __forceinline__ static void accumulate_as(Accumulator (&sum)[kRows], const MmaTerm<T>& term, int i0,
+                                                       int j) {
+    constexpr bool kTransposed = std::is_same_v<Layout, nvcuda::wmma::row_major>;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::row_major> a;
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::col_major> b;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, Layout> b;
     const T* a_rows = term.a + i0 * kMmaEdge * term.lda;
-    const T* w_rows = term.w + static_cast<int64_t>(j) * kMmaEdge * term.ldw;
     for (int k = 0; k < term.k; k += kMmaEdge) {
-      nvcuda::wmma::load_matrix_sync(b, w_rows + k, term.ldw);
+      const T* w = kTransposed ? term.w + static_cast<int64_t>(k) * term.ldw + j * kMmaEdge
+                               : term.w + static_cast<int64_t>(j) * kMmaEdge * term.ldw + k;
+      nvcuda::wmma::load_matrix_sync(b, w, term.ldw);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         nvcuda::wmma::load_matrix_sync(a, a_rows + r * kMmaEdge * term.lda + k, term.lda);
@@ -188,39 +200,118 @@ struct WarpMmaEngine {
       }
     }
   }
+
+  // ---- the backward's (fused_backward.h) ----
+
+  // out's 16 x 16 tiles to the warps (tile t to warp t mod kFusedWarps, the same warp on every call, so
+  // a tile's sums keep one order); each tile's float accumulators loaded from out, the MMAs of the
+  // tile's rows added, stored back.
+  __device__ __forceinline__ void weight_gradient(A* out, int ldo, int n, int k, const WeightTerm<T>& first,
+                                                  const WeightTerm<T>& second) const {
+    static_assert(std::is_same_v<A, float>, "the accumulators are float");
+    const int column_tiles = k / kMmaEdge, tiles = (n / kMmaEdge) * column_tiles;
+    for (int t = warp; t < tiles; t += kFusedWarps) {
+      float* at = out + (t / column_tiles) * kMmaEdge * ldo + (t % column_tiles) * kMmaEdge;
+      Accumulator sum;
+      nvcuda::wmma::load_matrix_sync(sum, at, ldo, nvcuda::wmma::mem_row_major);
+      outer(sum, first, (t / column_tiles) * kMmaEdge, (t % column_tiles) * kMmaEdge);
+      if (second.g != nullptr) outer(sum, second, (t / column_tiles) * kMmaEdge, (t % column_tiles) * kMmaEdge);
+      nvcuda::wmma::store_matrix_sync(at, sum, ldo, nvcuda::wmma::mem_row_major);
+    }
+  }
+  // sum += g[:, c0:c0+16]^T x[:, j0:j0+16] over the tile's rows: g^T is g read column-major.
+  __device__ __forceinline__ static void outer(Accumulator& sum, const WeightTerm<T>& term, int c0, int j0) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::col_major> a;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::row_major> b;
+#pragma unroll
+    for (int r0 = 0; r0 < kFusedTileRows; r0 += kMmaEdge) {
+      nvcuda::wmma::load_matrix_sync(a, term.g + r0 * term.ldg + c0, term.ldg);
+      nvcuda::wmma::load_matrix_sync(b, term.x + r0 * term.ldx + j0, term.ldx);
+      nvcuda::wmma::mma_sync(sum, a, b, sum);
+    }
+  }
+  // A thread a column, its rows in order.
+  __device__ __forceinline__ void column_sums(A* out, int n, const T* g, const T* g2) const {
+    for (int c = warp * kWarpSize + lane; c < n; c += kFusedWarps * kWarpSize) {
+      A sum = 0;
+      for (int r = 0; r < kFusedTileRows; ++r)
+        sum += fused::widen(g[r * stride + c]) + (g2 != nullptr ? fused::widen(g2[r * stride + c]) : A(0));
+      out[c] += sum;
+    }
+  }
+  __device__ __forceinline__ void clear(A* out, int64_t n) const {
+    for (int64_t i = warp * kWarpSize + lane; i < n; i += kFusedWarps * kWarpSize) out[i] = 0;
+  }
 };
+
+// The engine of this thread's block over `matrices` tile buffers in shared memory (fused_tile_bytes' layout).
+template <class T>
+__device__ __forceinline__ WarpMmaEngine<T> block_engine(unsigned char* shared, int channels, int heads, int matrices) {
+  using A = typename Acc<T>::type;
+  const int stride = fused_row_stride(channels);
+  const int warp = threadIdx.x / kWarpSize;
+  WarpMmaEngine<T> engine;
+  engine.tile = reinterpret_cast<T*>(shared);
+  engine.tile_gates = reinterpret_cast<A*>(shared + static_cast<int64_t>(matrices) * kFusedTileRows * stride * sizeof(T));
+  engine.staging =
+      reinterpret_cast<float*>(shared + fused_tile_bytes(channels, heads, sizeof(T), sizeof(A), matrices)) +
+      warp * kMmaEdge * kMmaEdge;
+  engine.stride = stride;
+  engine.warp = warp;
+  engine.lane = threadIdx.x % kWarpSize;
+  return engine;
+}
+
+// bfloat16 MMAs need sm_80; the launchers' callers never send them to an older GPU (takes_fused_forward),
+// and this keeps builds for older GPUs compiling.
+template <class T>
+__device__ __forceinline__ constexpr bool has_mma() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return !std::is_same_v<T, __nv_bfloat16>;
+#else
+  return true;
+#endif
+}
 
 template <class T>
 __global__ void __launch_bounds__(kFusedWarps * kWarpSize) fused_forward_kernel(const FusedForwardArgs args) {
   extern __shared__ __align__(128) unsigned char shared[];
-  using A = typename Acc<T>::type;
-  const int stride = fused_row_stride(args.channels);
-  const int warp = threadIdx.x / kWarpSize;
-  WarpMmaEngine<T> engine;
-  engine.tile = reinterpret_cast<T*>(shared);
-  engine.tile_gates = reinterpret_cast<A*>(shared + kFusedTileMatrices * kFusedTileRows * stride * sizeof(T));
-  engine.staging = reinterpret_cast<float*>(shared + fused_tile_bytes(args.channels, args.heads, sizeof(T), sizeof(A))) +
-                   warp * kMmaEdge * kMmaEdge;
-  engine.stride = stride;
-  engine.warp = warp;
-  engine.lane = threadIdx.x % kWarpSize;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  // bfloat16 MMAs need sm_80; the launcher's caller never sends them to an older GPU
-  // (takes_fused_forward), and this keeps builds for older GPUs compiling.
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    __trap();
-  } else
-#endif
-  {
+  if constexpr (has_mma<T>()) {
+    WarpMmaEngine<T> engine = block_engine<T>(shared, args.channels, args.heads, kFusedTileMatrices);
     fused_forward_tile<T>(engine, args, static_cast<int64_t>(blockIdx.x) * kFusedTileRows);
+  } else {
+    __trap();
   }
 }
 
-// Lets the fused forward's blocks take kFusedMaxLaunchBytes of shared memory (or the device's most),
-// once per device: the setting belongs to the function on that device, shared by every host thread,
-// so a call must never lower it under another's launch.
+// A block a program (fused_backward_program): its tiles blockIdx.x + k gridDim.x.
+// One block an SM at most (its tile takes 121 KiB of shared memory at C = 64), so its threads may take
+// up to 255 registers each.
 template <class T>
-cudaError_t allow_fused_shared_memory() {
+__global__ void __launch_bounds__(kFusedWarps * kWarpSize, 1) fused_backward_kernel(const FusedBackwardArgs args) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  if constexpr (has_mma<T>()) {
+    WarpMmaEngine<T> engine = block_engine<T>(shared, args.channels, args.heads, kFusedBackwardMatrices);
+    fused_backward_program<T>(engine, args, static_cast<int>(blockIdx.x));
+  } else {
+    __trap();
+  }
+}
+
+// The parameters' gradients from the programs' partial sums, a thread an element.
+template <class T>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) reduce_gradients_kernel(const FusedBackwardArgs args,
+                                                                                     int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    reduce_gradient<T>(args, i);
+}
+
+// Lets `kernel`'s blocks take `bytes` of shared memory (or the device's most), once per device: the
+// setting belongs to the function on that device, shared by every host thread, so a call must never
+// lower it under another's launch. One instantiation per kernel type.
+template <class Kernel>
+cudaError_t allow_shared_memory(Kernel kernel, int64_t bytes) {
   constexpr int kDevices = 64;
   static std::atomic<bool> allowed[kDevices];
   static std::mutex mutex;
@@ -233,8 +324,8 @@ cudaError_t allow_fused_shared_memory() {
   int most = 0;
   status = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (status != cudaSuccess) return status;
-  status = cudaFuncSetAttribute(fused_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(std::min<int64_t>(kFusedMaxLaunchBytes, most)));
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(std::min<int64_t>(bytes, most)));
   if (status == cudaSuccess && device < kDevices) allowed[device].store(true, std::memory_order_release);
   return status;
 }
@@ -245,10 +336,44 @@ cudaError_t launch_fused(const FusedForwardArgs& args, cudaStream_t stream) {
   const size_t bytes = fused_launch_bytes(args.channels, args.heads);
   // Above 48 KiB a block's dynamic shared memory must be asked for (the caller checked that `bytes`
   // is within the device's most).
-  const cudaError_t status = allow_fused_shared_memory<T>();
+  const cudaError_t status = allow_shared_memory(fused_forward_kernel<T>, kFusedMaxLaunchBytes);
   if (status != cudaSuccess) return status;
   const int64_t blocks = (args.pixels + kFusedTileRows - 1) / kFusedTileRows;
   fused_forward_kernel<T><<<static_cast<unsigned>(blocks), kFusedWarps * kWarpSize, bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// The most shared memory a backward block asks for (C = 128, a head per channel); the device's most
+// caps it, and takes_fused_backward keeps wider tiles off the device.
+constexpr int64_t kFusedBackwardMaxLaunchBytes = fused_backward_launch_bytes(kFusedMaxChannels, kFusedMaxChannels);
+
+template <class T>
+cudaError_t backward_programs(int channels, int heads, int* programs) {
+  cudaError_t status = allow_shared_memory(fused_backward_kernel<T>, kFusedBackwardMaxLaunchBytes);
+  if (status != cudaSuccess) return status;
+  int device = 0, sms = 0, per_sm = 0;
+  status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess)
+    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_backward_kernel<T>, kFusedWarps * kWarpSize,
+                                                           fused_backward_launch_bytes(channels, heads));
+  *programs = sms * std::max(per_sm, 1);
+  return status;
+}
+
+template <class T>
+cudaError_t launch_fused_backward_typed(const FusedBackwardArgs& args, cudaStream_t stream) {
+  static_assert(sizeof(T) == 2 && sizeof(typename Acc<T>::type) == 4, "the launch bytes count 16-bit tiles");
+  cudaError_t status = allow_shared_memory(fused_backward_kernel<T>, kFusedBackwardMaxLaunchBytes);
+  if (status != cudaSuccess) return status;
+  fused_backward_kernel<T><<<static_cast<unsigned>(args.programs), kFusedWarps * kWarpSize,
+                             fused_backward_launch_bytes(args.channels, args.heads), stream>>>(args);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  const int64_t total = FusionParamOffsets::of(args.channels).total;
+  constexpr int kThreads = kWarpsPerBlock * kWarpSize;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4096);
+  reduce_gradients_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args, total);
   return cudaGetLastError();
 }
 
@@ -262,6 +387,22 @@ cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buff
     case ScalarKind::BFloat16: return launch_typed<__nv_bfloat16>(stage, buffers, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_fused_backward(ScalarKind kind, const FusedBackwardArgs& args, cudaStream_t stream) {
+  switch (kind) {
+    case ScalarKind::Half: return launch_fused_backward_typed<__half>(args, stream);
+    case ScalarKind::BFloat16: return launch_fused_backward_typed<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t fused_backward_programs(ScalarKind kind, int channels, int heads, int* programs) {
+  switch (kind) {
+    case ScalarKind::Half: return backward_programs<__half>(channels, heads, programs);
+    case ScalarKind::BFloat16: return backward_programs<__nv_bfloat16>(channels, heads, programs);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, cudaStream_t stream) {

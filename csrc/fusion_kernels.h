@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "fused_backward.h"
 #include "fused_forward.h"
 #include "fusion_math.h"
 
@@ -17,5 +18,13 @@ cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buff
 // Queues the fused forward (fused_forward.h) over all args.pixels pixels, a block of kFusedWarps warps
 // per tile of kFusedTileRows pixels; Half and BFloat16 only (cudaErrorInvalidValue otherwise).
 cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, cudaStream_t stream);
+
+// Queues the fused backward (fused_backward.h): args.programs blocks of kFusedWarps warps, then the
+// reduction of their partial sums into the parameters' gradients; Half and BFloat16 only.
+cudaError_t launch_fused_backward(ScalarKind kind, const FusedBackwardArgs& args, cudaStream_t stream);
+
+// How many programs the current device runs at once (its SMs times the blocks of the backward's tile
+// of C = channels that fit one): the programs a backward asks for.
+cudaError_t fused_backward_programs(ScalarKind kind, int channels, int heads, int* programs);
 
 }  // namespace gk

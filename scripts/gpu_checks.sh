@@ -15,7 +15,7 @@
 #   quick      the kernel issues' checks in about 6 minutes, most important first: the Triton backend's GPU
 #              tests against the float64 oracle, the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton,
 #              cuda and torch.compile side by side, forward and forward + backward, peak memory), the cuda
-#              backend's GPU tests (its fused forward's among them), a memcheck pass over a few of them and a
+#              backend's GPU tests (its fused forward's and backward's among them), a memcheck pass over a few of them and a
 #              racecheck / synccheck pass over one, then the ledger; between them the
 #              Triton forward + backward at stages 2-4 with the wide and the split backward forced (GK_TRITON_BACKWARD)
 #
@@ -62,11 +62,12 @@ for s in "${steps[@]}"; do
     tests) step tests ptest -m gpu tests ;;
     sanitizer)
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py -m gpu -x -q \
-        -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations or (gpu_fused_forward and (37 or 65 or 63))"
+        "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py -m gpu -x -q \
+        -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65))"
       for tool in racecheck synccheck; do
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest tests/test_fused_forward.py -m gpu -x -q -k "gpu_fused_forward and 37 and bfloat16"
+          "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py -m gpu -x -q \
+          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16)"
       done ;;
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
@@ -81,13 +82,16 @@ for s in "${steps[@]}"; do
         step "$bwd-bwd-bench" env GK_TRITON_BACKWARD=$bwd "$PY" bench/run.py --batch 32 --dtypes bf16 --stages 2,3,4 \
           --variants triton --passes fwd+bwd --runs 10 --warmup 2 --out-dir "$OUTDIR/${bwd}_bwd"
       done
-      step cuda-tests ptest -m gpu tests/test_cuda_host.py tests/test_fused_forward.py
+      # tests/test_backend_contract.py: the GPU promises of every fused backend (bitwise reruns at stage shapes)
+      step cuda-tests ptest -m gpu tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py \
+        tests/test_backend_contract.py
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py -m gpu -x -q \
-        -k "(gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63))"
-      for tool in racecheck synccheck; do  # the fused forward's barriers, on one small case each
+        "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py -m gpu -x -q \
+        -k "(gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65))"
+      for tool in racecheck synccheck; do  # the fused kernels' barriers, on one small case each
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest tests/test_fused_forward.py -m gpu -x -q -k "gpu_fused_forward and 37 and bfloat16"
+          "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py -m gpu -x -q \
+          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16)"
       done
       step ledger "$PY" -m gemini_kernels.ledger ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;

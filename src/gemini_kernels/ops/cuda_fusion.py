@@ -1,10 +1,10 @@
 """The ``"cuda"`` and ``"cpu_cpp"`` backends: the compiled extension ``gemini_kernels._C`` (csrc/).
 
-On CUDA tensors (``"cuda"``) it runs the CUDA kernels (csrc/fusion_kernels.cu): the forward of float16 / bfloat16
-layers of C <= 128 channels as one fused tensor-core kernel (csrc/fused_forward.h), everything else as
-row-stage kernels between cuBLAS GEMMs; on CPU tensors (``"cpu_cpp"``, which ``backend="cuda"`` runs there
-too) it runs the same per-pixel math as host C++
-(csrc/fusion_host.cpp) between MKL GEMMs.
+On CUDA tensors (``"cuda"``) it runs the CUDA kernels (csrc/fusion_kernels.cu): the forward and the
+backward of float16 / bfloat16 layers of C <= 128 channels as fused tensor-core kernels
+(csrc/fused_forward.h, csrc/fused_backward.h), everything else as row-stage kernels between cuBLAS
+GEMMs; on CPU tensors (``"cpu_cpp"``, which ``backend="cuda"`` runs there too) it runs the same
+per-pixel math as host C++ (csrc/fusion_host.cpp) between MKL GEMMs.
 
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
 this module gives them fake implementations (so ``torch.compile`` traces them) and autograd formulas
