@@ -174,27 +174,6 @@ struct LoadGates {
   }
 };
 
-// From v_self and v_cross: the mix (as the forward's MixRow) over v_cross, and v_self - v_cross over v_self.
-template <class T>
-struct MixAndDeltaRow {
-  T* v_self;   // in: v_self; out: v_self - v_cross
-  T* v_cross;  // in: v_cross; out: the mix
-  int ld;
-  const A_t<T>* tile_gates;
-  int heads;
-  int width;
-  int channels;
-  GK_HD_TEMPLATE
-  template <class Team>
-  GK_HD void operator()(const Team& team, int r) const {
-    for (int c = team.first(); c < channels; c += team.stride()) {
-      const A_t<T> vs = widen(v_self[r * ld + c]), vc = widen(v_cross[r * ld + c]);
-      v_self[r * ld + c] = round_to<T>(vs - vc);
-      v_cross[r * ld + c] = round_to<T>(value_mix(vc, vs - vc, tile_gates[r * heads + c / width]));
-    }
-  }
-};
-
 // The gates' backward (MixBackward's), per head: d/da = sum gm (v_self - v_cross), d/dlogit = d/da a (1 - a);
 // then, over their inputs, d/dv_self = a gm (over v_delta), d/dv_cross = (1 - a) gm (over the mix),
 // d/dq = d/dlogit dk scale (over dk) and d/ddk = d/dlogit q scale (over q); and dx_s += dy, the residual.
@@ -405,7 +384,8 @@ GK_HD void fused_backward_tile(Engine& engine, const FusedBackwardArgs& args, in
     engine.gemm(StoreBias<T>{v_self, ld, b_in + 2 * C}, C, MmaTerm<T>{scratch, ld, wv, C, C}, MmaTerm<T>{});
     engine.gemm(StoreBias<T>{v_cross, ld, b_in + 2 * C}, C, MmaTerm<T>{o, ld, wv, C, C}, MmaTerm<T>{});
     engine.sync();
-    engine.rows(MixAndDeltaRow<T>{v_self, v_cross, ld, tile_gates, h, width, C});
+    // the mix over v_cross, v_self - v_cross over v_self
+    engine.rows(MixRow<T>{v_self, v_cross, v_cross, ld, tile_gates, h, width, C, v_self});
     engine.sync();
 
     // ---- the output projection and the gates --------------------------------------------------

@@ -275,7 +275,9 @@ struct NoisyRow {
   }
 };
 
-// mixed = v_cross + a (v_self - v_cross), a the gate of the channel's head.
+// mixed = v_cross + a (v_self - v_cross), a the gate of the channel's head; also v_self - v_cross,
+// rounded, where `delta` is set (for the backward). Either may be written over its inputs: each
+// element is read before it is written.
 template <class T>
 struct MixRow {
   const T* v_self;
@@ -286,12 +288,14 @@ struct MixRow {
   int heads;
   int width;
   int channels;
+  T* delta = nullptr;
   GK_HD_TEMPLATE
   template <class Team>
   GK_HD void operator()(const Team& team, int r) const {
     for (int c = team.first(); c < channels; c += team.stride()) {
       const A_t<T> vs = widen(v_self[r * ld + c]), vc = widen(v_cross[r * ld + c]);
       mixed[r * ld + c] = round_to<T>(value_mix(vc, vs - vc, tile_gates[r * heads + c / width]));
+      if (delta != nullptr) delta[r * ld + c] = round_to<T>(vs - vc);
     }
   }
 };

@@ -39,11 +39,21 @@ int device_attribute(cudaDeviceAttr attribute, const at::Tensor& x) {
   return value;
 }
 
+// What the fused kernels' conditions ask of x0's GPU.
+struct DeviceLimits {
+  int compute_capability;      // 10 * major + minor
+  int64_t shared_memory_bytes;  // a block's most (opt-in)
+
+  static DeviceLimits of(const at::Tensor& x) {
+    return {10 * device_attribute(cudaDevAttrComputeCapabilityMajor, x) +
+                device_attribute(cudaDevAttrComputeCapabilityMinor, x),
+            device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, x)};
+  }
+};
+
 bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  const int capability = 10 * device_attribute(cudaDevAttrComputeCapabilityMajor, x0) +
-                         device_attribute(cudaDevAttrComputeCapabilityMinor, x0);
-  return takes_fused_forward(x0, x1, params, num_heads, true,
-                             device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, x0), capability);
+  const DeviceLimits here = DeviceLimits::of(x0);
+  return takes_fused_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability);
 }
 
 // The fused forward where it takes the layer (C <= 128, 16-bit; fused_forward.h), else the chain. A
@@ -75,10 +85,8 @@ void cuda_fused_backward(const FusedBackwardCall& call) {
 }
 
 bool takes_fused_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  const int capability = 10 * device_attribute(cudaDevAttrComputeCapabilityMajor, x0) +
-                         device_attribute(cudaDevAttrComputeCapabilityMinor, x0);
-  return takes_fused_backward(x0, x1, params, num_heads, true,
-                              device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, x0), capability);
+  const DeviceLimits here = DeviceLimits::of(x0);
+  return takes_fused_backward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability);
 }
 
 // As many programs as the GPU runs at once: each then walks tiles / programs tiles.
