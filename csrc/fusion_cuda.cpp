@@ -51,6 +51,15 @@ struct DeviceLimits {
   }
 };
 
+// The refusal of a fused kernel's op (the backend itself falls back to the chain instead).
+void check_fused_takes(bool takes, const char* kernel, const at::Tensor& x0) {
+  TORCH_CHECK(takes, "gemini_kernels: the fused ", kernel,
+              " on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C <= ", kFusedMaxChannels,
+              " channels, a multiple of ", kMmaEdge,
+              ", a tile within the device's shared memory, and contiguous 32-byte aligned weights; got x0 ",
+              x0.scalar_type(), " of shape ", x0.sizes());
+}
+
 bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
   const DeviceLimits here = DeviceLimits::of(x0);
   return takes_fused_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability);
@@ -69,11 +78,7 @@ ForwardResult forward_cuda(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x0, const at::Tensor& x1,
                                                                   at::TensorList params, int64_t num_heads) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
-  TORCH_CHECK(takes_fused_forward_here(x0, x1, params, num_heads),
-              "gemini_kernels: the fused forward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C <= ",
-              kFusedMaxChannels, " channels, a multiple of ", kMmaEdge,
-              ", and contiguous 32-byte aligned weights; got x0 ",
-              x0.scalar_type(), " of shape ", x0.sizes());
+  check_fused_takes(takes_fused_forward_here(x0, x1, params, num_heads), "forward", x0);
   const ForwardResult r = fused_forward(x0, x1, params, num_heads, cuda_fused_forward);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
@@ -114,11 +119,7 @@ std::vector<at::Tensor> fused_backward_cuda(const at::Tensor& grad_y0, const at:
                                             const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
                                             int64_t num_heads, int64_t programs) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
-  TORCH_CHECK(takes_fused_backward_here(x0, x1, params, num_heads),
-              "gemini_kernels: the fused backward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C <= ",
-              kFusedMaxChannels, " channels, a multiple of ", kMmaEdge,
-              ", a tile within the device's shared memory, and contiguous 32-byte aligned weights; got x0 ",
-              x0.scalar_type(), " of shape ", x0.sizes());
+  check_fused_takes(takes_fused_backward_here(x0, x1, params, num_heads), "backward", x0);
   return fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, programs, cuda_fused_backward);
 }
 

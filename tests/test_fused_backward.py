@@ -188,3 +188,12 @@ def test_gpu_backend_backward_is_deterministic_and_matches_the_oracle():
         y0, y1 = gemini_fusion(leaves[0], leaves[1], FusionParams(*leaves[2:]), 8, backend="cuda")
         runs.append(torch.autograd.grad((y0.float().sum() + 2 * y1.float().sum()), leaves))
     assert all(torch.equal(a, b) for a, b in zip(*runs)), first
+
+
+@pytest.mark.gpu
+def test_gpu_fused_backward_refuses_float32():
+    """TF32 MMAs would miss float32's bound: the op refuses, and the backend runs the chain instead."""
+    x0, x1, params = make_case((5,), 64, dtype=torch.float32, device="cuda", seed=23)
+    gate = torch.rand(2, 5, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"the fused backward on CUDA takes float16 \(sm_70 on\) or bfloat16"):
+        ops.fused_backward(x0, x1, x0, x1, list(params), gate, 8, 4)

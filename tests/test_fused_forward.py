@@ -151,5 +151,5 @@ def test_gpu_backend_forward_takes_the_fused_kernel():
 @pytest.mark.gpu
 def test_gpu_fused_forward_refuses_float32():
     x0, x1, params = make_case((5,), 64, dtype=torch.float32, device="cuda")
-    with pytest.raises(RuntimeError, match="the fused forward on CUDA takes float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match=r"the fused forward on CUDA takes float16 \(sm_70 on\) or bfloat16"):
         fused(x0, x1, params, 8)
