@@ -225,7 +225,8 @@ def _tiled_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionP
         **tiled_constexprs(dim, num_heads, cfg), INTERPRET=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     flat = x0.new_empty(total)
-    reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](partials, flat, programs, total, BLOCK=REDUCE_BLOCK)
+    reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+        partials_ptr=partials, out_ptr=flat, n_partials=programs, total=total, BLOCK=REDUCE_BLOCK)
     return gx0, gx1, flat
 
 
@@ -392,7 +393,7 @@ def _wide_backward(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, p: FusionPa
         num_stages=1)
     del h, gz, g_pre
     reduce_bias_kernel[(triton.cdiv(BIAS_WIDTH * dim, REDUCE_BLOCK),)](
-        partials, flat, programs, C=dim, BLOCK=REDUCE_BLOCK)
+        partials_ptr=partials, flat_ptr=flat, n_partials=programs, C=dim, BLOCK=REDUCE_BLOCK)
     return gx0, gx1, flat
 
 
