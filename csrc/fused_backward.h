@@ -41,7 +41,7 @@ struct FusionParamOffsets {
 #undef GK_PARAM_OFFSET
   int64_t total;
 
-  GK_HD static FusionParamOffsets of(int64_t C) {
+  GK_HD static constexpr FusionParamOffsets of(int64_t C) {
     FusionParamOffsets o{};
     int64_t at = 0;
 #define GK_PARAM_OFFSET(field, name, rank, a0, b0, a1, b1) \
@@ -82,6 +82,16 @@ GK_HD constexpr int64_t fused_tile_count(int64_t pixels) { return (pixels + kFus
 // The CUDA block of the backward: its tile's buffers (16-bit, float gates), then the warps' staging.
 GK_HD constexpr int64_t fused_backward_launch_bytes(int C, int h) {
   return fused_tile_bytes(C, h, 2, 4, kFusedBackwardMatrices) + kFusedStagingBytes;
+}
+
+// How many programs a backward runs with `concurrent` blocks at once on a GPU of `l2_bytes` of L2: every
+// tile reads and writes its program's partial sums (11 C^2 + 14 C floats), so all programs' sums
+// must stay within 4/5 of the L2 (the rest for the weights the tiles reread), or that traffic goes to
+// DRAM on every tile. H100 (50 MiB): 132 programs at C = 64, 57 at C = 128.
+GK_HD constexpr int64_t fused_backward_programs_within(int C, int64_t concurrent, int64_t l2_bytes) {
+  const int64_t fit = l2_bytes / 5 * 4 / (FusionParamOffsets::of(C).total * 4);
+  const int64_t programs = concurrent < fit ? concurrent : fit;
+  return programs > 1 ? programs : 1;
 }
 
 // One term of a weight gradient: g^T x over the tile's rows, g (kFusedTileRows x n), x (kFusedTileRows x k).

@@ -715,14 +715,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> count_forward(const at::Tensor& x
   return {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
 }
 
-// The fused backward's programs on that GPU (backward_programs in fusion_kernels.cu): its SMs times
-// the blocks whose shared memory fits one (228 KiB an SM, 1 KiB of it reserved per block).
+// The fused backward's programs on that GPU (backward_programs in fusion_kernels.cu): a block an SM
+// (its registers, up to 255 a thread, allow no second), within what keeps the partial sums in L2.
 constexpr int64_t kCountedSms = 132;
-constexpr int64_t kCountedSharedMemoryPerSm = 228 * 1024;
+constexpr int64_t kCountedL2Bytes = 50 * 1024 * 1024;
 
-int64_t counted_programs(int64_t C, int64_t num_heads) {
-  const int64_t block = gk::fused_backward_launch_bytes(static_cast<int>(C), static_cast<int>(num_heads)) + 1024;
-  return kCountedSms * std::max<int64_t>(1, kCountedSharedMemoryPerSm / block);
+int64_t counted_programs(int64_t C) {
+  return gk::fused_backward_programs_within(static_cast<int>(C), kCountedSms, kCountedL2Bytes);
 }
 
 std::vector<at::Tensor> count_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
@@ -731,7 +730,7 @@ std::vector<at::Tensor> count_backward(const at::Tensor& grad_y0, const at::Tens
   // as backward_cuda (fusion_cuda.cpp) chooses
   if (gk::takes_fused_backward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability))
     return gk::fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads,
-                              counted_programs(x0.size(-1), num_heads), gk::announce_fused_backward);
+                              counted_programs(x0.size(-1)), gk::announce_fused_backward);
   return gk::run_backward(grad_y0, grad_y1, x0, x1, params, gate, {}, num_heads, gk::count_range());
 }
 

@@ -60,9 +60,19 @@ void check_fused_takes(bool takes, const char* kernel, const at::Tensor& x0) {
               x0.scalar_type(), " of shape ", x0.sizes());
 }
 
+// Whether the build's code for this GPU runs the fused kernels' MMAs in x0's dtype (fused_kernels_have_mma).
+bool fused_kernels_run_here(const at::Tensor& x0) {
+  if (x0.scalar_type() != at::kHalf && x0.scalar_type() != at::kBFloat16) return false;
+  bool have = false;
+  const cudaError_t status = fused_kernels_have_mma(scalar_kind(x0.scalar_type()), &have);
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(status));
+  return have;
+}
+
 bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
   const DeviceLimits here = DeviceLimits::of(x0);
-  return takes_fused_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability);
+  return takes_fused_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
+         fused_kernels_run_here(x0);
 }
 
 // The fused forward where it takes the layer (C <= 128, 16-bit; fused_forward.h), else the chain. A
@@ -91,10 +101,12 @@ void cuda_fused_backward(const FusedBackwardCall& call) {
 
 bool takes_fused_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
   const DeviceLimits here = DeviceLimits::of(x0);
-  return takes_fused_backward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability);
+  return takes_fused_backward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
+         fused_kernels_run_here(x0);
 }
 
-// As many programs as the GPU runs at once: each then walks tiles / programs tiles.
+// As many programs as the GPU runs at once, within what keeps their partial sums in L2: each walks
+// tiles / programs tiles.
 int64_t device_programs(const at::Tensor& x0, int64_t num_heads) {
   int programs = 0;
   const cudaError_t status = fused_backward_programs(scalar_kind(x0.scalar_type()), static_cast<int>(x0.size(-1)),

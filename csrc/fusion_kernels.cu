@@ -284,9 +284,9 @@ __global__ void __launch_bounds__(kFusedWarps * kWarpSize) fused_forward_kernel(
   }
 }
 
-// A block a program (fused_backward_program): its tiles blockIdx.x + k gridDim.x.
-// One block an SM at most (its tile takes 121 KiB of shared memory at C = 64), so its threads may take
-// up to 255 registers each.
+// A block a program (fused_backward_program): its tiles blockIdx.x + k gridDim.x. One block an SM (its
+// 12 tile matrices take 116 to 132 KiB of shared memory at C = 64), so its threads may take up to 255
+// registers each, which keeps a second block off the SM at any width.
 template <class T>
 __global__ void __launch_bounds__(kFusedWarps * kWarpSize, 1) fused_backward_kernel(const FusedBackwardArgs args) {
   extern __shared__ __align__(128) unsigned char shared[];
@@ -307,11 +307,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) reduce_gradients_k
     reduce_gradient<T>(args, i);
 }
 
-// Lets `kernel`'s blocks take `bytes` of shared memory (or the device's most), once per device: the
+// Lets kKernel's blocks take `bytes` of shared memory (or the device's most), once per device: the
 // setting belongs to the function on that device, shared by every host thread, so a call must never
-// lower it under another's launch. One instantiation per kernel type.
-template <class Kernel>
-cudaError_t allow_shared_memory(Kernel kernel, int64_t bytes) {
+// lower it under another's launch. Keyed by the kernel itself (the float16 and bfloat16 kernels have
+// one type), so each has its own flags.
+template <auto kKernel>
+cudaError_t allow_shared_memory(int64_t bytes) {
   constexpr int kDevices = 64;
   static std::atomic<bool> allowed[kDevices];
   static std::mutex mutex;
@@ -324,7 +325,7 @@ cudaError_t allow_shared_memory(Kernel kernel, int64_t bytes) {
   int most = 0;
   status = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (status != cudaSuccess) return status;
-  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  status = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(std::min<int64_t>(bytes, most)));
   if (status == cudaSuccess && device < kDevices) allowed[device].store(true, std::memory_order_release);
   return status;
@@ -336,7 +337,7 @@ cudaError_t launch_fused(const FusedForwardArgs& args, cudaStream_t stream) {
   const size_t bytes = fused_launch_bytes(args.channels, args.heads);
   // Above 48 KiB a block's dynamic shared memory must be asked for (the caller checked that `bytes`
   // is within the device's most).
-  const cudaError_t status = allow_shared_memory(fused_forward_kernel<T>, kFusedMaxLaunchBytes);
+  const cudaError_t status = allow_shared_memory<fused_forward_kernel<T>>(kFusedMaxLaunchBytes);
   if (status != cudaSuccess) return status;
   const int64_t blocks = (args.pixels + kFusedTileRows - 1) / kFusedTileRows;
   fused_forward_kernel<T><<<static_cast<unsigned>(blocks), kFusedWarps * kWarpSize, bytes, stream>>>(args);
@@ -347,24 +348,44 @@ cudaError_t launch_fused(const FusedForwardArgs& args, cudaStream_t stream) {
 // caps it, and takes_fused_backward keeps wider tiles off the device.
 constexpr int64_t kFusedBackwardMaxLaunchBytes = fused_backward_launch_bytes(kFusedMaxChannels, kFusedMaxChannels);
 
+// As many programs as the device runs at once (its SMs times the blocks that fit one, which the
+// registers hold to one), at most as many as keep all programs' partial sums within 4/5 of the L2
+// (fused_backward_programs_within).
 template <class T>
 cudaError_t backward_programs(int channels, int heads, int* programs) {
-  cudaError_t status = allow_shared_memory(fused_backward_kernel<T>, kFusedBackwardMaxLaunchBytes);
+  cudaError_t status = allow_shared_memory<fused_backward_kernel<T>>(kFusedBackwardMaxLaunchBytes);
   if (status != cudaSuccess) return status;
-  int device = 0, sms = 0, per_sm = 0;
+  int device = 0, sms = 0, per_sm = 0, l2 = 0;
   status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
   if (status == cudaSuccess)
     status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_backward_kernel<T>, kFusedWarps * kWarpSize,
                                                            fused_backward_launch_bytes(channels, heads));
-  *programs = sms * std::max(per_sm, 1);
+  if (status == cudaSuccess && per_sm < 1) status = cudaErrorInvalidConfiguration;  // no block fits an SM
+  *programs = static_cast<int>(fused_backward_programs_within(channels, static_cast<int64_t>(sms) * per_sm, l2));
   return status;
+}
+
+// Whether the bfloat16 fused kernels' code was generated for sm_80 or later (has_mma): a build whose
+// only code for this GPU is older PTX (e.g. TORCH_CUDA_ARCH_LIST=7.5+PTX) has them trap instead.
+cudaError_t fused_kernels_have_mma(ScalarKind kind, bool* have) {
+  *have = true;
+  if (kind != ScalarKind::BFloat16) return cudaSuccess;
+  for (const void* kernel : {reinterpret_cast<const void*>(fused_forward_kernel<__nv_bfloat16>),
+                             reinterpret_cast<const void*>(fused_backward_kernel<__nv_bfloat16>)}) {
+    cudaFuncAttributes attributes{};
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+    if (status != cudaSuccess) return status;
+    *have = *have && attributes.ptxVersion >= 80;
+  }
+  return cudaSuccess;
 }
 
 template <class T>
 cudaError_t launch_fused_backward_typed(const FusedBackwardArgs& args, cudaStream_t stream) {
   static_assert(sizeof(T) == 2 && sizeof(typename Acc<T>::type) == 4, "the launch bytes count 16-bit tiles");
-  cudaError_t status = allow_shared_memory(fused_backward_kernel<T>, kFusedBackwardMaxLaunchBytes);
+  cudaError_t status = allow_shared_memory<fused_backward_kernel<T>>(kFusedBackwardMaxLaunchBytes);
   if (status != cudaSuccess) return status;
   fused_backward_kernel<T><<<static_cast<unsigned>(args.programs), kFusedWarps * kWarpSize,
                              fused_backward_launch_bytes(args.channels, args.heads), stream>>>(args);

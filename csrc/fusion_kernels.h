@@ -23,8 +23,11 @@ cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, 
 // reduction of their partial sums into the parameters' gradients; Half and BFloat16 only.
 cudaError_t launch_fused_backward(ScalarKind kind, const FusedBackwardArgs& args, cudaStream_t stream);
 
-// How many programs the current device runs at once (its SMs times the blocks of the backward's tile
-// of C = channels that fit one): the programs a backward asks for.
+// The programs a backward asks for on the current device (see fused_backward_programs_within).
 cudaError_t fused_backward_programs(ScalarKind kind, int channels, int heads, int* programs);
+
+// Whether this build's fused kernels of `kind` can run their MMAs on the current device's code (false
+// for bfloat16 kernels generated for an architecture before sm_80, which would trap).
+cudaError_t fused_kernels_have_mma(ScalarKind kind, bool* have);
 
 }  // namespace gk

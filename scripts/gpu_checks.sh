@@ -67,7 +67,7 @@ for s in "${steps[@]}"; do
       for tool in racecheck synccheck; do
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py -m gpu -x -q \
-          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16)"
+          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16)"
       done ;;
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
@@ -91,7 +91,7 @@ for s in "${steps[@]}"; do
       for tool in racecheck synccheck; do  # the fused kernels' barriers, on one small case each
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py -m gpu -x -q \
-          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16)"
+          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16)"
       done
       step ledger "$PY" -m gemini_kernels.ledger ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;

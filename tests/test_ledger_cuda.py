@@ -108,8 +108,9 @@ def test_stage_launches_move_what_the_stages_declare():
 
 def test_narrow_backwards_are_one_fused_launch_and_a_reduction():
     """The fused backward reads x0, x1, dy0, dy1, the gates and the parameters once and writes dx0, dx1
-    and each program's partial sums of the weight gradients (an H100's 132 programs); the reduction
-    reads the partial sums and writes the parameters' gradients."""
+    and each program's partial sums of the weight gradients (an H100's 132 programs at C = 64: one an
+    SM, their sums within its L2); the reduction reads the partial sums and writes the parameters'
+    gradients."""
     pixels, dim = STAGES[1]
     lg = counted(1, "fwd+bwd")
     assert [launch.name for launch in lg.launches] == ["fused_forward", "fused_backward", "fused_backward_reduce"]
@@ -135,3 +136,13 @@ def test_wide_backwards_recompute_to_the_keys_then_run_the_transposed_chain():
         "hidden_forward", "relation_forward", "mix_backward", "relation_backward", "hidden_backward"]
     assert lg.flops == 2 * 2 * (8 + 23) * pixels * dim * dim
     assert lg.backward_peak_bytes > 0
+
+
+def test_the_programs_partial_sums_stay_within_the_l2():
+    """Every tile reads and writes its program's partial sums: at C = 128 an H100 runs 57 programs, not
+    132, so that all of them fit 4/5 of its 50 MiB of L2."""
+    pixels, dim = STAGES[2]
+    reduce = counted(2, "fwd+bwd").launches[-1]
+    per_program = sum(torch.Size(s).numel() for s in param_shapes(dim).values()) * 4
+    assert reduce.name == "fused_backward_reduce" and reduce.bytes_read == 57 * per_program
+    assert 57 * per_program <= 0.8 * 50 * 2 ** 20 < 58 * per_program
