@@ -76,13 +76,10 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& grad_y0, const at::Tens
   const at::Tensor grad_y[2] = {grad_y0.contiguous(), grad_y1.contiguous()};
   // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
   const at::Tensor grad_x[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
-  std::vector<at::Tensor> weights, grads;
-  for (const at::Tensor& t : params) {
-    weights.push_back(t.contiguous());
-    grads.push_back(at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
-  }
+  std::vector<at::Tensor> weights;
+  for (const at::Tensor& t : params) weights.push_back(t.contiguous());
+  std::vector<at::Tensor> grads = empty_gradients(x0.options(), C);
   const FusionParamTensors w = named_params(weights);
-  const FusionParamTensors g = named_params(grads);
   // No more programs than tiles: a program without a tile would only add zeros.
   const int64_t used = std::max<int64_t>(1, std::min(programs, tiles));
   const at::Tensor partials =
@@ -103,11 +100,10 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& grad_y0, const at::Tens
   }
   a.gate = gate.const_data_ptr();
   a.partials = partials.data_ptr();
-#define GK_PARAM_POINTER(field, name, rank, a0, b0, a1, b1) \
-  a.params.field = w.field.const_data_ptr();                 \
-  a.grads.field = g.field.data_ptr();
+#define GK_PARAM_POINTER(field, name, rank, a0, b0, a1, b1) a.params.field = w.field.const_data_ptr();
   GK_FUSION_PARAMS(GK_PARAM_POINTER)
 #undef GK_PARAM_POINTER
+  a.grads = gradient_pointers(grads);
   call.tile_reads = {x[0], x[1], grad_y[0], grad_y[1], gate};
   call.tile_reads.insert(call.tile_reads.end(), weights.begin(), weights.end());
   call.tile_writes = {grad_x[0], grad_x[1], partials};

@@ -35,6 +35,14 @@ constexpr int kFusedBackwardMatrices = 12;
 // after another in FusionParams order (fusion_params.h), so that the reduction writes each element of
 // the partials to the same element of a gradient. The v_noise slot holds sum_r d/d(v_noise + s), which
 // is v_noise's gradient; the key third of in_proj_bias's slots stays 0 (the key bias cancels).
+// The parameters by index, in FusionParams order: kParam_fc1_weight, ...
+enum ParamIndex : int {
+#define GK_PARAM_INDEX(field, name, rank, a0, b0, a1, b1) kParam_##field,
+  GK_FUSION_PARAMS(GK_PARAM_INDEX)
+#undef GK_PARAM_INDEX
+  kParamCount
+};
+
 struct FusionParamOffsets {
 #define GK_PARAM_OFFSET(field, name, rank, a0, b0, a1, b1) int64_t field;
   GK_FUSION_PARAMS(GK_PARAM_OFFSET)
@@ -54,12 +62,56 @@ struct FusionParamOffsets {
   }
 };
 
+// A parameter's rows and the columns of each: its two dimensions, or one row for a vector. (Switches,
+// not arrays: an array indexed at run time goes to a CUDA thread's stack.)
+GK_HD constexpr int64_t param_rows(int param, int64_t C) {
+  switch (param) {
+#define GK_PARAM_ROWS(field, name, rank, a0, b0, a1, b1) \
+  case kParam_##field: return (rank) == 2 ? (a0) * C + (b0) : 1;
+    GK_FUSION_PARAMS(GK_PARAM_ROWS)
+#undef GK_PARAM_ROWS
+  }
+  return 0;
+}
+GK_HD constexpr int64_t param_columns(int param, int64_t C) {
+  switch (param) {
+#define GK_PARAM_COLUMNS(field, name, rank, a0, b0, a1, b1) \
+  case kParam_##field: return (rank) == 2 ? (a1) * C + (b1) : (a0) * C + (b0);
+    GK_FUSION_PARAMS(GK_PARAM_COLUMNS)
+#undef GK_PARAM_COLUMNS
+  }
+  return 0;
+}
+
 // The parameters' gradients, as raw pointers (contiguous, the parameters' dtype and shapes).
 struct FusionParamGradPointers {
 #define GK_PARAM_POINTER(field, name, rank, a0, b0, a1, b1) void* field;
   GK_FUSION_PARAMS(GK_PARAM_POINTER)
 #undef GK_PARAM_POINTER
 };
+
+// Parameter `param`'s gradient.
+template <class T>
+GK_HD T* gradient_of(const FusionParamGradPointers& grads, int param) {
+  switch (param) {
+#define GK_PARAM_CASE(field, name, rank, a0, b0, a1, b1) \
+  case kParam_##field: return mptr<T>(grads.field);
+    GK_FUSION_PARAMS(GK_PARAM_CASE)
+#undef GK_PARAM_CASE
+  }
+  return nullptr;
+}
+
+// Where element i of the layout goes: the last parameter whose slot starts at or before i.
+template <class T>
+GK_HD T* gradient_slot(const FusionParamGradPointers& grads, const FusionParamOffsets& at, int64_t i) {
+  T* slot = nullptr;
+#define GK_PARAM_SLOT(field, name, rank, a0, b0, a1, b1) \
+  if (i >= at.field) slot = mptr<T>(grads.field) + (i - at.field);
+  GK_FUSION_PARAMS(GK_PARAM_SLOT)
+#undef GK_PARAM_SLOT
+  return slot;
+}
 
 struct FusedBackwardArgs {
   int64_t pixels;  // M per direction
@@ -486,14 +538,8 @@ template <class T>
 GK_HD void reduce_gradient(const FusedBackwardArgs& args, int64_t i) {
   using A = typename Acc<T>::type;
   const FusionParamOffsets at = FusionParamOffsets::of(args.channels);
-  const T value = fused::round_to<T>(sum_over_programs(cptr<A>(args.partials), at.total, args.programs, i));
-  // The parameters in layout order: the last whose slot starts at or before i holds it.
-#define GK_PARAM_STORE(field, name, rank, a0, b0, a1, b1) \
-  if (i >= at.field) slot = mptr<T>(args.grads.field) + (i - at.field);
-  T* slot = nullptr;
-  GK_FUSION_PARAMS(GK_PARAM_STORE)
-#undef GK_PARAM_STORE
-  *slot = value;
+  *gradient_slot<T>(args.grads, at, i) =
+      fused::round_to<T>(sum_over_programs(cptr<A>(args.partials), at.total, args.programs, i));
 }
 
 }  // namespace gk

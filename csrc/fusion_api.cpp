@@ -2,6 +2,9 @@
 // name, the weight packing and its cache, the argument checks and the gradients' assembly. Also
 // defines the torch ops and the Python module that loads them.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -271,45 +274,96 @@ at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const PackedWeights& w, const at::Tensor& x0,
-                                           const at::Tensor& x1) {
-  const int64_t C = x0.size(-1);
-  const auto options = x0.options();
-  const at::Tensor (&grad_wx)[2] = r.grad_wx;
-  const at::Tensor (&grad_g_sum)[2] = r.grad_g_sum;
-
-  auto block = [C](const at::Tensor& t, GBlock i) { return t.narrow(0, static_cast<int64_t>(i) * C, C); };
+std::vector<at::Tensor> empty_gradients(const at::TensorOptions& options, int64_t C) {
   std::vector<at::Tensor> grads;
-  grads.reserve(2 + kNumParams);
-  grads.push_back(r.grad_x[0]);
-  grads.push_back(r.grad_x[1]);
-  // fc1: W1a and W1b are shared by the directions.
-  grads.push_back(at::cat({block(grad_wx[0], kFc1Self) + block(grad_wx[1], kFc1Self),
-                           block(grad_wx[0], kFc1Other) + block(grad_wx[1], kFc1Other)},
-                          1));
-  grads.push_back(block(grad_g_sum[0], kFc1Self) + block(grad_g_sum[1], kFc1Self));
-  grads.push_back(r.grad_w2);
-  grads.push_back(r.grad_b2);
-  grads.push_back(at::stack({r.grad_k_noise[0], r.grad_k_noise[1]}));
-  at::Tensor grad_v_noise = at::empty({2, C}, options);
-  std::vector<at::Tensor> per_direction;
-  for (int d = 0; d < 2; ++d) {
-    // d/d(Wv_d v_noise[d]) is the sum of the v_self column gradients.
-    const at::Tensor grad_vn_proj = block(grad_g_sum[d], kValueSelf);
-    grad_v_noise[d].copy_(at::mv(w.wv[d].t(), grad_vn_proj));
-    const at::Tensor grad_wv =
-        block(grad_wx[d], kValueSelf) + block(grad_wx[1 - d], kValueOther) + at::outer(grad_vn_proj, w.v_noise[d]);
-    per_direction.push_back(at::cat({block(grad_wx[d], kQueryRaw), r.grad_wk[d], grad_wv}));
-    // The key bias cancels in k_self - k_cross, so its gradient is exactly zero.
-    per_direction.push_back(at::cat({block(grad_g_sum[d], kQueryRaw), at::zeros({C}, options),
-                                     block(grad_g_sum[d], kValueSelf) + block(grad_g_sum[1 - d], kValueOther)}));
-    per_direction.push_back(r.grad_wo[d]);
-    per_direction.push_back(r.grad_bo[d]);
-  }
-  grads.push_back(grad_v_noise);
-  grads.insert(grads.end(), per_direction.begin(), per_direction.end());
+  for (const ParamSpec& spec : param_specs(C)) grads.push_back(at::empty(spec.shape, options));
   return grads;
 }
+
+FusionParamGradPointers gradient_pointers(std::vector<at::Tensor>& grads) {
+  const FusionParamTensors g = named_params(grads);
+  FusionParamGradPointers pointers;
+#define GK_PARAM_POINTER(field, name, rank, a0, b0, a1, b1) pointers.field = g.field.data_ptr();
+  GK_FUSION_PARAMS(GK_PARAM_POINTER)
+#undef GK_PARAM_POINTER
+  return pointers;
+}
+
+GradientParts gradient_parts(at::TensorList parts, int64_t C) {
+  TORCH_CHECK(parts.size() == kNumGradientParts, "gemini_kernels: assemble_gradients takes ", kNumGradientParts,
+              " tensors; got ", parts.size());
+  TORCH_CHECK(C >= 1, "gemini_kernels: assemble_gradients takes channels >= 1; got ", C);
+  // elements of each part, in order (see assemble_gradients)
+  const int64_t numel[kNumGradientParts] = {5 * C * C, 5 * C * C, 5 * C, 5 * C, C * C, C, C, C,
+                                            C * C,     C * C,     C * C, C * C, C, C, 2 * C * C, 2 * C};
+  for (size_t i = 0; i < kNumGradientParts; ++i) {
+    const at::Tensor& t = parts[i];
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == parts[0].scalar_type() && t.device() == parts[0].device() &&
+                    t.numel() == numel[i],
+                "gemini_kernels: assemble_gradients takes contiguous tensors of one dtype and device; part ", i,
+                " must have ", numel[i], " elements for channels=", C, "; got ", t.scalar_type(), t.sizes(), " on ",
+                t.device(), (t.is_contiguous() ? "" : ", not contiguous"));
+  }
+  GradientParts p;
+  p.channels = static_cast<int>(C);
+  int i = 0;
+  for (int d = 0; d < 2; ++d) p.wx[d] = parts[i++].const_data_ptr();
+  for (int d = 0; d < 2; ++d) p.g_sum[d] = parts[i++].const_data_ptr();
+  p.w2 = parts[i++].const_data_ptr();
+  p.b2 = parts[i++].const_data_ptr();
+  for (int d = 0; d < 2; ++d) p.k_noise[d] = parts[i++].const_data_ptr();
+  for (int d = 0; d < 2; ++d) p.wk[d] = parts[i++].const_data_ptr();
+  for (int d = 0; d < 2; ++d) p.wo[d] = parts[i++].const_data_ptr();
+  for (int d = 0; d < 2; ++d) p.bo[d] = parts[i++].const_data_ptr();
+  p.wv = parts[i++].const_data_ptr();
+  p.v_noise = parts[i++].const_data_ptr();
+  return p;
+}
+
+// One launch, the op assemble_gradients (CPU here, CUDA in fusion_cuda.cpp, shapes only on meta
+// tensors, where the launch ledger counts it).
+std::vector<at::Tensor> assemble_gradients(const WeightGradients& r, const PackedWeights& w, const at::Tensor& x0,
+                                           const at::Tensor& x1) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gemini_kernels::assemble_gradients", "")
+                             .typed<std::vector<at::Tensor>(at::TensorList, int64_t)>();
+  std::vector<at::Tensor> parts = {r.grad_wx[0],      r.grad_wx[1], r.grad_g_sum[0], r.grad_g_sum[1], r.grad_w2,
+                                   r.grad_b2,         r.grad_k_noise[0], r.grad_k_noise[1], r.grad_wk[0],
+                                   r.grad_wk[1],      r.grad_wo[0], r.grad_wo[1], r.grad_bo[0], r.grad_bo[1], w.wv,
+                                   w.v_noise};
+  for (at::Tensor& t : parts) t = t.contiguous();
+  std::vector<at::Tensor> grads = op.call(parts, x0.size(-1));
+  grads.insert(grads.begin(), {r.grad_x[0], r.grad_x[1]});
+  return grads;
+}
+
+namespace {
+
+std::vector<at::Tensor> assemble_gradients_cpu(at::TensorList parts, int64_t C) {
+  const GradientParts p = gradient_parts(parts, C);
+  std::vector<at::Tensor> grads = empty_gradients(parts[0].options(), C);
+  const FusionParamGradPointers g = gradient_pointers(grads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, parts[0].scalar_type(), "gemini_kernels::assemble_gradients",
+                                  [&] {
+                                    for (int param = 0; param < kParamCount; ++param) {
+                                      const int64_t columns = param_columns(param, C);
+                                      at::parallel_for(0, param_rows(param, C), 16, [&](int64_t b, int64_t e) {
+                                        for (int64_t r = b; r < e; ++r)
+                                          for (int64_t c = 0; c < columns; ++c)
+                                            assemble_gradient<scalar_t>(p, g, param, r, c);
+                                      });
+                                    }
+                                  });
+  return grads;
+}
+
+std::vector<at::Tensor> assemble_gradients_meta(at::TensorList parts, int64_t C) {
+  TORCH_CHECK(parts.size() == kNumGradientParts, "gemini_kernels: assemble_gradients takes ", kNumGradientParts,
+              " tensors; got ", parts.size());
+  return empty_gradients(parts[0].options(), C);
+}
+
+}  // namespace
 
 }  // namespace gk
 
@@ -320,6 +374,9 @@ TORCH_LIBRARY(gemini_kernels, m) {
   m.def(
       "fusion_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
       "Tensor[] activations, int num_heads) -> Tensor[]");
+  // The chain backward's last launch: the 14 parameter gradients from its reduced sums
+  // (gradient_assembly.h; the parts in assemble_gradients' order, fusion_api.cpp).
+  m.def("assemble_gradients(Tensor[] parts, int channels) -> Tensor[]");
   // The packed-weight cache (fusion_api.h, cached_pack_weights): forget it; its counters; on / off.
   m.def("clear_weight_cache() -> ()", &gk::clear_weight_cache);
   m.def("weight_cache_info() -> int[]", &gk::weight_cache_info);
@@ -348,3 +405,6 @@ extern "C" PyObject* PyInit__C(void) {
                                nullptr};
   return PyModule_Create(&module);
 }
+
+TORCH_LIBRARY_IMPL(gemini_kernels, CPU, m) { m.impl("assemble_gradients", &gk::assemble_gradients_cpu); }
+TORCH_LIBRARY_IMPL(gemini_kernels, Meta, m) { m.impl("assemble_gradients", &gk::assemble_gradients_meta); }

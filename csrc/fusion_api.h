@@ -11,6 +11,7 @@
 
 #include "fused_backward.h"
 #include "fused_forward.h"
+#include "gradient_assembly.h"
 #include "fusion_math.h"
 #include "fusion_params.h"
 
@@ -97,9 +98,16 @@ struct WeightGradients {
   at::Tensor grad_bo[2];     // (C,): column sums of grad_y[d]
 };
 
-// The gradients of x0, x1 and the 14 parameters, in that order, from the reduced ones.
+// The gradients of x0, x1 and the 14 parameters, in that order, from the reduced ones: one launch of
+// the op assemble_gradients (gradient_assembly.h).
 std::vector<at::Tensor> assemble_gradients(const WeightGradients& reduced, const PackedWeights& w, const at::Tensor& x0,
                                            const at::Tensor& x1);
+// The op's parts as raw pointers (kNumGradientParts contiguous tensors of one dtype, checked).
+constexpr size_t kNumGradientParts = 16;
+GradientParts gradient_parts(at::TensorList parts, int64_t C);
+// The 14 parameters' gradients, uninitialised, and their pointers.
+std::vector<at::Tensor> empty_gradients(const at::TensorOptions& options, int64_t C);
+FusionParamGradPointers gradient_pointers(std::vector<at::Tensor>& grads);
 
 // Runs `stage` over every row of `buffers`, whose tensors have dtype `dtype` and live on the device
 // the runner serves; returns when the work is queued (CUDA) or done (host).

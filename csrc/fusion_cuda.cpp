@@ -135,10 +135,22 @@ std::vector<at::Tensor> fused_backward_cuda(const at::Tensor& grad_y0, const at:
   return fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, programs, cuda_fused_backward);
 }
 
+std::vector<at::Tensor> assemble_gradients_cuda(at::TensorList parts, int64_t C) {
+  TORCH_CHECK(!parts.empty(), "gemini_kernels: assemble_gradients takes ", kNumGradientParts, " tensors; got none");
+  const c10::cuda::CUDAGuard device_guard(parts[0].device());
+  const GradientParts p = gradient_parts(parts, C);
+  std::vector<at::Tensor> grads = empty_gradients(parts[0].options(), C);
+  const cudaError_t status = launch_assemble_gradients(scalar_kind(parts[0].scalar_type()), p, gradient_pointers(grads),
+                                                       c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the gradient assembly's launch failed: ", cudaGetErrorString(status));
+  return grads;
+}
+
 }  // namespace
 }  // namespace gk
 
 TORCH_LIBRARY_IMPL(gemini_kernels, CUDA, m) {
+  m.impl("assemble_gradients", &gk::assemble_gradients_cuda);
   m.impl("fusion_forward", &gk::forward_cuda);
   m.impl("fusion_backward", &gk::backward_cuda);
   m.impl("fused_forward", &gk::fused_forward_cuda);

@@ -113,6 +113,30 @@ cudaError_t launch_typed(Stage stage, const FusionBuffers& buffers, cudaStream_t
   return cudaErrorInvalidValue;
 }
 
+// The chain backward's last launch (gradient_assembly.h).
+// blockIdx.y: the parameter; its elements a thread each.
+template <class T>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) assemble_gradients_kernel(
+    const GradientParts parts, const FusionParamGradPointers grads) {
+  const int param = static_cast<int>(blockIdx.y);
+  const int64_t columns = param_columns(param, parts.channels);
+  const int64_t size = param_rows(param, parts.channels) * columns;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < size;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    assemble_gradient<T>(parts, grads, param, j / columns, j % columns);
+}
+
+template <class T>
+cudaError_t launch_assemble_typed(const GradientParts& parts, const FusionParamGradPointers& grads, cudaStream_t stream) {
+  int64_t largest = 0;
+  for (int param = 0; param < kParamCount; ++param)
+    largest = std::max(largest, param_rows(param, parts.channels) * param_columns(param, parts.channels));
+  constexpr int kThreads = kWarpsPerBlock * kWarpSize;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((largest + kThreads - 1) / kThreads, 1024)), kParamCount);
+  assemble_gradients_kernel<T><<<grid, kThreads, 0, stream>>>(parts, grads);
+  return cudaGetLastError();
+}
+
 // ---- the fused forward ------------------------------------------------------------------------
 
 static_assert(kFusedWarps == kWarpsPerBlock, "the fused forward's blocks are the row stages' size");
@@ -406,6 +430,17 @@ cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buff
     case ScalarKind::Double: return launch_typed<double>(stage, buffers, stream);
     case ScalarKind::Half: return launch_typed<__half>(stage, buffers, stream);
     case ScalarKind::BFloat16: return launch_typed<__nv_bfloat16>(stage, buffers, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_assemble_gradients(ScalarKind kind, const GradientParts& parts, const FusionParamGradPointers& grads,
+                                      cudaStream_t stream) {
+  switch (kind) {
+    case ScalarKind::Float: return launch_assemble_typed<float>(parts, grads, stream);
+    case ScalarKind::Double: return launch_assemble_typed<double>(parts, grads, stream);
+    case ScalarKind::Half: return launch_assemble_typed<__half>(parts, grads, stream);
+    case ScalarKind::BFloat16: return launch_assemble_typed<__nv_bfloat16>(parts, grads, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -7,6 +7,7 @@
 #include "fused_backward.h"
 #include "fused_forward.h"
 #include "fusion_math.h"
+#include "gradient_assembly.h"
 
 namespace gk {
 
@@ -25,6 +26,11 @@ cudaError_t launch_fused_backward(ScalarKind kind, const FusedBackwardArgs& args
 
 // The programs a backward asks for on the current device (see fused_backward_programs_within).
 cudaError_t fused_backward_programs(ScalarKind kind, int channels, int heads, int* programs);
+
+// Queues the chain backward's gradient assembly (gradient_assembly.h): every element of the 14
+// parameters' gradients, a thread each.
+cudaError_t launch_assemble_gradients(ScalarKind kind, const GradientParts& parts, const FusionParamGradPointers& grads,
+                                      cudaStream_t stream);
 
 // Whether this build's fused kernels of `kind` can run their MMAs on the current device's code (false
 // for bfloat16 kernels generated for an architecture before sm_80, which would trap).

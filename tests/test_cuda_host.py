@@ -460,3 +460,23 @@ def test_gpu_gradcheck_float64(shape, dim, heads):
 
     with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
         assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_gradient_assembly_op_checks_its_parts():
+    """torch.ops.gemini_kernels.assemble_gradients (the chain backward's last launch) reads raw pointers:
+    a part of the wrong size, dtype or layout is refused, naming it, instead of read out of bounds."""
+    C = 8
+    sizes = [5 * C * C] * 2 + [5 * C] * 2 + [C * C, C, C, C] + [C * C] * 4 + [C, C, 2 * C * C, 2 * C]
+    parts = [torch.randn(n, dtype=torch.float64) for n in sizes]
+    grads = torch.ops.gemini_kernels.assemble_gradients(parts, C)
+    assert [tuple(g.shape) for g in grads] == [tuple(s) for s in gemini_kernels.params.param_shapes(C).values()]
+    bad = {
+        "short": (parts[:3] + [parts[3][:-1]] + parts[4:], r"part 3 must have 40 elements for channels=8; got Double\[39\]"),
+        "dtype": (parts[:5] + [parts[5].float()] + parts[6:], r"part 5 must have 8 elements"),
+        "strided": (parts[:14] + [parts[14].view(2 * C, C).t().reshape(-1)[::1].view(C, 2 * C).t()] + parts[15:],
+                    r"part 14 must have 128 elements.*not contiguous"),
+        "count": (parts[:-1], r"assemble_gradients takes 16 tensors; got 15"),
+    }
+    for name, (args, fragment) in bad.items():
+        with pytest.raises(RuntimeError, match=fragment):
+            torch.ops.gemini_kernels.assemble_gradients(args, C)
