@@ -372,8 +372,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtypes", type=csv(), default=None, help=f"of {list(DTYPES)} (default: bf16 GPU, fp32 CPU)")
     ap.add_argument("--passes", type=csv(), default=list(PASSES), help="fwd, fwd+bwd (default both)")
     ap.add_argument("--variants", type=csv(), default=None,
-                    help="package backends (torch, triton, cuda) and compile, published, exchange, xattn "
-                         "(default: all)")
+                    help="package backends (torch, triton, cuda, cpu_cpp; on CPU, cuda times cpu_cpp) and compile, "
+                         "published, exchange, xattn (default: all)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--runs", type=int, default=None, help="timed runs per cell (default: 100 GPU, 10 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 10 GPU, 2 CPU)")
