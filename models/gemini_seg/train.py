@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="mit_b0", choices=list(BACKBONES),
                    help="encoder (published NYUDv2 / SUN RGB-D models: mit_b3 to mit_b5 and the swin_* ones)")
-    m.add_argument("--fusion-backend", default="auto", help="auto, torch (the oracle), triton or cuda")
+    m.add_argument("--fusion-backend", default="auto", help="auto, torch (the oracle), triton, cuda or cpu_cpp")
     m.add_argument("--no-fusion", action="store_true", help="dual-stream model without the fusion layers")
     m.add_argument("--dpr", type=float, default=0.1,
                    help="stochastic depth rate (SegFormer's 0.1; published GeminiFusion: 0.4 for B3)")
