@@ -267,6 +267,25 @@ GK_HD const T* cptr(const void* p) { return static_cast<const T*>(p); }
 template <class T>
 GK_HD T* mptr(void* p) { return static_cast<T*>(p); }
 
+// The column blocks of one row (direction d, pixel) of a g-layout pair (g, or grad_g): which blocks of
+// which direction's buffer hold each product of that row. E is T or const T; own is the pair's
+// buffer d, other its buffer 1 - d.
+template <class E>
+struct GRow {
+  E* fc1_self;     // x_d W1a^T, of own
+  E* fc1_other;    // x_{1-d} W1b^T, of other (its fc1 block for the other modality)
+  E* query_raw;    // x_d Wq_d^T, of own
+  E* value_self;   // x_d Wv_d^T, of own
+  E* value_other;  // x_{1-d} Wv_d^T, of other
+  template <class Void>
+  GK_HD GRow(Void* own, Void* other, int64_t pixel, int C)
+      : fc1_self(g_block(static_cast<E*>(own), pixel, C, kFc1Self)),
+        fc1_other(g_block(static_cast<E*>(other), pixel, C, kFc1Other)),
+        query_raw(g_block(static_cast<E*>(own), pixel, C, kQueryRaw)),
+        value_self(g_block(static_cast<E*>(own), pixel, C, kValueSelf)),
+        value_other(g_block(static_cast<E*>(other), pixel, C, kValueOther)) {}
+};
+
 // The serial team: one thread owns the row.
 struct SerialTeam {
   GK_HD int first() const { return 0; }
@@ -309,12 +328,11 @@ struct HiddenForward {
     using V = Convert<T>;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
-    const T* own = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kFc1Self);
-    const T* other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kFc1Other);
+    const GRow<const T> g(b.g[ix.d], b.g[ix.other], ix.pixel, C);
     const T* b1 = cptr<T>(b.b1);
     T* out = mptr<T>(b.hidden) + ix.row * C;
     for (int c = team.first(); c < C; c += team.stride()) {
-      const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
+      const A u = V::template load<A>(g.fc1_self[c]) + V::template load<A>(g.fc1_other[c]) + V::template load<A>(b1[c]);
       out[c] = V::template store<A>(gelu(u));
     }
   }
@@ -375,9 +393,10 @@ struct MixForward {
     const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
-    const T* q_raw = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kQueryRaw);
-    const T* v_self = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kValueSelf);     // Wv_d s
-    const T* v_other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kValueOther);  // Wv_d o
+    const GRow<const T> g(b.g[ix.d], b.g[ix.other], ix.pixel, C);
+    const T* q_raw = g.query_raw;
+    const T* v_self = g.value_self;    // Wv_d s
+    const T* v_other = g.value_other;  // Wv_d o
     const T* dk = cptr<T>(b.dk) + ix.row * C;
     const T* s = cptr<T>(b.x[ix.d]) + ix.pixel * C;
     const T* bq = cptr<T>(b.bq) + ix.d * C;
@@ -437,9 +456,11 @@ struct MixBackward {
     const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
     const RowIndex ix(r, b.pixels);
-    const T* q_raw = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kQueryRaw);
-    const T* v_self = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kValueSelf);
-    const T* v_other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kValueOther);
+    const GRow<const T> g(b.g[ix.d], b.g[ix.other], ix.pixel, C);
+    const GRow<T> grad(b.grad_g[ix.d], b.grad_g[ix.other], ix.pixel, C);
+    const T* q_raw = g.query_raw;
+    const T* v_self = g.value_self;
+    const T* v_other = g.value_other;
     const T* dk = cptr<T>(b.dk) + ix.row * C;
     const T* bq = cptr<T>(b.bq) + ix.d * C;
     const T* bv = cptr<T>(b.bv) + ix.d * C;
@@ -448,9 +469,9 @@ struct MixBackward {
     const A* gate = cptr<A>(b.gate) + ix.row * b.heads;
     T* mixed = mptr<T>(b.mixed) + ix.row * C;
     T* grad_dk = mptr<T>(b.grad_dk) + ix.row * C;
-    T* grad_q_raw = g_block(mptr<T>(b.grad_g[ix.d]), ix.pixel, C, kQueryRaw);
-    T* grad_v_self = g_block(mptr<T>(b.grad_g[ix.d]), ix.pixel, C, kValueSelf);
-    T* grad_v_other = g_block(mptr<T>(b.grad_g[ix.other]), ix.pixel, C, kValueOther);
+    T* grad_q_raw = grad.query_raw;
+    T* grad_v_self = grad.value_self;
+    T* grad_v_other = grad.value_other;
 
     for (int j = 0; j < b.heads; ++j) {
       const int lo = j * width, hi = lo + width;
@@ -539,17 +560,15 @@ struct HiddenBackward {
     using V = Convert<T>;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
-    const T* own = g_block(cptr<T>(b.g[ix.d]), ix.pixel, C, kFc1Self);
-    const T* other = g_block(cptr<T>(b.g[ix.other]), ix.pixel, C, kFc1Other);
+    const GRow<const T> g(b.g[ix.d], b.g[ix.other], ix.pixel, C);
+    const GRow<T> grad(b.grad_g[ix.d], b.grad_g[ix.other], ix.pixel, C);
     const T* b1 = cptr<T>(b.b1);
     const T* grad_hidden = cptr<T>(b.grad_hidden) + ix.row * C;
-    T* grad_own = g_block(mptr<T>(b.grad_g[ix.d]), ix.pixel, C, kFc1Self);
-    T* grad_other = g_block(mptr<T>(b.grad_g[ix.other]), ix.pixel, C, kFc1Other);
     for (int c = team.first(); c < C; c += team.stride()) {
-      const A u = V::template load<A>(own[c]) + V::template load<A>(other[c]) + V::template load<A>(b1[c]);
+      const A u = V::template load<A>(g.fc1_self[c]) + V::template load<A>(g.fc1_other[c]) + V::template load<A>(b1[c]);
       const T gu = V::template store<A>(V::template load<A>(grad_hidden[c]) * gelu_grad(u));
-      grad_own[c] = gu;
-      grad_other[c] = gu;
+      grad.fc1_self[c] = gu;
+      grad.fc1_other[c] = gu;
     }
   }
 };
