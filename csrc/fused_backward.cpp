@@ -31,9 +31,7 @@ void run_programs_on_host(const FusedBackwardArgs& args) {
     for (int64_t program = begin; program < end; ++program)
       fused_backward_program<T>(engine, args, static_cast<int>(program));
   });
-  at::parallel_for(0, FusionParamOffsets::of(args.channels).total, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) reduce_gradient<T>(args, i);
-  });
+  for_each_gradient_element(ReduceGradients<T>{args}, args.channels);
 }
 
 void launch_on_host(const FusedBackwardCall& call) {

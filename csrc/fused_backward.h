@@ -3,7 +3,7 @@
 // and runs every gradient product of both directions, so x0, x1, dy0 and dy1 are read once and dx0, dx1
 // written once. The weight gradients are summed over the tiles of a *program* (a CUDA block that walks
 // tiles p, p + P, p + 2P, ...) into the program's own partial sums, in the accumulation type, with no
-// atomics; a second pass (reduce_gradients) adds the P partials in program order and writes the 14
+// atomics; a second pass (ReduceGradients) adds the P partials in program order and writes the 14
 // parameter gradients. So a rerun gives the same bits, on a device with the same P.
 //
 // The tile logic is written once, against the engine of fused_forward.h, which for the backward also
@@ -102,15 +102,15 @@ GK_HD T* gradient_of(const FusionParamGradPointers& grads, int param) {
   return nullptr;
 }
 
-// Where element i of the layout goes: the last parameter whose slot starts at or before i.
-template <class T>
-GK_HD T* gradient_slot(const FusionParamGradPointers& grads, const FusionParamOffsets& at, int64_t i) {
-  T* slot = nullptr;
-#define GK_PARAM_SLOT(field, name, rank, a0, b0, a1, b1) \
-  if (i >= at.field) slot = mptr<T>(grads.field) + (i - at.field);
-  GK_FUSION_PARAMS(GK_PARAM_SLOT)
-#undef GK_PARAM_SLOT
-  return slot;
+// Where parameter `param`'s gradient starts in the layout.
+GK_HD constexpr int64_t param_offset(int param, int64_t C) {
+  switch (param) {
+#define GK_PARAM_OFFSET_CASE(field, name, rank, a0, b0, a1, b1) \
+  case kParam_##field: return FusionParamOffsets::of(C).field;
+    GK_FUSION_PARAMS(GK_PARAM_OFFSET_CASE)
+#undef GK_PARAM_OFFSET_CASE
+  }
+  return 0;
 }
 
 struct FusedBackwardArgs {
@@ -532,14 +532,20 @@ GK_HD A sum_over_programs(const A* partials, int64_t stride, int programs, int64
   return total;
 }
 
-// Writes element i of the layout (i < FusionParamOffsets::total) to its parameter's gradient.
-GK_HD_TEMPLATE
+// Writes row r, column c of parameter `param`'s gradient (param_rows x param_columns) from the
+// programs' partial sums. A functor, so that the runners of gradient elements (fusion_api.h on the
+// host, fusion_kernels.cu on CUDA) take it as they take AssembleGradients.
 template <class T>
-GK_HD void reduce_gradient(const FusedBackwardArgs& args, int64_t i) {
-  using A = typename Acc<T>::type;
-  const FusionParamOffsets at = FusionParamOffsets::of(args.channels);
-  *gradient_slot<T>(args.grads, at, i) =
-      fused::round_to<T>(sum_over_programs(cptr<A>(args.partials), at.total, args.programs, i));
-}
+struct ReduceGradients {
+  FusedBackwardArgs args;
+  GK_HD_TEMPLATE
+  GK_HD void operator()(int param, int64_t r, int64_t c) const {
+    using A = typename Acc<T>::type;
+    const int64_t C = args.channels;
+    const int64_t j = r * param_columns(param, C) + c;
+    gradient_of<T>(args.grads, param)[j] = fused::round_to<T>(
+        sum_over_programs(cptr<A>(args.partials), FusionParamOffsets::of(C).total, args.programs, param_offset(param, C) + j));
+  }
+};
 
 }  // namespace gk

@@ -344,22 +344,12 @@ std::vector<at::Tensor> assemble_gradients_cpu(at::TensorList parts, int64_t C) 
   std::vector<at::Tensor> grads = empty_gradients(parts[0].options(), C);
   const FusionParamGradPointers g = gradient_pointers(grads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, parts[0].scalar_type(), "gemini_kernels::assemble_gradients",
-                                  [&] {
-                                    for (int param = 0; param < kParamCount; ++param) {
-                                      const int64_t columns = param_columns(param, C);
-                                      at::parallel_for(0, param_rows(param, C), 16, [&](int64_t b, int64_t e) {
-                                        for (int64_t r = b; r < e; ++r)
-                                          for (int64_t c = 0; c < columns; ++c)
-                                            assemble_gradient<scalar_t>(p, g, param, r, c);
-                                      });
-                                    }
-                                  });
+                                  [&] { for_each_gradient_element(AssembleGradients<scalar_t>{p, g}, C); });
   return grads;
 }
 
 std::vector<at::Tensor> assemble_gradients_meta(at::TensorList parts, int64_t C) {
-  TORCH_CHECK(parts.size() == kNumGradientParts, "gemini_kernels: assemble_gradients takes ", kNumGradientParts,
-              " tensors; got ", parts.size());
+  gradient_parts(parts, C);  // the checks
   return empty_gradients(parts[0].options(), C);
 }
 

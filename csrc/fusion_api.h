@@ -4,6 +4,7 @@
 // chain of GEMMs and stages itself is fusion_chain.h's.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
@@ -108,6 +109,18 @@ GradientParts gradient_parts(at::TensorList parts, int64_t C);
 // The 14 parameters' gradients, uninitialised, and their pointers.
 std::vector<at::Tensor> empty_gradients(const at::TensorOptions& options, int64_t C);
 FusionParamGradPointers gradient_pointers(std::vector<at::Tensor>& grads);
+// op(param, r, c) for every element of the 14 parameters' gradients (param_rows x param_columns of
+// width C) on the host, rows in parallel: ReduceGradients, AssembleGradients.
+template <class Op>
+void for_each_gradient_element(const Op& op, int64_t C) {
+  for (int param = 0; param < kParamCount; ++param) {
+    const int64_t columns = param_columns(param, C);
+    at::parallel_for(0, param_rows(param, C), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t c = 0; c < columns; ++c) op(param, r, c);
+    });
+  }
+}
 
 // Runs `stage` over every row of `buffers`, whose tensors have dtype `dtype` and live on the device
 // the runner serves; returns when the work is queued (CUDA) or done (host).

@@ -136,9 +136,8 @@ std::vector<at::Tensor> fused_backward_cuda(const at::Tensor& grad_y0, const at:
 }
 
 std::vector<at::Tensor> assemble_gradients_cuda(at::TensorList parts, int64_t C) {
-  TORCH_CHECK(!parts.empty(), "gemini_kernels: assemble_gradients takes ", kNumGradientParts, " tensors; got none");
-  const c10::cuda::CUDAGuard device_guard(parts[0].device());
   const GradientParts p = gradient_parts(parts, C);
+  const c10::cuda::CUDAGuard device_guard(parts[0].device());
   std::vector<at::Tensor> grads = empty_gradients(parts[0].options(), C);
   const cudaError_t status = launch_assemble_gradients(scalar_kind(parts[0].scalar_type()), p, gradient_pointers(grads),
                                                        c10::cuda::getCurrentCUDAStream());

@@ -113,27 +113,26 @@ cudaError_t launch_typed(Stage stage, const FusionBuffers& buffers, cudaStream_t
   return cudaErrorInvalidValue;
 }
 
-// The chain backward's last launch (gradient_assembly.h).
-// blockIdx.y: the parameter; its elements a thread each.
-template <class T>
-__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) assemble_gradients_kernel(
-    const GradientParts parts, const FusionParamGradPointers grads) {
+// op(param, r, c) for every element of the 14 parameters' gradients (ReduceGradients,
+// AssembleGradients): blockIdx.y the parameter, its elements a thread each.
+template <class Op>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gradient_elements_kernel(const Op op, int channels) {
   const int param = static_cast<int>(blockIdx.y);
-  const int64_t columns = param_columns(param, parts.channels);
-  const int64_t size = param_rows(param, parts.channels) * columns;
+  const int64_t columns = param_columns(param, channels);
+  const int64_t size = param_rows(param, channels) * columns;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < size;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    assemble_gradient<T>(parts, grads, param, j / columns, j % columns);
+    op(param, j / columns, j % columns);
 }
 
-template <class T>
-cudaError_t launch_assemble_typed(const GradientParts& parts, const FusionParamGradPointers& grads, cudaStream_t stream) {
+template <class Op>
+cudaError_t launch_gradient_elements(const Op& op, int channels, cudaStream_t stream) {
   int64_t largest = 0;
   for (int param = 0; param < kParamCount; ++param)
-    largest = std::max(largest, param_rows(param, parts.channels) * param_columns(param, parts.channels));
+    largest = std::max(largest, param_rows(param, channels) * param_columns(param, channels));
   constexpr int kThreads = kWarpsPerBlock * kWarpSize;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((largest + kThreads - 1) / kThreads, 1024)), kParamCount);
-  assemble_gradients_kernel<T><<<grid, kThreads, 0, stream>>>(parts, grads);
+  gradient_elements_kernel<<<grid, kThreads, 0, stream>>>(op, channels);
   return cudaGetLastError();
 }
 
@@ -322,14 +321,6 @@ __global__ void __launch_bounds__(kFusedWarps * kWarpSize, 1) fused_backward_ker
   }
 }
 
-// The parameters' gradients from the programs' partial sums, a thread an element.
-template <class T>
-__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) reduce_gradients_kernel(const FusedBackwardArgs args,
-                                                                                     int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    reduce_gradient<T>(args, i);
-}
 
 // Lets kKernel's blocks take `bytes` of shared memory (or the device's most), once per device: the
 // setting belongs to the function on that device, shared by every host thread, so a call must never
@@ -391,20 +382,6 @@ cudaError_t backward_programs(int channels, int heads, int* programs) {
   return status;
 }
 
-// Whether the bfloat16 fused kernels' code was generated for sm_80 or later (has_mma): a build whose
-// only code for this GPU is older PTX (e.g. TORCH_CUDA_ARCH_LIST=7.5+PTX) has them trap instead.
-cudaError_t fused_kernels_have_mma(ScalarKind kind, bool* have) {
-  *have = true;
-  if (kind != ScalarKind::BFloat16) return cudaSuccess;
-  for (const void* kernel : {reinterpret_cast<const void*>(fused_forward_kernel<__nv_bfloat16>),
-                             reinterpret_cast<const void*>(fused_backward_kernel<__nv_bfloat16>)}) {
-    cudaFuncAttributes attributes{};
-    const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
-    if (status != cudaSuccess) return status;
-    *have = *have && attributes.ptxVersion >= 80;
-  }
-  return cudaSuccess;
-}
 
 template <class T>
 cudaError_t launch_fused_backward_typed(const FusedBackwardArgs& args, cudaStream_t stream) {
@@ -415,11 +392,7 @@ cudaError_t launch_fused_backward_typed(const FusedBackwardArgs& args, cudaStrea
                              fused_backward_launch_bytes(args.channels, args.heads), stream>>>(args);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  const int64_t total = FusionParamOffsets::of(args.channels).total;
-  constexpr int kThreads = kWarpsPerBlock * kWarpSize;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4096);
-  reduce_gradients_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args, total);
-  return cudaGetLastError();
+  return launch_gradient_elements(ReduceGradients<T>{args}, args.channels, stream);
 }
 
 }  // namespace
@@ -437,12 +410,27 @@ cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buff
 cudaError_t launch_assemble_gradients(ScalarKind kind, const GradientParts& parts, const FusionParamGradPointers& grads,
                                       cudaStream_t stream) {
   switch (kind) {
-    case ScalarKind::Float: return launch_assemble_typed<float>(parts, grads, stream);
-    case ScalarKind::Double: return launch_assemble_typed<double>(parts, grads, stream);
-    case ScalarKind::Half: return launch_assemble_typed<__half>(parts, grads, stream);
-    case ScalarKind::BFloat16: return launch_assemble_typed<__nv_bfloat16>(parts, grads, stream);
+    case ScalarKind::Float: return launch_gradient_elements(AssembleGradients<float>{parts, grads}, parts.channels, stream);
+    case ScalarKind::Double: return launch_gradient_elements(AssembleGradients<double>{parts, grads}, parts.channels, stream);
+    case ScalarKind::Half: return launch_gradient_elements(AssembleGradients<__half>{parts, grads}, parts.channels, stream);
+    case ScalarKind::BFloat16: return launch_gradient_elements(AssembleGradients<__nv_bfloat16>{parts, grads}, parts.channels, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+// Whether the bfloat16 fused kernels' code was generated for sm_80 or later (has_mma): a build whose
+// only code for this GPU is older PTX (e.g. TORCH_CUDA_ARCH_LIST=7.5+PTX) has them trap instead.
+cudaError_t fused_kernels_have_mma(ScalarKind kind, bool* have) {
+  *have = true;
+  if (kind != ScalarKind::BFloat16) return cudaSuccess;
+  for (const void* kernel : {reinterpret_cast<const void*>(fused_forward_kernel<__nv_bfloat16>),
+                             reinterpret_cast<const void*>(fused_backward_kernel<__nv_bfloat16>)}) {
+    cudaFuncAttributes attributes{};
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+    if (status != cudaSuccess) return status;
+    *have = *have && attributes.ptxVersion >= 80;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t launch_fused_backward(ScalarKind kind, const FusedBackwardArgs& args, cudaStream_t stream) {

@@ -78,13 +78,16 @@ GK_HD typename Acc<T>::type assembled_gradient(const GradientParts& p, int param
   }
 }
 
-// Writes row r, column c of parameter `param`'s gradient, rounded once.
-GK_HD_TEMPLATE
+// Writes row r, column c of parameter `param`'s gradient, rounded once (a functor, as ReduceGradients).
 template <class T>
-GK_HD void assemble_gradient(const GradientParts& p, const FusionParamGradPointers& grads, int param, int64_t r,
-                             int64_t c) {
-  gradient_of<T>(grads, param)[r * param_columns(param, p.channels) + c] =
-      fused::round_to<T>(assembled_gradient<T>(p, param, r, c));
-}
+struct AssembleGradients {
+  GradientParts parts;
+  FusionParamGradPointers grads;
+  GK_HD_TEMPLATE
+  GK_HD void operator()(int param, int64_t r, int64_t c) const {
+    gradient_of<T>(grads, param)[r * param_columns(param, parts.channels) + c] =
+        fused::round_to<T>(assembled_gradient<T>(parts, param, r, c));
+  }
+};
 
 }  // namespace gk

@@ -112,6 +112,25 @@ def test_nvcc_compiles_without_spills(source, arch, tmp_path):
     print(f"{source.name}, {arch}:\n{report}")
 
 
+@needs_nvcc
+def test_every_launcher_fusion_kernels_h_declares_is_defined_for_the_linker(tmp_path):
+    """fusion_cuda.cpp calls the launchers fusion_kernels.h declares; one defined inside the .cu's
+    anonymous namespace instead compiles, and fails only when a CUDA build links."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm on PATH (binutils)")
+    declared = re.findall(r"^cudaError_t (\w+)\(", (CSRC / "fusion_kernels.h").read_text(), flags=re.M)
+    assert len(declared) >= 5, declared
+    obj = tmp_path / "fusion_kernels.o"
+    proc = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", *TORCH_NVCC_DEFINES, "-c",
+                           str(CSRC / "fusion_kernels.cu"), "-o", str(obj)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    symbols = subprocess.run([nm, "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
+    exported = {m for m in re.findall(r" T gk::(\w+)\(", symbols)}
+    assert set(declared) <= exported, f"declared in fusion_kernels.h but not defined in gk:: {set(declared) - exported}"
+
+
 def test_cuda_registration_compiles_against_torch_headers(tmp_path):
     """fusion_cuda.cpp is compiled only in CUDA builds; check it here against torch's headers.
 

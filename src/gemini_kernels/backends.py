@@ -73,10 +73,13 @@ class Backend:
             return f"importing {self.module.lstrip('.')} failed: {exc}"
         return mod.unavailable_reason(device)
 
+    def dtype_names(self) -> str:
+        return ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+
     def unsupported_dtype_reason(self, dtype: torch.dtype) -> Optional[str]:
         if dtype in self.dtypes:
             return None
-        return f"it computes in {', '.join(str(d).replace('torch.', '') for d in self.dtypes)}; got {dtype}"
+        return f"it computes in {self.dtype_names()}; got {dtype}"
 
     def fusion(self) -> Callable:
         return self.load().fusion

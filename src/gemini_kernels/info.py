@@ -89,8 +89,7 @@ def backend_status(device: str) -> dict:
 
 def _support(backend) -> str:
     devices = "any device" if backend.devices is None else " and ".join(backend.devices)
-    dtypes = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
-    return f"devices: {devices}; dtypes: {dtypes}; widths: {backend.widths}"
+    return f"devices: {devices}; dtypes: {backend.dtype_names()}; widths: {backend.widths}"
 
 
 def _auto(device: str, status: dict) -> Optional[str]:
