@@ -4,9 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "fused_backward.h"
 #include "fused_forward.h"
+#include "wide_forward.h"
 
 namespace gk {
 
@@ -69,6 +71,49 @@ struct HostTileEngine {
   }
   void clear(A* out, int64_t n) const {
     for (int64_t i = 0; i < n; ++i) out[i] = 0;
+  }
+};
+
+// The engine of the wide passes (wide_forward.h, wide_backward.h): one thread a block, the CUDA engine's
+// split of the 16 x 16 output tiles over warps and items (MmaSplit) walked in order, each tile's MMAs
+// replaced by sums in the accumulation type.
+template <class T>
+struct HostWideEngine {
+  using A = typename Acc<T>::type;
+  std::vector<T> operands;  // shape.operands x kWideRows x kWideChunkStride
+  std::vector<A> sum_buffers;  // shape.sums x kWideRows x n
+  std::vector<A> values;    // kWideRows x shape.values_per_row
+  int n;
+
+  HostWideEngine(const WideShape& shape, int columns)
+      : operands(static_cast<size_t>(shape.operands) * kWideRows * kWideChunkStride),
+        sum_buffers(static_cast<size_t>(shape.sums) * kWideRows * columns),
+        values(static_cast<size_t>(shape.values_per_row) * kWideRows),
+        n(columns) {}
+
+  T* operand(int i) { return operands.data() + static_cast<int64_t>(i) * kWideRows * kWideChunkStride; }
+  A* sums(int i) { return sum_buffers.data() + static_cast<int64_t>(i) * kWideRows * n; }
+  A* row_values() { return values.data(); }
+  void sync() const {}
+  template <class F>
+  void rows(const F& f) const {
+    for (int r = 0; r < kWideRows; ++r) f(SerialTeam{}, r);
+  }
+  void product(int i, int op, const T* w, int ldw, int columns, int k, bool accumulate, bool transposed) {
+    const MmaSplit split = MmaSplit::of(columns);
+    const T* a = operand(op);
+    A* out = sums(i);
+    for (int warp = 0; warp < kFusedWarps; ++warp)
+      for (int item = warp; item < split.items(); item += kFusedWarps)
+        for (int t = split.first_row_tile(item); t < split.first_row_tile(item) + split.rows; ++t)
+          for (int r = t * kMmaEdge; r < (t + 1) * kMmaEdge; ++r)
+            for (int c = split.column_tile(item) * kMmaEdge; c < (split.column_tile(item) + 1) * kMmaEdge; ++c) {
+              A sum = accumulate ? out[r * columns + c] : A(0);
+              for (int j = 0; j < k; ++j)
+                sum += fused::widen(a[r * kWideChunkStride + j]) *
+                       fused::widen(transposed ? w[static_cast<int64_t>(j) * ldw + c] : w[static_cast<int64_t>(c) * ldw + j]);
+              out[r * columns + c] = sum;
+            }
   }
 };
 

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <tuple>
 #include <vector>
 
@@ -15,6 +16,8 @@
 #include "gradient_assembly.h"
 #include "fusion_math.h"
 #include "fusion_params.h"
+#include "wide_backward.h"
+#include "wide_forward.h"
 
 namespace gk {
 
@@ -163,6 +166,53 @@ ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
                             FusedLauncher launch);
 // The launch as a gemini_kernels::chain_stage call named "fused_forward" (the ledger's count).
 void announce_fused_forward(const FusedForwardCall& call);
+
+// ---- the fused forward of wide layers (wide_forward.h, wide_forward.cpp) -------------------------
+
+// Its five launches (one per WidePass, in order): the arguments, and per launch what it reads and
+// writes and its FLOPs (what the launch ledger counts).
+struct WideForwardCall {
+  WideForwardArgs args;
+  at::ScalarType dtype;
+  struct Launch {
+    const char* name;
+    std::vector<at::Tensor> reads, writes;
+    int64_t flops;
+  };
+  std::array<Launch, kWidePasses> launches;
+};
+using WideLauncher = void (*)(const WideForwardCall& call);
+
+// Whether a forward takes the wide kernels: the layer fits (wide_forward_fits), and with tensor_cores
+// (the CUDA engine) also a 16-bit dtype whose MMAs the GPU has, a block within `shared_memory_bytes`
+// and contiguous, 32-byte aligned weight matrices.
+bool takes_wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                        bool tensor_cores, int64_t shared_memory_bytes, int compute_capability);
+// y0, y1 and the gates (as fusion_forward's, no activations), the passes run by `launch`.
+ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                           WideLauncher launch);
+// The launches as gemini_kernels::chain_stage calls named "wide_forward_hidden", ... (the ledger's count).
+void announce_wide_forward(const WideForwardCall& call);
+
+// ---- the fused backward of wide layers (wide_backward.h, wide_backward.cpp) ---------------------
+
+struct WideBackwardCall {
+  WideBackwardArgs args;
+  at::ScalarType dtype;
+  std::array<WideForwardCall::Launch, kWideBackwardPasses> launches;
+};
+using WideBackwardLauncher = void (*)(const WideBackwardCall& call);
+
+// Whether a backward takes the wide kernels: wide_backward_fits, and with tensor_cores the wide
+// forward's conditions, with the backward's blocks within `shared_memory_bytes`.
+bool takes_wide_backward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                         bool tensor_cores, int64_t shared_memory_bytes, int compute_capability);
+// The gradients of x0, x1 and the 14 parameters (as fusion_backward's), the passes run by `launch`.
+std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                      const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                      int64_t num_heads, WideBackwardLauncher launch);
+// The launches as gemini_kernels::chain_stage calls named "wide_backward_pre", ... (the ledger's count).
+void announce_wide_backward(const WideBackwardCall& call);
 
 // ---- the fused backward of narrow layers (fused_backward.h, fused_backward.cpp) -------------------
 

@@ -708,10 +708,14 @@ constexpr int kCountedComputeCapability = 90;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> count_forward(const at::Tensor& x0, const at::Tensor& x1,
                                                              at::TensorList params, int64_t num_heads) {
   // as forward_cuda (fusion_cuda.cpp) chooses
-  const gk::ForwardResult result =
-      gk::takes_fused_forward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability)
-          ? gk::fused_forward(x0, x1, params, num_heads, gk::announce_fused_forward)
-          : gk::run_forward(x0, x1, params, num_heads, false, gk::count_range());
+  auto count = [&] {
+    if (gk::takes_fused_forward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability))
+      return gk::fused_forward(x0, x1, params, num_heads, gk::announce_fused_forward);
+    if (gk::takes_wide_forward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability))
+      return gk::wide_forward(x0, x1, params, num_heads, gk::announce_wide_forward);
+    return gk::run_forward(x0, x1, params, num_heads, false, gk::count_range());
+  };
+  const gk::ForwardResult result = count();
   return {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
 }
 
@@ -731,6 +735,8 @@ std::vector<at::Tensor> count_backward(const at::Tensor& grad_y0, const at::Tens
   if (gk::takes_fused_backward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability))
     return gk::fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads,
                               counted_programs(x0.size(-1)), gk::announce_fused_backward);
+  if (gk::takes_wide_backward(x0, x1, params, num_heads, true, kCountedSharedMemoryBytes, kCountedComputeCapability))
+    return gk::wide_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, gk::announce_wide_backward);
   return gk::run_backward(grad_y0, grad_y1, x0, x1, params, gate, {}, num_heads, gk::count_range());
 }
 

@@ -75,14 +75,40 @@ bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::Te
          fused_kernels_run_here(x0);
 }
 
-// The fused forward where it takes the layer (C <= 128, 16-bit; fused_forward.h), else the chain. A
-// forward that saves its activations for the backward runs the chain, whose products they are.
+void cuda_wide_forward(const WideForwardCall& call) {
+  const cudaError_t status = launch_wide_forward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the wide forward's launch failed: ", cudaGetErrorString(status));
+}
+
+bool takes_wide_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
+  const DeviceLimits here = DeviceLimits::of(x0);
+  return takes_wide_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
+         fused_kernels_run_here(x0);
+}
+
+// The fused forward where it takes the layer (C <= 128, 16-bit; fused_forward.h), else the wide one
+// (heads of 16 to 128 channels, 16-bit; wide_forward.h), else the chain. A forward that saves its
+// activations for the backward runs the chain, whose products they are.
 ForwardResult forward_cuda(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                            bool save_activations) {
   const c10::cuda::CUDAGuard device_guard(x0.device());
   if (!save_activations && takes_fused_forward_here(x0, x1, params, num_heads))
     return fused_forward(x0, x1, params, num_heads, cuda_fused_forward);
+  if (!save_activations && takes_wide_forward_here(x0, x1, params, num_heads))
+    return wide_forward(x0, x1, params, num_heads, cuda_wide_forward);
   return fusion_forward(x0, x1, params, num_heads, save_activations, cuda_stage);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wide_forward_cuda(const at::Tensor& x0, const at::Tensor& x1,
+                                                                 at::TensorList params, int64_t num_heads) {
+  const c10::cuda::CUDAGuard device_guard(x0.device());
+  TORCH_CHECK(takes_wide_forward_here(x0, x1, params, num_heads),
+              "gemini_kernels: the wide forward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs with "
+              "heads of a multiple of ", kMmaEdge, " channels, at most ", kWideMaxColumns,
+              ", and contiguous 32-byte aligned weights; got x0 ", x0.scalar_type(), " of shape ", x0.sizes(),
+              " and num_heads=", num_heads);
+  const ForwardResult r = wide_forward(x0, x1, params, num_heads, cuda_wide_forward);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x0, const at::Tensor& x1,
@@ -115,8 +141,19 @@ int64_t device_programs(const at::Tensor& x0, int64_t num_heads) {
   return programs;
 }
 
-// The fused backward where it takes the layer (as the forward, with its larger tile), else the chain; a
-// backward given saved activations runs the chain, which reads them.
+void cuda_wide_backward(const WideBackwardCall& call) {
+  const cudaError_t status = launch_wide_backward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the wide backward's launch failed: ", cudaGetErrorString(status));
+}
+
+bool takes_wide_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
+  const DeviceLimits here = DeviceLimits::of(x0);
+  return takes_wide_backward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
+         fused_kernels_run_here(x0);
+}
+
+// The fused backward where it takes the layer (as the forward, with its larger tile), else the wide one,
+// else the chain; a backward given saved activations runs the chain, which reads them.
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
                                       at::TensorList activations, int64_t num_heads) {
@@ -124,6 +161,8 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_y0, const at::Tenso
   if (activations.empty() && takes_fused_backward_here(x0, x1, params, num_heads))
     return fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, device_programs(x0, num_heads),
                           cuda_fused_backward);
+  if (activations.empty() && takes_wide_backward_here(x0, x1, params, num_heads))
+    return wide_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, cuda_wide_backward);
   return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, cuda_stage);
 }
 
@@ -133,6 +172,18 @@ std::vector<at::Tensor> fused_backward_cuda(const at::Tensor& grad_y0, const at:
   const c10::cuda::CUDAGuard device_guard(x0.device());
   check_fused_takes(takes_fused_backward_here(x0, x1, params, num_heads), "backward", x0);
   return fused_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, programs, cuda_fused_backward);
+}
+
+std::vector<at::Tensor> wide_backward_cuda(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
+                                           const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
+                                           int64_t num_heads) {
+  const c10::cuda::CUDAGuard device_guard(x0.device());
+  TORCH_CHECK(takes_wide_backward_here(x0, x1, params, num_heads),
+              "gemini_kernels: the wide backward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C a "
+              "multiple of ", kWideGradientTile, ", at most ", kWideBackwardMaxHeads, " heads grouping into blocks of a "
+              "multiple of ", kMmaEdge, " channels, blocks within the device's shared memory, and contiguous 32-byte "
+              "aligned weights; got x0 ", x0.scalar_type(), " of shape ", x0.sizes(), " and num_heads=", num_heads);
+  return wide_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, cuda_wide_backward);
 }
 
 std::vector<at::Tensor> assemble_gradients_cuda(at::TensorList parts, int64_t C) {
@@ -154,4 +205,6 @@ TORCH_LIBRARY_IMPL(gemini_kernels, CUDA, m) {
   m.impl("fusion_backward", &gk::backward_cuda);
   m.impl("fused_forward", &gk::fused_forward_cuda);
   m.impl("fused_backward", &gk::fused_backward_cuda);
+  m.impl("wide_forward", &gk::wide_forward_cuda);
+  m.impl("wide_backward", &gk::wide_backward_cuda);
 }

@@ -322,6 +322,126 @@ __global__ void __launch_bounds__(kFusedWarps * kWarpSize, 1) fused_backward_ker
 }
 
 
+// ---- the wide passes (wide_forward.h, wide_backward.h) -------------------------------------------
+
+// The CUDA engine of the wide passes: the block's input chunks, float sums and row values in shared
+// memory (WideShape's layout), a row to a warp, and the 16 x 16 output tiles of a product to the warps'
+// WMMA MMAs (inputs from shared memory, weights from global or shared memory), each tile's float sums
+// loaded from and stored back to shared memory around the chunk's MMAs.
+template <class T>
+struct WideMmaEngine {
+  using A = typename Acc<T>::type;
+  using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kMmaEdge, kMmaEdge, kMmaEdge, float>;
+  T* operands;         // shape.operands x kWideRows x kWideChunkStride
+  float* sum_buffers;  // shape.sums x kWideRows x n
+  float* values;       // kWideRows x shape.values_per_row
+  int n;
+  int warp;
+  int lane;
+
+  __device__ __forceinline__ static WideMmaEngine<T> of(unsigned char* shared, const WideShape& shape, int n) {
+    static_assert(std::is_same_v<A, float>, "the sums are float");
+    WideMmaEngine<T> engine;
+    engine.operands = reinterpret_cast<T*>(shared);
+    engine.sum_buffers =
+        reinterpret_cast<float*>(shared + static_cast<int64_t>(shape.operands) * kWideRows * kWideChunkStride * sizeof(T));
+    engine.values = engine.sum_buffers + static_cast<int64_t>(shape.sums) * kWideRows * n;
+    engine.n = n;
+    engine.warp = threadIdx.x / kWarpSize;
+    engine.lane = threadIdx.x % kWarpSize;
+    return engine;
+  }
+
+  __device__ __forceinline__ T* operand(int i) const { return operands + i * kWideRows * kWideChunkStride; }
+  __device__ __forceinline__ float* sums(int i) const { return sum_buffers + i * kWideRows * n; }
+  __device__ __forceinline__ float* row_values() const { return values; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  template <class F>
+  __device__ __forceinline__ void rows(const F& f) const {
+    const WarpTeam team{lane, kFullMask};
+    for (int r = warp; r < kWideRows; r += kFusedWarps) f(team, r);
+  }
+  __device__ __forceinline__ void product(int i, int op, const T* w, int ldw, int columns, int k, bool accumulate,
+                                          bool transposed) const {
+    const MmaSplit split = MmaSplit::of(columns);
+    if (transposed) {
+      switch (split.rows) {
+        case 4: return items<4, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+        case 2: return items<2, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+        default: return items<1, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+      }
+    }
+    switch (split.rows) {
+      case 4: return items<4, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+      case 2: return items<2, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+      default: return items<1, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+    }
+  }
+  // w (n x k, row-major) read as w^T (k x n), column-major; transposed, w (k x n, row-major) itself.
+  template <int kRows, class Layout>
+  __device__ __forceinline__ void items(float* out, const T* a, const T* w, int ldw, int columns, int k,
+                                        bool accumulate, const MmaSplit& split) const {
+    static_assert(MmaSplit::kRowTiles == 4, "the cases of product");
+    constexpr bool kTransposed = std::is_same_v<Layout, nvcuda::wmma::row_major>;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::row_major> a_frag;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, Layout> w_frag;
+    for (int item = warp; item < split.items(); item += kFusedWarps) {
+      const int j = split.column_tile(item), i0 = split.first_row_tile(item);
+      Accumulator sum[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (accumulate) {
+          nvcuda::wmma::load_matrix_sync(sum[r], out + (i0 + r) * kMmaEdge * columns + j * kMmaEdge, columns,
+                                         nvcuda::wmma::mem_row_major);
+        } else {
+          nvcuda::wmma::fill_fragment(sum[r], 0.f);
+        }
+      }
+      for (int kk = 0; kk < k; kk += kMmaEdge) {
+        nvcuda::wmma::load_matrix_sync(w_frag,
+                                       kTransposed ? w + static_cast<int64_t>(kk) * ldw + j * kMmaEdge
+                                                   : w + static_cast<int64_t>(j) * kMmaEdge * ldw + kk,
+                                       ldw);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          nvcuda::wmma::load_matrix_sync(a_frag, a + (i0 + r) * kMmaEdge * kWideChunkStride + kk, kWideChunkStride);
+          nvcuda::wmma::mma_sync(sum[r], a_frag, w_frag, sum[r]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        nvcuda::wmma::store_matrix_sync(out + (i0 + r) * kMmaEdge * columns + j * kMmaEdge, sum[r], columns,
+                                        nvcuda::wmma::mem_row_major);
+    }
+  }
+};
+
+// One block of the forward's pass kPass per blockIdx.x (wide_forward_block).
+template <class T, WidePass kPass>
+__global__ void __launch_bounds__(kFusedWarps * kWarpSize) wide_forward_kernel(const WideForwardArgs args) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  if constexpr (has_mma<T>()) {
+    WideMmaEngine<T> engine = WideMmaEngine<T>::of(shared, wide_forward_shape(args.block_heads),
+                                                   args.channels / args.heads * args.block_heads);
+    wide_forward_block<T, kPass>(engine, args, static_cast<int64_t>(blockIdx.x));
+  } else {
+    __trap();
+  }
+}
+
+// One block of the backward's pass kPass per blockIdx.x (wide_backward_block).
+template <class T, WideBackwardPass kPass>
+__global__ void __launch_bounds__(kFusedWarps * kWarpSize) wide_backward_kernel(const WideBackwardArgs args) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  if constexpr (has_mma<T>()) {
+    WideMmaEngine<T> engine = WideMmaEngine<T>::of(
+        shared, wide_backward_shape(kPass), wide_backward_columns(kPass, args.channels, args.heads, args.block_heads));
+    wide_backward_block<T, kPass>(engine, args, static_cast<int64_t>(blockIdx.x));
+  } else {
+    __trap();
+  }
+}
+
 // Lets kKernel's blocks take `bytes` of shared memory (or the device's most), once per device: the
 // setting belongs to the function on that device, shared by every host thread, so a call must never
 // lower it under another's launch. Keyed by the kernel itself (the float16 and bfloat16 kernels have
@@ -357,6 +477,53 @@ cudaError_t launch_fused(const FusedForwardArgs& args, cudaStream_t stream) {
   const int64_t blocks = (args.pixels + kFusedTileRows - 1) / kFusedTileRows;
   fused_forward_kernel<T><<<static_cast<unsigned>(blocks), kFusedWarps * kWarpSize, bytes, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <class T, WidePass kPass>
+cudaError_t launch_wide_pass(const WideForwardArgs& args, cudaStream_t stream) {
+  // Above 48 KiB (blocks of more than 48 columns) a block's dynamic shared memory must be asked for.
+  const cudaError_t status = allow_shared_memory<wide_forward_kernel<T, kPass>>(kWideMaxLaunchBytes);
+  if (status != cudaSuccess) return status;
+  const int n = args.channels / args.heads * args.block_heads;
+  wide_forward_kernel<T, kPass><<<static_cast<unsigned>(wide_blocks(args.pixels, args.heads, args.block_heads)),
+                                  kFusedWarps * kWarpSize, wide_forward_shape(args.block_heads).bytes(n), stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_wide(const WideForwardArgs& args, cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "WideShape::bytes counts 16-bit chunks");
+  cudaError_t status = launch_wide_pass<T, WidePass::Hidden>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Logits>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Gates>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Values>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Output>(args, stream);
+  return status;
+}
+
+template <class T, WideBackwardPass kPass>
+cudaError_t launch_wide_backward_pass(const WideBackwardArgs& args, cudaStream_t stream) {
+  const cudaError_t status = allow_shared_memory<wide_backward_kernel<T, kPass>>(kWideMaxLaunchBytes);
+  if (status != cudaSuccess) return status;
+  const int n = wide_backward_columns(kPass, args.channels, args.heads, args.block_heads);
+  const int64_t blocks = wide_backward_blocks(kPass, args.pixels, args.channels, args.heads, args.block_heads);
+  wide_backward_kernel<T, kPass><<<static_cast<unsigned>(blocks), kFusedWarps * kWarpSize,
+                                   wide_backward_shape(kPass).bytes(n), stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_wide_backward_typed(const WideBackwardArgs& args, cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "WideShape::bytes counts 16-bit chunks");
+  cudaError_t status = launch_wide_backward_pass<T, WideBackwardPass::Pre>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Logits>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Heads>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Keys>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Judger>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Inputs>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Weights>(args, stream);
+  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Noise>(args, stream);
+  return status;
 }
 
 // The most shared memory a backward block asks for (C = 128, a head per channel); the device's most
@@ -424,7 +591,9 @@ cudaError_t fused_kernels_have_mma(ScalarKind kind, bool* have) {
   *have = true;
   if (kind != ScalarKind::BFloat16) return cudaSuccess;
   for (const void* kernel : {reinterpret_cast<const void*>(fused_forward_kernel<__nv_bfloat16>),
-                             reinterpret_cast<const void*>(fused_backward_kernel<__nv_bfloat16>)}) {
+                             reinterpret_cast<const void*>(fused_backward_kernel<__nv_bfloat16>),
+                             reinterpret_cast<const void*>(wide_forward_kernel<__nv_bfloat16, WidePass::Hidden>),
+                             reinterpret_cast<const void*>(wide_backward_kernel<__nv_bfloat16, WideBackwardPass::Pre>)}) {
     cudaFuncAttributes attributes{};
     const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
     if (status != cudaSuccess) return status;
@@ -453,6 +622,22 @@ cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, 
   switch (kind) {
     case ScalarKind::Half: return launch_fused<__half>(args, stream);
     case ScalarKind::BFloat16: return launch_fused<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_wide_forward(ScalarKind kind, const WideForwardArgs& args, cudaStream_t stream) {
+  switch (kind) {
+    case ScalarKind::Half: return launch_wide<__half>(args, stream);
+    case ScalarKind::BFloat16: return launch_wide<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_wide_backward(ScalarKind kind, const WideBackwardArgs& args, cudaStream_t stream) {
+  switch (kind) {
+    case ScalarKind::Half: return launch_wide_backward_typed<__half>(args, stream);
+    case ScalarKind::BFloat16: return launch_wide_backward_typed<__nv_bfloat16>(args, stream);
     default: return cudaErrorInvalidValue;
   }
 }

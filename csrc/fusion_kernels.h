@@ -8,6 +8,8 @@
 #include "fused_forward.h"
 #include "fusion_math.h"
 #include "gradient_assembly.h"
+#include "wide_backward.h"
+#include "wide_forward.h"
 
 namespace gk {
 
@@ -19,6 +21,13 @@ cudaError_t launch_stage(Stage stage, ScalarKind kind, const FusionBuffers& buff
 // Queues the fused forward (fused_forward.h) over all args.pixels pixels, a block of kFusedWarps warps
 // per tile of kFusedTileRows pixels; Half and BFloat16 only (cudaErrorInvalidValue otherwise).
 cudaError_t launch_fused_forward(ScalarKind kind, const FusedForwardArgs& args, cudaStream_t stream);
+
+// Queues the wide forward's five passes (wide_forward.h), wide_blocks(...) blocks of kFusedWarps warps
+// each; Half and BFloat16 only.
+cudaError_t launch_wide_forward(ScalarKind kind, const WideForwardArgs& args, cudaStream_t stream);
+
+// Queues the wide backward's eight passes (wide_backward.h); Half and BFloat16 only.
+cudaError_t launch_wide_backward(ScalarKind kind, const WideBackwardArgs& args, cudaStream_t stream);
 
 // Queues the fused backward (fused_backward.h): args.programs blocks of kFusedWarps warps, then the
 // reduction of their partial sums into the parameters' gradients; Half and BFloat16 only.

@@ -22,7 +22,9 @@ the custom op), ``torch`` (the eager oracle, forward and autograd backward) and 
 of narrow 16-bit layers (csrc/fused_forward.h) as one launch reading x0, x1 and the parameters and
 writing y0, y1 and the gates, and their fused backward (csrc/fused_backward.h) as one launch writing
 dx0, dx1 and the partial sums of an H100's programs (csrc/fused_backward.h,
-fused_backward_programs_within) and one reducing those into the parameters' gradients; or the chain of csrc/fusion_chain.h as one range, its aten ops recorded
+fused_backward_programs_within) and one reducing those into the parameters' gradients; the fused
+forward and backward of wide 16-bit layers (csrc/wide_forward.h, csrc/wide_backward.h) as five and
+eight launches, each reading and writing what its pass does (a buffer once a launch); or the chain of csrc/fusion_chain.h as one range, its aten ops recorded
 as they are called, each row stage as one launch that reads and writes what the stage declares; the
 packed weights found in their cache, so a training step's one packing per parameter version is not
 counted). Grid-sized buffers

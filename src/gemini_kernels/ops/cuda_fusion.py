@@ -2,8 +2,9 @@
 
 On CUDA tensors (``"cuda"``) it runs the CUDA kernels (csrc/fusion_kernels.cu): the forward and the
 backward of float16 / bfloat16 layers of C <= 128 channels as fused tensor-core kernels
-(csrc/fused_forward.h, csrc/fused_backward.h), everything else as row-stage kernels between cuBLAS
-GEMMs; on CPU tensors (``"cpu_cpp"``, which ``backend="cuda"`` runs there too) it runs the same
+(csrc/fused_forward.h, csrc/fused_backward.h), of wider ones as tensor-core block products with the
+per-pixel math in their prologues and epilogues (csrc/wide_forward.h, csrc/wide_backward.h), everything
+else as row-stage kernels between cuBLAS GEMMs; on CPU tensors (``"cpu_cpp"``, which ``backend="cuda"`` runs there too) it runs the same
 per-pixel math as host C++ (csrc/fusion_host.cpp) between MKL GEMMs.
 
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;

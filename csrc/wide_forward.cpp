@@ -1,0 +1,166 @@
+// Around the wide forward's block logic (wide_forward.h): which calls take it, its arguments and
+// buffers from the tensors, what each of its launches reads and writes, the host engine's run of every
+// line of it on CPU, and the op `wide_forward` (CPU here; CUDA in fusion_cuda.cpp), through which the
+// tests compare it with the oracle.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "fused_host_engine.h"
+#include "fusion_api.h"
+#include "wide_forward.h"
+
+namespace gk {
+
+namespace {
+
+bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0; }
+
+template <class T, WidePass kPass>
+void run_pass_on_host(const WideForwardArgs& args) {
+  const int n = args.channels / args.heads * args.block_heads;
+  at::parallel_for(0, wide_blocks(args.pixels, args.heads, args.block_heads), 1, [&](int64_t begin, int64_t end) {
+    HostWideEngine<T> engine(wide_forward_shape(args.block_heads), n);
+    for (int64_t block = begin; block < end; ++block) wide_forward_block<T, kPass>(engine, args, block);
+  });
+}
+
+template <class T>
+void run_passes_on_host(const WideForwardArgs& args) {
+  run_pass_on_host<T, WidePass::Hidden>(args);
+  run_pass_on_host<T, WidePass::Logits>(args);
+  run_pass_on_host<T, WidePass::Gates>(args);
+  run_pass_on_host<T, WidePass::Values>(args);
+  run_pass_on_host<T, WidePass::Output>(args);
+}
+
+void launch_on_host(const WideForwardCall& call) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.dtype, "gemini_kernels::wide_forward",
+                                  [&] { run_passes_on_host<scalar_t>(call.args); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wide_forward_cpu(const at::Tensor& x0, const at::Tensor& x1,
+                                                                at::TensorList params, int64_t num_heads) {
+  const ForwardResult r = wide_forward(x0, x1, params, num_heads, launch_on_host);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+}  // namespace
+
+bool takes_wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                        bool tensor_cores, int64_t shared_memory_bytes, int compute_capability) {
+  check_arguments(x0, x1, params, num_heads);
+  const int64_t C = x0.size(-1);
+  if (!wide_forward_fits(C, num_heads)) return false;
+  if (!tensor_cores) return true;
+  const at::ScalarType t = x0.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16) return false;  // float32 would run on TF32 tensor cores
+  if (compute_capability < (t == at::kBFloat16 ? 80 : 70)) return false;
+  const int64_t block_heads = wide_block_heads(C, num_heads);
+  if (wide_forward_shape(static_cast<int>(block_heads)).bytes(static_cast<int>(C / num_heads * block_heads)) >
+      shared_memory_bytes)
+    return false;
+  // The MMA loads read the weights straight from global memory, 32-byte aligned.
+  const FusionParamTensors p = named_params(params);
+  for (const at::Tensor* w : {&p.fc1_weight, &p.fc2_weight, &p.in_proj_weight_0, &p.in_proj_weight_1,
+                              &p.out_proj_weight_0, &p.out_proj_weight_1})
+    if (!w->is_contiguous() || !aligned(*w, 32)) return false;
+  return true;
+}
+
+ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                           WideLauncher launch) {
+  check_arguments(x0, x1, params, num_heads);
+  const int64_t C = x0.size(-1);
+  TORCH_CHECK(wide_forward_fits(C, num_heads), "gemini_kernels: the wide forward takes layers whose heads group "
+              "into blocks of a multiple of ", kMmaEdge, " channels, at most ", kWideMaxColumns, "; got x0 of shape ",
+              x0.sizes(), " and num_heads=", num_heads, " (", C / num_heads, " channels a head)");
+  const int64_t block_heads = wide_block_heads(C, num_heads);
+  const int64_t M = x0.numel() / C;
+  TORCH_CHECK(wide_blocks(M, static_cast<int>(num_heads), static_cast<int>(block_heads)) <= INT32_MAX,
+              "gemini_kernels: x0 has ", M, " pixels; the wide forward takes at most ",
+              int64_t{INT32_MAX} / (2 * num_heads / block_heads) * kWideRows);
+  const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
+  // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
+  const at::Tensor y[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  const at::TensorOptions acc = x0.options().dtype(accumulation_type(x0.scalar_type()));
+  const at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), acc);
+  const at::Tensor hidden = at::empty({2, M, C}, x0.options());  // GELU(fc1), then the value mix
+  const at::Tensor z = at::empty({2, M, C}, x0.options());
+  const at::Tensor stats = at::empty({2, M, num_heads / block_heads, 2}, acc);
+  std::vector<at::Tensor> weights;
+  for (const at::Tensor& t : params) weights.push_back(t.contiguous());
+  const FusionParamTensors w = named_params(weights);
+
+  WideForwardCall call;
+  call.dtype = x0.scalar_type();
+  WideForwardArgs& a = call.args;
+  a.pixels = M;
+  a.channels = static_cast<int>(C);
+  a.heads = static_cast<int>(num_heads);
+  a.block_heads = static_cast<int>(block_heads);
+  a.scale = 1.0 / std::sqrt(static_cast<double>(C / num_heads));
+  for (int d = 0; d < 2; ++d) {
+    a.x[d] = x[d].const_data_ptr();
+    a.y[d] = y[d].data_ptr();
+  }
+  a.gate = gate.data_ptr();
+  a.hidden = hidden.data_ptr();
+  a.z = z.data_ptr();
+  a.stats = stats.data_ptr();
+#define GK_PARAM_POINTER(field, name, rank, a0, b0, a1, b1) a.params.field = w.field.const_data_ptr();
+  GK_FUSION_PARAMS(GK_PARAM_POINTER)
+#undef GK_PARAM_POINTER
+
+  // What each launch reads and writes: the parts of the weights it multiplies by (the in-projections'
+  // query and key rows, then their value rows).
+  auto rows = [](const at::Tensor& t, int64_t part) { return t.narrow(0, part * t.size(0) / 3, t.size(0) / 3); };
+  const int64_t mac = 2 * 2 * M * C * C;  // FLOPs of one C x C product over both directions
+  call.launches[0] = {"wide_forward_hidden", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {hidden}, 2 * mac};
+  call.launches[1] = {"wide_forward_logits", {hidden, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
+  call.launches[2] = {"wide_forward_gates",
+                      {x[0], x[1], z, stats, w.k_noise, rows(w.in_proj_weight_0, 0), rows(w.in_proj_weight_0, 1),
+                       rows(w.in_proj_weight_1, 0), rows(w.in_proj_weight_1, 1), rows(w.in_proj_bias_0, 0),
+                       rows(w.in_proj_bias_1, 0)},
+                      {gate},
+                      2 * mac};
+  call.launches[3] = {"wide_forward_values",
+                      {x[0], x[1], gate, w.v_noise, rows(w.in_proj_weight_0, 2), rows(w.in_proj_weight_1, 2),
+                       rows(w.in_proj_bias_0, 2), rows(w.in_proj_bias_1, 2)},
+                      {hidden},
+                      2 * mac};
+  call.launches[4] = {"wide_forward_output",
+                      {hidden, x[0], x[1], w.out_proj_weight_0, w.out_proj_weight_1, w.out_proj_bias_0,
+                       w.out_proj_bias_1},
+                      {y[0], y[1]},
+                      mac};
+  if (M > 0) launch(call);
+  return {y[0], y[1], gate, {}};
+}
+
+// The launches announced as chain_stage calls (fusion_chain.cpp), for the launch ledger's count.
+void announce_wide_forward(const WideForwardCall& call) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("gemini_kernels::chain_stage", "");
+  for (const WideForwardCall::Launch& launch : call.launches) {
+    torch::jit::Stack stack{c10::IValue(std::string(launch.name)), c10::IValue(launch.reads),
+                            c10::IValue(launch.writes), c10::IValue(launch.flops)};
+    op.callBoxed(&stack);
+  }
+}
+
+}  // namespace gk
+
+TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
+  // The fused forward of wide layers (csrc/wide_forward.h) on its own: y0, y1 and the gates. The CUDA
+  // forward takes it where the narrow one does not and takes_wide_forward says so; on CPU it runs the
+  // block logic with the host engine, for the tests.
+  m.def("wide_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gemini_kernels, CPU, m) { m.impl("wide_forward", &gk::wide_forward_cpu); }
