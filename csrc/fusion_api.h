@@ -186,12 +186,15 @@ using WideLauncher = void (*)(const WideForwardCall& call);
 // Whether a forward takes the wide kernels: the layer fits (wide_forward_fits), and with tensor_cores
 // (the CUDA engine) also a 16-bit dtype whose MMAs the GPU has, a block within `shared_memory_bytes`
 // and contiguous, 32-byte aligned weight matrices.
+// The wide forward's pass kPass over all its blocks, on the host engine (the wide backward runs its first two).
+template <class T, WidePass kPass>
+void run_wide_pass_on_host(const WideForwardArgs& args);
 bool takes_wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                         bool tensor_cores, int64_t shared_memory_bytes, int compute_capability);
 // y0, y1 and the gates (as fusion_forward's, no activations), the passes run by `launch`.
 ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                            WideLauncher launch);
-// The launches as gemini_kernels::chain_stage calls named "wide_forward_hidden", ... (the ledger's count).
+// The launches as gemini_kernels::chain_stage calls named "wide_forward_pre", ... (the ledger's count).
 void announce_wide_forward(const WideForwardCall& call);
 
 // ---- the fused backward of wide layers (wide_backward.h, wide_backward.cpp) ---------------------
@@ -199,7 +202,7 @@ void announce_wide_forward(const WideForwardCall& call);
 struct WideBackwardCall {
   WideBackwardArgs args;
   at::ScalarType dtype;
-  std::array<WideForwardCall::Launch, kWideBackwardPasses> launches;
+  std::array<WideForwardCall::Launch, kWideBackwardLaunches> launches;
 };
 using WideBackwardLauncher = void (*)(const WideBackwardCall& call);
 
@@ -211,7 +214,7 @@ bool takes_wide_backward(const at::Tensor& x0, const at::Tensor& x1, at::TensorL
 std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
                                       int64_t num_heads, WideBackwardLauncher launch);
-// The launches as gemini_kernels::chain_stage calls named "wide_backward_pre", ... (the ledger's count).
+// The launches as gemini_kernels::chain_stage calls: the forward's first two, "wide_backward_heads", ...
 void announce_wide_backward(const WideBackwardCall& call);
 
 // ---- the fused backward of narrow layers (fused_backward.h, fused_backward.cpp) -------------------

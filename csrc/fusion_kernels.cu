@@ -385,6 +385,9 @@ struct WideMmaEngine {
     constexpr bool kTransposed = std::is_same_v<Layout, nvcuda::wmma::row_major>;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::row_major> a_frag;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, Layout> w_frag;
+    // A tile's sums are this warp's on every product into them: ordering the lanes' stores of the last
+    // product before these loads does not rest on the fragments' element-to-lane map being the same.
+    if (accumulate) __syncwarp(kFullMask);
     for (int item = warp; item < split.items(); item += kFusedWarps) {
       const int j = split.column_tile(item), i0 = split.first_row_tile(item);
       Accumulator sum[kRows];
@@ -493,7 +496,7 @@ cudaError_t launch_wide_pass(const WideForwardArgs& args, cudaStream_t stream) {
 template <class T>
 cudaError_t launch_wide(const WideForwardArgs& args, cudaStream_t stream) {
   static_assert(sizeof(T) == 2, "WideShape::bytes counts 16-bit chunks");
-  cudaError_t status = launch_wide_pass<T, WidePass::Hidden>(args, stream);
+  cudaError_t status = launch_wide_pass<T, WidePass::Pre>(args, stream);
   if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Logits>(args, stream);
   if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Gates>(args, stream);
   if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Values>(args, stream);
@@ -515,8 +518,9 @@ cudaError_t launch_wide_backward_pass(const WideBackwardArgs& args, cudaStream_t
 template <class T>
 cudaError_t launch_wide_backward_typed(const WideBackwardArgs& args, cudaStream_t stream) {
   static_assert(sizeof(T) == 2, "WideShape::bytes counts 16-bit chunks");
-  cudaError_t status = launch_wide_backward_pass<T, WideBackwardPass::Pre>(args, stream);
-  if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Logits>(args, stream);
+  const WideForwardArgs forward = forward_passes_of(args);  // u, z and its statistics, as the forward's
+  cudaError_t status = launch_wide_pass<T, WidePass::Pre>(forward, stream);
+  if (status == cudaSuccess) status = launch_wide_pass<T, WidePass::Logits>(forward, stream);
   if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Heads>(args, stream);
   if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Keys>(args, stream);
   if (status == cudaSuccess) status = launch_wide_backward_pass<T, WideBackwardPass::Judger>(args, stream);
@@ -592,8 +596,8 @@ cudaError_t fused_kernels_have_mma(ScalarKind kind, bool* have) {
   if (kind != ScalarKind::BFloat16) return cudaSuccess;
   for (const void* kernel : {reinterpret_cast<const void*>(fused_forward_kernel<__nv_bfloat16>),
                              reinterpret_cast<const void*>(fused_backward_kernel<__nv_bfloat16>),
-                             reinterpret_cast<const void*>(wide_forward_kernel<__nv_bfloat16, WidePass::Hidden>),
-                             reinterpret_cast<const void*>(wide_backward_kernel<__nv_bfloat16, WideBackwardPass::Pre>)}) {
+                             reinterpret_cast<const void*>(wide_forward_kernel<__nv_bfloat16, WidePass::Pre>),
+                             reinterpret_cast<const void*>(wide_backward_kernel<__nv_bfloat16, WideBackwardPass::Heads>)}) {
     cudaFuncAttributes attributes{};
     const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
     if (status != cudaSuccess) return status;

@@ -32,8 +32,9 @@ void run_pass_on_host(const WideBackwardArgs& args) {
 
 template <class T>
 void run_passes_on_host(const WideBackwardArgs& args) {
-  run_pass_on_host<T, WideBackwardPass::Pre>(args);
-  run_pass_on_host<T, WideBackwardPass::Logits>(args);
+  const WideForwardArgs forward = forward_passes_of(args);
+  run_wide_pass_on_host<T, WidePass::Pre>(forward);
+  run_wide_pass_on_host<T, WidePass::Logits>(forward);
   run_pass_on_host<T, WideBackwardPass::Heads>(args);
   run_pass_on_host<T, WideBackwardPass::Keys>(args);
   run_pass_on_host<T, WideBackwardPass::Judger>(args);
@@ -63,7 +64,7 @@ bool takes_wide_backward(const at::Tensor& x0, const at::Tensor& x1, at::TensorL
   if (!tensor_cores) return true;
   const int C = static_cast<int>(x0.size(-1)), h = static_cast<int>(num_heads);
   const int block_heads = static_cast<int>(wide_block_heads(C, h));
-  for (int pass = 0; pass < kWideBackwardPasses; ++pass) {
+  for (int pass = 0; pass < kWideBackwardPasses; ++pass) {  // (the forward's passes: takes_wide_forward)
     const WideBackwardPass kind = static_cast<WideBackwardPass>(pass);
     if (wide_backward_shape(kind).bytes(wide_backward_columns(kind, C, h, block_heads)) > shared_memory_bytes)
       return false;
@@ -144,8 +145,9 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
   const at::Tensor wv[2] = {part(w.in_proj_weight_0, 2), part(w.in_proj_weight_1, 2)};
   const at::Tensor bq[2] = {part(w.in_proj_bias_0, 0), part(w.in_proj_bias_1, 0)};
   const at::Tensor bv[2] = {part(w.in_proj_bias_0, 2), part(w.in_proj_bias_1, 2)};
-  call.launches[0] = {"wide_backward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac};
-  call.launches[1] = {"wide_backward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
+  // the forward's first two passes, again
+  call.launches[0] = {"wide_forward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac};
+  call.launches[1] = {"wide_forward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
   call.launches[2] = {"wide_backward_heads",
                       {x[0], x[1], grad_y[0], grad_y[1], z, stats, gate, w.k_noise, w.v_noise, wq[0], wq[1], wk[0],
                        wk[1], wv[0], wv[1], bq[0], bq[1], bv[0], bv[1], w.out_proj_weight_0, w.out_proj_weight_1},

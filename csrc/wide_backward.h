@@ -1,5 +1,6 @@
 // The fused backward of wide layers (MiT stages 3-4), the wide forward's counterpart: eight launches of
-// block products (wide_forward.h's blocks, engine and sources) that recompute what the gradients need
+// block products (wide_forward.h's blocks, engine and sources; the first two are the forward's own
+// passes, run again over the backward's buffers: forward_passes_of) that recompute what the gradients need
 // from x0, x1 and the saved gates, run every input-gradient product with the backward's row stages in
 // their prologues and epilogues, and sum the weight gradients over the pixels in blocks of their own, a
 // 64 x 64 tile of a gradient each, in pixel order: no atomics, no partial sums, the same bits on every
@@ -8,8 +9,8 @@
 // Per direction d (s = x_d, o = x_{1-d}, dy = dy_d; a block: 64 pixels and the columns of a few whole
 // heads, as the forward's):
 //
-//   pre      u = [s, o] fc1^T + b1                                          -> u
-//   logits   z = GELU(u) W2^T + b2, and per row the block's max and sum of exp -> z, its statistics
+//   pre      the forward's: u = [s, o] fc1^T + b1                                       -> u
+//   logits   the forward's: z = GELU(u) W2^T + b2, per row the block's max and sum of exp -> z, statistics
 //   heads    q = s Wq^T + bq, dk = e Wk^T (e formed from z and kept by the first column block),
 //            v_self = (v_noise + s) Wv^T + bv, v_cross = o Wv^T + bv, gm = dy Wo;
 //            per head the gates' backward (MixBackward's)                   -> mixed, d/dq, d/ddk, gm
@@ -38,8 +39,10 @@ namespace gk {
 constexpr int kWideBackwardMaxHeads = 16;  // the gates of a row's heads are read per input column
 constexpr int kWideGradientTile = 64;     // weight-gradient blocks: 64 x 64 tiles
 
-enum class WideBackwardPass : int { Pre = 0, Logits, Heads, Keys, Judger, Inputs, Weights, Noise };
-constexpr int kWideBackwardPasses = 8;
+// The backward's own passes, after the forward's Pre and Logits.
+enum class WideBackwardPass : int { Heads = 0, Keys, Judger, Inputs, Weights, Noise };
+constexpr int kWideBackwardPasses = 6;
+constexpr int kWideBackwardLaunches = 2 + kWideBackwardPasses;
 
 struct WideBackwardArgs {
   int64_t pixels;   // M per direction
@@ -99,8 +102,7 @@ GK_HD constexpr WideShape wide_backward_shape(WideBackwardPass pass) {
     case WideBackwardPass::Judger: return {1, 1, 3};
     case WideBackwardPass::Inputs: return {5, 1, 2};
     case WideBackwardPass::Weights: return {2, 1, 2};
-    case WideBackwardPass::Noise: return {0, 0, 1};
-    default: return {1, 1, 1};  // Pre, Logits
+    default: return {0, 0, 1};  // Noise
   }
 }
 GK_HD constexpr int wide_backward_columns(WideBackwardPass pass, int C, int heads, int block_heads) {
@@ -111,18 +113,6 @@ GK_HD constexpr int wide_backward_columns(WideBackwardPass pass, int C, int head
 namespace wide {
 
 // ---- more sources ----------------------------------------------------------------------------------
-
-// GELU(u), rounded as the forward's hidden.
-template <class T>
-struct GeluOf {
-  const T* pre;
-  int rows;
-  int channels;
-  GK_HD T at(int r, int k) const {
-    if (r >= rows) return round_to<T>(A_t<T>(0));
-    return round_to<T>(gelu(widen(pre[static_cast<int64_t>(r) * channels + k])));
-  }
-};
 
 // d/dv_self = a gm (own) or d/dv_cross = (1 - a) gm, a the gate of column k's head.
 template <class T>
@@ -162,24 +152,6 @@ struct RelationGrad {
 };
 
 // ---- row stages and epilogues --------------------------------------------------------------------
-
-// round(sum + bias) into the block's columns (a null bias adds nothing).
-template <class T>
-struct BiasOut {
-  const A_t<T>* sums;
-  T* out;  // the block's first row of (M, C)
-  const T* bias;
-  Block b;
-  int channels;
-  GK_HD_TEMPLATE
-  template <class Team>
-  GK_HD void operator()(const Team& team, int r) const {
-    if (r >= b.rows) return;
-    for (int c = team.first(); c < b.n; c += team.stride())
-      out[static_cast<int64_t>(r) * channels + b.n0 + c] =
-          round_to<T>(bias != nullptr ? sums[r * b.n + c] + widen(bias[b.n0 + c]) : sums[r * b.n + c]);
-  }
-};
 
 // The gates' backward, per head of the block (MixBackward's): from q, dk, v_self, v_cross and gm (the
 // five sums), the recomputed mix (for d/dWo), d/dq, d/ddk and gm, rounded.
@@ -606,6 +578,24 @@ GK_HD void wide_noise_block(Engine& engine, const WideBackwardArgs& args, int64_
   engine.rows(wide::NoiseColumns<T>{sums, w, out, C, c0});
 }
 
+// The forward's arguments over the backward's buffers: its Pre and Logits passes write u, z and the
+// statistics where the backward's passes read them.
+GK_HD WideForwardArgs forward_passes_of(const WideBackwardArgs& a) {
+  WideForwardArgs f{};
+  f.pixels = a.pixels;
+  f.channels = a.channels;
+  f.heads = a.heads;
+  f.block_heads = a.block_heads;
+  f.scale = a.scale;
+  f.x[0] = a.x[0];
+  f.x[1] = a.x[1];
+  f.pre = a.pre;
+  f.z = a.z;
+  f.stats = a.stats;
+  f.params = a.params;
+  return f;
+}
+
 // One block of pass kPass (block: its index among wide_backward_blocks(kPass, ...)).
 GK_HD_TEMPLATE
 template <class T, WideBackwardPass kPass, class Engine>
@@ -634,15 +624,7 @@ GK_HD void wide_backward_block(Engine& engine, const WideBackwardArgs& args, int
     const int64_t C2 = static_cast<int64_t>(C) * C;
     const int n0 = b.n0;
     const bool keeper = b.column_block == 0;  // the block that keeps what it forms of the whole row
-    if constexpr (kPass == WideBackwardPass::Pre) {
-      block_terms<T>(engine, b.n, 2 * C, false, term<T>(SelfThenOther<T>{s, o, b.rows, C}, fc1 + n0 * 2LL * C, 2 * C));
-      engine.rows(BiasOut<T>{engine.sums(0), mptr<T>(args.pre) + row0, cptr<T>(p.fc1_bias), b, C});
-    } else if constexpr (kPass == WideBackwardPass::Logits) {
-      block_terms<T>(engine, b.n, C, false,
-                     term<T>(GeluOf<T>{cptr<T>(args.pre) + row0, b.rows, C}, cptr<T>(p.fc2_weight) + n0 * static_cast<int64_t>(C), C));
-      engine.rows(LogitsOut<T>{engine.sums(0), mptr<T>(args.z) + row0, mptr<A>(args.stats) + stats_row0 * 2,
-                               cptr<T>(p.fc2_bias), b, C});
-    } else if constexpr (kPass == WideBackwardPass::Heads) {
+    if constexpr (kPass == WideBackwardPass::Heads) {
       engine.rows(RowSoftmax<T>{cptr<A>(args.stats) + stats_row0 * 2, engine.row_values(), b.rows, b.column_blocks});
       engine.sync();
       const T* w_out = cptr<T>(d == 0 ? p.out_proj_weight_0 : p.out_proj_weight_1);

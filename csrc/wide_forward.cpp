@@ -22,22 +22,34 @@ namespace {
 
 bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0; }
 
+}  // namespace
+
 template <class T, WidePass kPass>
-void run_pass_on_host(const WideForwardArgs& args) {
+void run_wide_pass_on_host(const WideForwardArgs& args) {
   const int n = args.channels / args.heads * args.block_heads;
   at::parallel_for(0, wide_blocks(args.pixels, args.heads, args.block_heads), 1, [&](int64_t begin, int64_t end) {
     HostWideEngine<T> engine(wide_forward_shape(args.block_heads), n);
     for (int64_t block = begin; block < end; ++block) wide_forward_block<T, kPass>(engine, args, block);
   });
 }
+#define GK_INSTANTIATE_HOST_PASSES(T)                                           \
+  template void run_wide_pass_on_host<T, WidePass::Pre>(const WideForwardArgs&); \
+  template void run_wide_pass_on_host<T, WidePass::Logits>(const WideForwardArgs&);
+GK_INSTANTIATE_HOST_PASSES(float)
+GK_INSTANTIATE_HOST_PASSES(double)
+GK_INSTANTIATE_HOST_PASSES(at::Half)
+GK_INSTANTIATE_HOST_PASSES(at::BFloat16)
+#undef GK_INSTANTIATE_HOST_PASSES
+
+namespace {
 
 template <class T>
 void run_passes_on_host(const WideForwardArgs& args) {
-  run_pass_on_host<T, WidePass::Hidden>(args);
-  run_pass_on_host<T, WidePass::Logits>(args);
-  run_pass_on_host<T, WidePass::Gates>(args);
-  run_pass_on_host<T, WidePass::Values>(args);
-  run_pass_on_host<T, WidePass::Output>(args);
+  run_wide_pass_on_host<T, WidePass::Pre>(args);
+  run_wide_pass_on_host<T, WidePass::Logits>(args);
+  run_wide_pass_on_host<T, WidePass::Gates>(args);
+  run_wide_pass_on_host<T, WidePass::Values>(args);
+  run_wide_pass_on_host<T, WidePass::Output>(args);
 }
 
 void launch_on_host(const WideForwardCall& call) {
@@ -91,7 +103,7 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   const at::Tensor y[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
   const at::TensorOptions acc = x0.options().dtype(accumulation_type(x0.scalar_type()));
   const at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), acc);
-  const at::Tensor hidden = at::empty({2, M, C}, x0.options());  // GELU(fc1), then the value mix
+  const at::Tensor pre = at::empty({2, M, C}, x0.options());  // fc1's pre-activation u, then the value mix
   const at::Tensor z = at::empty({2, M, C}, x0.options());
   const at::Tensor stats = at::empty({2, M, num_heads / block_heads, 2}, acc);
   std::vector<at::Tensor> weights;
@@ -111,7 +123,7 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
     a.y[d] = y[d].data_ptr();
   }
   a.gate = gate.data_ptr();
-  a.hidden = hidden.data_ptr();
+  a.pre = pre.data_ptr();
   a.z = z.data_ptr();
   a.stats = stats.data_ptr();
 #define GK_PARAM_POINTER(field, name, rank, a0, b0, a1, b1) a.params.field = w.field.const_data_ptr();
@@ -122,8 +134,8 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   // query and key rows, then their value rows).
   auto rows = [](const at::Tensor& t, int64_t part) { return t.narrow(0, part * t.size(0) / 3, t.size(0) / 3); };
   const int64_t mac = 2 * 2 * M * C * C;  // FLOPs of one C x C product over both directions
-  call.launches[0] = {"wide_forward_hidden", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {hidden}, 2 * mac};
-  call.launches[1] = {"wide_forward_logits", {hidden, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
+  call.launches[0] = {"wide_forward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac};
+  call.launches[1] = {"wide_forward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
   call.launches[2] = {"wide_forward_gates",
                       {x[0], x[1], z, stats, w.k_noise, rows(w.in_proj_weight_0, 0), rows(w.in_proj_weight_0, 1),
                        rows(w.in_proj_weight_1, 0), rows(w.in_proj_weight_1, 1), rows(w.in_proj_bias_0, 0),
@@ -133,10 +145,10 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   call.launches[3] = {"wide_forward_values",
                       {x[0], x[1], gate, w.v_noise, rows(w.in_proj_weight_0, 2), rows(w.in_proj_weight_1, 2),
                        rows(w.in_proj_bias_0, 2), rows(w.in_proj_bias_1, 2)},
-                      {hidden},
+                      {pre},
                       2 * mac};
   call.launches[4] = {"wide_forward_output",
-                      {hidden, x[0], x[1], w.out_proj_weight_0, w.out_proj_weight_1, w.out_proj_bias_0,
+                      {pre, x[0], x[1], w.out_proj_weight_0, w.out_proj_weight_1, w.out_proj_bias_0,
                        w.out_proj_bias_1},
                       {y[0], y[1]},
                       mac};

@@ -1,7 +1,7 @@
 // The fused forward of wide layers (MiT stages 3-4, C = 320 and 512): five launches of block products
 // whose prologues form their inputs and whose epilogues run the row stages, so that of the pixels only
-// x0, x1 (read), y0, y1 (written) and four intermediates per direction go through DRAM: hidden, z
-// with its softmax statistics, the gates, and the value mix. (The narrow layers' tile of
+// x0, x1 (read), y0, y1 (written) and four intermediates per direction go through DRAM: fc1's
+// pre-activation u, z with its softmax statistics, the gates, and the value mix. (The narrow layers' tile of
 // fused_forward.h keeps a whole row of every intermediate in shared memory; at C = 512 five of those
 // rows of 64 pixels take 325 KiB.)
 //
@@ -10,8 +10,8 @@
 // C = 512), and sums its products over the inputs' k in chunks of kWideChunk columns. The five
 // passes, per direction d (s = x_d, o = x_{1-d}):
 //
-//   hidden  GELU([s, o] fc1^T + b1)                                    K = 2C: both halves in one sum
-//   logits  z = hidden W2^T + b2, and per row the max and sum of exp over the block's columns
+//   pre     u = [s, o] fc1^T + b1                                      K = 2C: both halves in one sum
+//   logits  z = GELU(u) W2^T + b2, and per row the max and sum of exp over the block's columns
 //   gates   e = k_noise + s - s r (r = softmax(z), from the statistics) formed as the key product's input;
 //           q = s Wq^T + bq, dk = e Wk^T;  per head a = sigmoid(scale q . dk)   (the key bias cancels)
 //   values  v_self = (v_noise + s) Wv^T + bv, v_cross = o Wv^T + bv;  mixed = v_cross + a (v_self - v_cross)
@@ -19,8 +19,8 @@
 //
 // That is 8 C^2 multiply-adds per pixel and direction, as the narrow kernel's and the chain's (the
 // value identity of SPEC §1 would need each head's own input to the value product, and heads of 40
-// channels are not whole MMA tiles); the hidden and mixed values share one buffer (hidden is dead once
-// z is computed).
+// channels are not whole MMA tiles); u and the mix share one buffer (u is dead once z is computed).
+// The wide backward (wide_backward.h) runs the first two passes again, as they are.
 //
 // The block logic is written once, here, against an *engine*:
 //
@@ -55,7 +55,7 @@ constexpr int kWideChunk = 64;              // the k of one staged input chunk
 constexpr int kWideChunkStride = kWideChunk + kFusedRowPad;
 constexpr int kWidePasses = 5;
 
-enum class WidePass : int { Hidden = 0, Logits = 1, Gates = 2, Values = 3, Output = 4 };
+enum class WidePass : int { Pre = 0, Logits = 1, Gates = 2, Values = 3, Output = 4 };
 
 struct WideForwardArgs {
   int64_t pixels;  // M per direction
@@ -67,7 +67,7 @@ struct WideForwardArgs {
   const void* x[2];  // (M, C)
   void* y[2];        // (M, C)
   void* gate;        // (2, M, h), accumulation type
-  void* hidden;      // (2, M, C): GELU(fc1), then the value mix
+  void* pre;         // (2, M, C): u, fc1's pre-activation, then the value mix
   void* z;           // (2, M, C): fc2's output, bias included
   void* stats;       // (2, M, h / block_heads, 2), accumulation type: per block of z's columns, the max and
                      // the sum of exp(z - max)
@@ -205,6 +205,18 @@ struct NoisyInput {
   }
 };
 
+// GELU(u), rounded: the oracle's hidden, from fc1's rounded output.
+template <class T>
+struct GeluOf {
+  const T* pre;
+  int rows;
+  int channels;
+  GK_HD T at(int r, int k) const {
+    if (r >= rows) return round_to<T>(A_t<T>(0));
+    return round_to<T>(gelu(widen(pre[static_cast<int64_t>(r) * channels + k])));
+  }
+};
+
 // Columns k0 .. k0 + width of a source into an input chunk, and into `store` (the block's first row of
 // a (M, C) buffer, its pixels only) where that is set: a block that forms an input the weight gradients
 // need again keeps it.
@@ -268,11 +280,12 @@ GK_HD void block_terms(Engine& engine, int n, int K, bool into_one, const Term<T
 
 // ---- epilogues: a team per row over the block's columns ------------------------------------------
 
+// round(sum + bias) into the block's columns (a null bias adds nothing).
 template <class T>
-struct HiddenOut {
+struct BiasOut {
   const A_t<T>* sums;
-  T* hidden;  // the block's first row of (M, C), direction d
-  const T* b1;
+  T* out;  // the block's first row of (M, C)
+  const T* bias;
   Block b;
   int channels;
   GK_HD_TEMPLATE
@@ -280,8 +293,8 @@ struct HiddenOut {
   GK_HD void operator()(const Team& team, int r) const {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride())
-      hidden[static_cast<int64_t>(r) * channels + b.n0 + c] =
-          round_to<T>(gelu(widen(round_to<T>(sums[r * b.n + c] + widen(b1[b.n0 + c])))));
+      out[static_cast<int64_t>(r) * channels + b.n0 + c] =
+          round_to<T>(bias != nullptr ? sums[r * b.n + c] + widen(bias[b.n0 + c]) : sums[r * b.n + c]);
   }
 };
 
@@ -456,13 +469,13 @@ GK_HD void wide_forward_block(Engine& engine, const WideForwardArgs& args, int64
   const T* b_in = cptr<T>(d == 0 ? p.in_proj_bias_0 : p.in_proj_bias_1);
   const int64_t C2 = static_cast<int64_t>(C) * C;
   const int64_t stats_row0 = (d * args.pixels + b.first) * b.column_blocks * 2;
-  if constexpr (kPass == WidePass::Hidden) {
+  if constexpr (kPass == WidePass::Pre) {
     block_terms<T>(engine, b.n, 2 * C, false,
                    term<T>(SelfThenOther<T>{s, o, b.rows, C}, cptr<T>(p.fc1_weight) + b.n0 * 2LL * C, 2 * C));
-    engine.rows(HiddenOut<T>{engine.sums(0), mptr<T>(args.hidden) + row0, cptr<T>(p.fc1_bias), b, C});
+    engine.rows(BiasOut<T>{engine.sums(0), mptr<T>(args.pre) + row0, cptr<T>(p.fc1_bias), b, C});
   } else if constexpr (kPass == WidePass::Logits) {
     block_terms<T>(engine, b.n, C, false,
-                   term<T>(RowsOf<T>{cptr<T>(args.hidden) + row0, b.rows, C},
+                   term<T>(GeluOf<T>{cptr<T>(args.pre) + row0, b.rows, C},
                            cptr<T>(p.fc2_weight) + static_cast<int64_t>(b.n0) * C, C));
     engine.rows(LogitsOut<T>{engine.sums(0), mptr<T>(args.z) + row0, mptr<A>(args.stats) + stats_row0,
                              cptr<T>(p.fc2_bias), b, C});
@@ -481,13 +494,13 @@ GK_HD void wide_forward_block(Engine& engine, const WideForwardArgs& args, int64
                    term<T>(RowsOf<T>{o, b.rows, C}, wv, C));
     engine.rows(LoadGates<T>{cptr<A>(args.gate) + (d * args.pixels + b.first) * h, engine.row_values(), b, h});
     engine.sync();
-    engine.rows(MixOut<T>{engine.sums(0), engine.sums(1), engine.row_values(), mptr<T>(args.hidden) + row0,
+    engine.rows(MixOut<T>{engine.sums(0), engine.sums(1), engine.row_values(), mptr<T>(args.pre) + row0,
                           b_in + 2 * C, b, C});
   } else {
     const T* w_out = cptr<T>(d == 0 ? p.out_proj_weight_0 : p.out_proj_weight_1);
     const T* b_out = cptr<T>(d == 0 ? p.out_proj_bias_0 : p.out_proj_bias_1);
     block_terms<T>(engine, b.n, C, false,
-                   term<T>(RowsOf<T>{cptr<T>(args.hidden) + row0, b.rows, C}, w_out + static_cast<int64_t>(b.n0) * C, C));
+                   term<T>(RowsOf<T>{cptr<T>(args.pre) + row0, b.rows, C}, w_out + static_cast<int64_t>(b.n0) * C, C));
     engine.rows(ResidualOut<T>{engine.sums(0), mptr<T>(d == 0 ? args.y[0] : args.y[1]) + own, s, b_out, b, C});
   }
 }

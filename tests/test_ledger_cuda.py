@@ -72,14 +72,14 @@ def test_narrow_forwards_are_one_fused_launch():
 
 @pytest.mark.parametrize("stage", [3, 4])
 def test_wide_forwards_are_five_block_launches(stage):
-    """Of the pixels, the wide forward moves x0, x1, y0, y1 and four intermediates a direction (hidden,
-    z, the mix, each written once and read once; the mix read beside x for the residual), the softmax's
+    """Of the pixels, the wide forward moves x0, x1, y0, y1 and three intermediates a direction (fc1's
+    pre-activation u, z, the mix, each written once and read once), the softmax's
     per-block statistics and the gates; the parameters once over the five launches, but for the key
     bias, which cancels."""
     pixels, dim = STAGES[stage]
     lg = counted(stage, "fwd")
     assert [launch.name for launch in lg.launches] == [
-        "wide_forward_hidden", "wide_forward_logits", "wide_forward_gates", "wide_forward_values",
+        "wide_forward_pre", "wide_forward_logits", "wide_forward_gates", "wide_forward_values",
         "wide_forward_output"]
     row = pixels * dim * 2  # one (pixels, C) bf16 matrix
     weights = sum(2 * torch.Size(s).numel() for s in param_shapes(dim).values()) - 2 * 2 * dim
@@ -139,8 +139,9 @@ def test_wide_backwards_are_eight_block_launches(stage):
     lg = counted(stage, "fwd+bwd")
     names = [launch.name for launch in lg.launches]
     assert names[:5] == [launch.name for launch in counted(stage, "fwd").launches]  # the wide forward
-    assert names[5:] == ["wide_backward_" + n for n in ("pre", "logits", "heads", "keys", "judger", "inputs",
-                                                        "weights", "noise")]
+    # the forward's first two passes again (u, z), then the backward's own six
+    assert names[5:] == ["wide_forward_pre", "wide_forward_logits"] + [
+        "wide_backward_" + n for n in ("heads", "keys", "judger", "inputs", "weights", "noise")]
     assert lg.flops == 2 * 2 * (8 + 23) * pixels * dim * dim + 2 * 4 * dim * dim
     assert lg.backward_peak_bytes > 0
     shapes = param_shapes(dim)
