@@ -5,6 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "fusion_api.h"
 #include "fusion_kernels.h"
 
@@ -32,22 +37,41 @@ void cuda_fused_forward(const FusedForwardCall& call) {
   TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the fused forward's launch failed: ", cudaGetErrorString(status));
 }
 
-int device_attribute(cudaDeviceAttr attribute, const at::Tensor& x) {
+int device_attribute(cudaDeviceAttr attribute, int device) {
   int value = 0;
-  const cudaError_t status = cudaDeviceGetAttribute(&value, attribute, x.get_device());
+  const cudaError_t status = cudaDeviceGetAttribute(&value, attribute, device);
   TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaDeviceGetAttribute failed: ", cudaGetErrorString(status));
   return value;
 }
 
-// What the fused kernels' conditions ask of x0's GPU.
+// Whether the build's code for the current GPU runs the fused kernels' MMAs in `kind` (fused_kernels_have_mma).
+bool have_mma(ScalarKind kind) {
+  bool have = false;
+  const cudaError_t status = fused_kernels_have_mma(kind, &have);
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(status));
+  return have;
+}
+
+// What the fused kernels' conditions ask of a GPU, asked of the CUDA runtime once per device (five
+// runtime calls that every forward and backward would otherwise make again).
 struct DeviceLimits {
   int compute_capability;      // 10 * major + minor
   int64_t shared_memory_bytes;  // a block's most (opt-in)
+  bool half_mma, bfloat16_mma;  // fused_kernels_have_mma, under x's device guard
 
-  static DeviceLimits of(const at::Tensor& x) {
-    return {10 * device_attribute(cudaDevAttrComputeCapabilityMajor, x) +
-                device_attribute(cudaDevAttrComputeCapabilityMinor, x),
-            device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, x)};
+  static const DeviceLimits& of(const at::Tensor& x) {
+    constexpr int kDevices = 64;
+    static std::array<std::once_flag, kDevices> once;
+    static std::array<DeviceLimits, kDevices> limits;
+    const int device = x.get_device();
+    TORCH_CHECK(device >= 0 && device < kDevices, "gemini_kernels: CUDA device index ", device, " is past ", kDevices);
+    std::call_once(once[device], [device] {
+      limits[device] = {10 * device_attribute(cudaDevAttrComputeCapabilityMajor, device) +
+                            device_attribute(cudaDevAttrComputeCapabilityMinor, device),
+                        device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                        have_mma(ScalarKind::Half), have_mma(ScalarKind::BFloat16)};
+    });
+    return limits[device];
   }
 };
 
@@ -60,17 +84,14 @@ void check_fused_takes(bool takes, const char* kernel, const at::Tensor& x0) {
               x0.scalar_type(), " of shape ", x0.sizes());
 }
 
-// Whether the build's code for this GPU runs the fused kernels' MMAs in x0's dtype (fused_kernels_have_mma).
+// Whether the build's code for x0's GPU runs the fused kernels' MMAs in x0's dtype.
 bool fused_kernels_run_here(const at::Tensor& x0) {
-  if (x0.scalar_type() != at::kHalf && x0.scalar_type() != at::kBFloat16) return false;
-  bool have = false;
-  const cudaError_t status = fused_kernels_have_mma(scalar_kind(x0.scalar_type()), &have);
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(status));
-  return have;
+  const DeviceLimits& here = DeviceLimits::of(x0);
+  return x0.scalar_type() == at::kHalf ? here.half_mma : x0.scalar_type() == at::kBFloat16 && here.bfloat16_mma;
 }
 
 bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  const DeviceLimits here = DeviceLimits::of(x0);
+  const DeviceLimits& here = DeviceLimits::of(x0);
   return takes_fused_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
          fused_kernels_run_here(x0);
 }
@@ -81,7 +102,7 @@ void cuda_wide_forward(const WideForwardCall& call) {
 }
 
 bool takes_wide_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  const DeviceLimits here = DeviceLimits::of(x0);
+  const DeviceLimits& here = DeviceLimits::of(x0);
   return takes_wide_forward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
          fused_kernels_run_here(x0);
 }
@@ -126,18 +147,28 @@ void cuda_fused_backward(const FusedBackwardCall& call) {
 }
 
 bool takes_fused_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  const DeviceLimits here = DeviceLimits::of(x0);
+  const DeviceLimits& here = DeviceLimits::of(x0);
   return takes_fused_backward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
          fused_kernels_run_here(x0);
 }
 
 // As many programs as the GPU runs at once, within what keeps their partial sums in L2: each walks
-// tiles / programs tiles.
+// tiles / programs tiles. Asked of the CUDA runtime once per device, dtype, width and heads.
 int64_t device_programs(const at::Tensor& x0, int64_t num_heads) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int64_t, int64_t>, int64_t> known;
+  const auto key = std::make_tuple(x0.get_device(), static_cast<int>(x0.scalar_type()), x0.size(-1), num_heads);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = known.find(key);
+    if (found != known.end()) return found->second;
+  }
   int programs = 0;
   const cudaError_t status = fused_backward_programs(scalar_kind(x0.scalar_type()), static_cast<int>(x0.size(-1)),
                                                      static_cast<int>(num_heads), &programs);
   TORCH_CHECK(status == cudaSuccess, "gemini_kernels: sizing the fused backward failed: ", cudaGetErrorString(status));
+  const std::lock_guard<std::mutex> lock(mutex);
+  known.emplace(key, programs);
   return programs;
 }
 
@@ -147,7 +178,7 @@ void cuda_wide_backward(const WideBackwardCall& call) {
 }
 
 bool takes_wide_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  const DeviceLimits here = DeviceLimits::of(x0);
+  const DeviceLimits& here = DeviceLimits::of(x0);
   return takes_wide_backward(x0, x1, params, num_heads, true, here.shared_memory_bytes, here.compute_capability) &&
          fused_kernels_run_here(x0);
 }
