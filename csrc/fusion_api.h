@@ -186,6 +186,9 @@ using WideLauncher = void (*)(const WideForwardCall& call);
 // Whether a forward takes the wide kernels: the layer fits (wide_forward_fits), and with tensor_cores
 // (the CUDA engine) also a 16-bit dtype whose MMAs the GPU has, a block within `shared_memory_bytes`
 // and contiguous, 32-byte aligned weight matrices.
+// The layer of x0 (M, C) and num_heads as the wide kernels see it, once `kernel` ("forward", "backward")
+// has found that they take it; refuses more blocks than a grid has.
+WideLayer wide_layer(const at::Tensor& x0, int64_t num_heads, const char* kernel);
 // The wide forward's pass kPass over all its blocks, on the host engine (the wide backward runs its first two).
 template <class T, WidePass kPass>
 void run_wide_pass_on_host(const WideForwardArgs& args);

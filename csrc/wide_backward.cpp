@@ -82,11 +82,8 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
               kWideGradientTile, ", at most ", kWideBackwardMaxHeads, " heads, and heads that group into blocks of a "
               "multiple of ", kMmaEdge, " channels, at most ", kWideMaxColumns, "; got x0 of shape ", x0.sizes(),
               " and num_heads=", num_heads);
-  const int64_t block_heads = wide_block_heads(C, num_heads);
-  const int64_t M = x0.numel() / C;
-  TORCH_CHECK(wide_blocks(M, static_cast<int>(num_heads), static_cast<int>(block_heads)) <= INT32_MAX,
-              "gemini_kernels: x0 has ", M, " pixels; the wide backward takes at most ",
-              int64_t{INT32_MAX} / (2 * num_heads / block_heads) * kWideRows);
+  const WideLayer layer = wide_layer(x0, num_heads, "backward");
+  const int64_t M = layer.pixels;
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
   const at::Tensor grad_y[2] = {grad_y0.contiguous(), grad_y1.contiguous()};
   // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
@@ -97,7 +94,7 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
   const FusionParamTensors w = named_params(weights);
   const FusionParamTensors gw = named_params(grads);
   const at::TensorOptions acc = x0.options().dtype(accumulation_type(x0.scalar_type()));
-  const int64_t column_blocks = num_heads / block_heads;
+  const int64_t column_blocks = num_heads / layer.block_heads;
   auto rows = [&] { return at::empty({2, M, C}, x0.options()); };
   const at::Tensor pre = rows(), z = rows(), key_input = rows(), mixed = rows(), grad_query = rows(),
                    grad_key = rows(), grad_mixed = rows(), grad_e = rows(), grad_z = rows(), grad_pre = rows();
@@ -108,11 +105,7 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
   WideBackwardCall call;
   call.dtype = x0.scalar_type();
   WideBackwardArgs& a = call.args;
-  a.pixels = M;
-  a.channels = static_cast<int>(C);
-  a.heads = static_cast<int>(num_heads);
-  a.block_heads = static_cast<int>(block_heads);
-  a.scale = 1.0 / std::sqrt(static_cast<double>(C / num_heads));
+  static_cast<WideLayer&>(a) = layer;
   for (int d = 0; d < 2; ++d) {
     a.x[d] = x[d].const_data_ptr();
     a.grad_y[d] = grad_y[d].const_data_ptr();

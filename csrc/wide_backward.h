@@ -44,13 +44,7 @@ enum class WideBackwardPass : int { Heads = 0, Keys, Judger, Inputs, Weights, No
 constexpr int kWideBackwardPasses = 6;
 constexpr int kWideBackwardLaunches = 2 + kWideBackwardPasses;
 
-struct WideBackwardArgs {
-  int64_t pixels;   // M per direction
-  int channels;     // C
-  int heads;        // h
-  int block_heads;  // wide_block_heads
-  double scale;     // 1 / sqrt(C / h)
-
+struct WideBackwardArgs : WideLayer {
   const void* x[2];       // (M, C)
   const void* grad_y[2];  // (M, C)
   const void* gate;       // (2, M, h), accumulation type: the forward's gates
@@ -582,11 +576,7 @@ GK_HD void wide_noise_block(Engine& engine, const WideBackwardArgs& args, int64_
 // statistics where the backward's passes read them.
 GK_HD WideForwardArgs forward_passes_of(const WideBackwardArgs& a) {
   WideForwardArgs f{};
-  f.pixels = a.pixels;
-  f.channels = a.channels;
-  f.heads = a.heads;
-  f.block_heads = a.block_heads;
-  f.scale = a.scale;
+  static_cast<WideLayer&>(f) = a;
   f.x[0] = a.x[0];
   f.x[1] = a.x[1];
   f.pre = a.pre;

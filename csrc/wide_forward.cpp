@@ -86,6 +86,19 @@ bool takes_wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorLi
   return true;
 }
 
+WideLayer wide_layer(const at::Tensor& x0, int64_t num_heads, const char* kernel) {
+  WideLayer layer;
+  layer.channels = static_cast<int>(x0.size(-1));
+  layer.pixels = x0.numel() / layer.channels;
+  layer.heads = static_cast<int>(num_heads);
+  layer.block_heads = static_cast<int>(wide_block_heads(layer.channels, num_heads));
+  layer.scale = 1.0 / std::sqrt(static_cast<double>(layer.channels / num_heads));
+  TORCH_CHECK(wide_blocks(layer.pixels, layer.heads, layer.block_heads) <= INT32_MAX, "gemini_kernels: x0 has ",
+              layer.pixels, " pixels; the wide ", kernel, " takes at most ",
+              int64_t{INT32_MAX} / (2 * layer.heads / layer.block_heads) * kWideRows);
+  return layer;
+}
+
 ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                            WideLauncher launch) {
   check_arguments(x0, x1, params, num_heads);
@@ -93,11 +106,8 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   TORCH_CHECK(wide_forward_fits(C, num_heads), "gemini_kernels: the wide forward takes layers whose heads group "
               "into blocks of a multiple of ", kMmaEdge, " channels, at most ", kWideMaxColumns, "; got x0 of shape ",
               x0.sizes(), " and num_heads=", num_heads, " (", C / num_heads, " channels a head)");
-  const int64_t block_heads = wide_block_heads(C, num_heads);
-  const int64_t M = x0.numel() / C;
-  TORCH_CHECK(wide_blocks(M, static_cast<int>(num_heads), static_cast<int>(block_heads)) <= INT32_MAX,
-              "gemini_kernels: x0 has ", M, " pixels; the wide forward takes at most ",
-              int64_t{INT32_MAX} / (2 * num_heads / block_heads) * kWideRows);
+  const WideLayer layer = wide_layer(x0, num_heads, "forward");
+  const int64_t M = layer.pixels;
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
   // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
   const at::Tensor y[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
@@ -105,7 +115,7 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   const at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), acc);
   const at::Tensor pre = at::empty({2, M, C}, x0.options());  // fc1's pre-activation u, then the value mix
   const at::Tensor z = at::empty({2, M, C}, x0.options());
-  const at::Tensor stats = at::empty({2, M, num_heads / block_heads, 2}, acc);
+  const at::Tensor stats = at::empty({2, M, num_heads / layer.block_heads, 2}, acc);
   std::vector<at::Tensor> weights;
   for (const at::Tensor& t : params) weights.push_back(t.contiguous());
   const FusionParamTensors w = named_params(weights);
@@ -113,11 +123,7 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   WideForwardCall call;
   call.dtype = x0.scalar_type();
   WideForwardArgs& a = call.args;
-  a.pixels = M;
-  a.channels = static_cast<int>(C);
-  a.heads = static_cast<int>(num_heads);
-  a.block_heads = static_cast<int>(block_heads);
-  a.scale = 1.0 / std::sqrt(static_cast<double>(C / num_heads));
+  static_cast<WideLayer&>(a) = layer;
   for (int d = 0; d < 2; ++d) {
     a.x[d] = x[d].const_data_ptr();
     a.y[d] = y[d].data_ptr();

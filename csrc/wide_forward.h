@@ -57,13 +57,16 @@ constexpr int kWidePasses = 5;
 
 enum class WidePass : int { Pre = 0, Logits = 1, Gates = 2, Values = 3, Output = 4 };
 
-struct WideForwardArgs {
-  int64_t pixels;  // M per direction
-  int channels;    // C
-  int heads;       // h
+// The layer as the wide passes see it, forward and backward.
+struct WideLayer {
+  int64_t pixels;   // M per direction
+  int channels;     // C
+  int heads;        // h
   int block_heads;  // heads a block's columns cover (wide_block_heads)
-  double scale;    // 1 / sqrt(C / h)
+  double scale;     // 1 / sqrt(C / h)
+};
 
+struct WideForwardArgs : WideLayer {
   const void* x[2];  // (M, C)
   void* y[2];        // (M, C)
   void* gate;        // (2, M, h), accumulation type
@@ -128,8 +131,7 @@ struct Block {
   int width;         // a head's columns
   int n0, n;         // its columns
 
-  template <class Args>
-  GK_HD static Block of(const Args& a, int64_t index) {
+  GK_HD static Block of(const WideLayer& a, int64_t index) {
     const int64_t tiles = wide_row_tiles(a.pixels);
     Block b;
     b.column_blocks = a.heads / a.block_heads;
