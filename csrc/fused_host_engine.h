@@ -81,18 +81,18 @@ template <class T>
 struct HostWideEngine {
   using A = typename Acc<T>::type;
   std::vector<T> operands;  // shape.operands x kWideRows x kWideChunkStride
-  std::vector<A> sum_buffers;  // shape.sums x kWideRows x n
+  std::vector<A> sum_buffers;  // shape.sums x kWideRows x wide_sums_ld(n)
   std::vector<A> values;    // kWideRows x shape.values_per_row
   int n;
 
   HostWideEngine(const WideShape& shape, int columns)
       : operands(static_cast<size_t>(shape.operands) * kWideRows * kWideChunkStride),
-        sum_buffers(static_cast<size_t>(shape.sums) * kWideRows * columns),
+        sum_buffers(static_cast<size_t>(shape.sums) * kWideRows * wide_sums_ld(columns)),
         values(static_cast<size_t>(shape.values_per_row) * kWideRows),
         n(columns) {}
 
   T* operand(int i) { return operands.data() + static_cast<int64_t>(i) * kWideRows * kWideChunkStride; }
-  A* sums(int i) { return sum_buffers.data() + static_cast<int64_t>(i) * kWideRows * n; }
+  A* sums(int i) { return sum_buffers.data() + static_cast<int64_t>(i) * kWideRows * wide_sums_ld(n); }
   A* row_values() { return values.data(); }
   void sync() const {}
   template <class F>
@@ -108,11 +108,11 @@ struct HostWideEngine {
         for (int t = split.first_row_tile(item); t < split.first_row_tile(item) + split.rows; ++t)
           for (int r = t * kMmaEdge; r < (t + 1) * kMmaEdge; ++r)
             for (int c = split.column_tile(item) * kMmaEdge; c < (split.column_tile(item) + 1) * kMmaEdge; ++c) {
-              A sum = accumulate ? out[r * columns + c] : A(0);
+              A sum = accumulate ? out[r * wide_sums_ld(n) + c] : A(0);
               for (int j = 0; j < k; ++j)
                 sum += fused::widen(a[r * kWideChunkStride + j]) *
                        fused::widen(transposed ? w[static_cast<int64_t>(j) * ldw + c] : w[static_cast<int64_t>(c) * ldw + j]);
-              out[r * columns + c] = sum;
+              out[r * wide_sums_ld(n) + c] = sum;
             }
   }
 };

@@ -333,7 +333,7 @@ struct WideMmaEngine {
   using A = typename Acc<T>::type;
   using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kMmaEdge, kMmaEdge, kMmaEdge, float>;
   T* operands;         // shape.operands x kWideRows x kWideChunkStride
-  float* sum_buffers;  // shape.sums x kWideRows x n
+  float* sum_buffers;  // shape.sums x kWideRows x wide_sums_ld(n)
   float* values;       // kWideRows x shape.values_per_row
   int n;
   int warp;
@@ -345,7 +345,7 @@ struct WideMmaEngine {
     engine.operands = reinterpret_cast<T*>(shared);
     engine.sum_buffers =
         reinterpret_cast<float*>(shared + static_cast<int64_t>(shape.operands) * kWideRows * kWideChunkStride * sizeof(T));
-    engine.values = engine.sum_buffers + static_cast<int64_t>(shape.sums) * kWideRows * n;
+    engine.values = engine.sum_buffers + static_cast<int64_t>(shape.sums) * kWideRows * wide_sums_ld(n);
     engine.n = n;
     engine.warp = threadIdx.x / kWarpSize;
     engine.lane = threadIdx.x % kWarpSize;
@@ -353,7 +353,7 @@ struct WideMmaEngine {
   }
 
   __device__ __forceinline__ T* operand(int i) const { return operands + i * kWideRows * kWideChunkStride; }
-  __device__ __forceinline__ float* sums(int i) const { return sum_buffers + i * kWideRows * n; }
+  __device__ __forceinline__ float* sums(int i) const { return sum_buffers + i * kWideRows * wide_sums_ld(n); }
   __device__ __forceinline__ float* row_values() const { return values; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
   template <class F>
@@ -366,23 +366,24 @@ struct WideMmaEngine {
     const MmaSplit split = MmaSplit::of(columns);
     if (transposed) {
       switch (split.rows) {
-        case 4: return items<4, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
-        case 2: return items<2, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
-        default: return items<1, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+        case 4: return items<4, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, k, accumulate, split);
+        case 2: return items<2, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, k, accumulate, split);
+        default: return items<1, nvcuda::wmma::row_major>(sums(i), operand(op), w, ldw, k, accumulate, split);
       }
     }
     switch (split.rows) {
-      case 4: return items<4, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
-      case 2: return items<2, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
-      default: return items<1, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, columns, k, accumulate, split);
+      case 4: return items<4, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, k, accumulate, split);
+      case 2: return items<2, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, k, accumulate, split);
+      default: return items<1, nvcuda::wmma::col_major>(sums(i), operand(op), w, ldw, k, accumulate, split);
     }
   }
   // w (n x k, row-major) read as w^T (k x n), column-major; transposed, w (k x n, row-major) itself.
   template <int kRows, class Layout>
-  __device__ __forceinline__ void items(float* out, const T* a, const T* w, int ldw, int columns, int k,
-                                        bool accumulate, const MmaSplit& split) const {
+  __device__ __forceinline__ void items(float* out, const T* a, const T* w, int ldw, int k, bool accumulate,
+                                        const MmaSplit& split) const {
     static_assert(MmaSplit::kRowTiles == 4, "the cases of product");
     constexpr bool kTransposed = std::is_same_v<Layout, nvcuda::wmma::row_major>;
+    const int ld = wide_sums_ld(n);  // the sums' row stride (the block's, whatever the product's columns)
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaEdge, kMmaEdge, kMmaEdge, T, nvcuda::wmma::row_major> a_frag;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaEdge, kMmaEdge, kMmaEdge, T, Layout> w_frag;
     // A tile's sums are this warp's on every product into them: ordering the lanes' stores of the last
@@ -394,7 +395,7 @@ struct WideMmaEngine {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         if (accumulate) {
-          nvcuda::wmma::load_matrix_sync(sum[r], out + (i0 + r) * kMmaEdge * columns + j * kMmaEdge, columns,
+          nvcuda::wmma::load_matrix_sync(sum[r], out + (i0 + r) * kMmaEdge * ld + j * kMmaEdge, ld,
                                          nvcuda::wmma::mem_row_major);
         } else {
           nvcuda::wmma::fill_fragment(sum[r], 0.f);
@@ -413,7 +414,7 @@ struct WideMmaEngine {
       }
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
-        nvcuda::wmma::store_matrix_sync(out + (i0 + r) * kMmaEdge * columns + j * kMmaEdge, sum[r], columns,
+        nvcuda::wmma::store_matrix_sync(out + (i0 + r) * kMmaEdge * ld + j * kMmaEdge, sum[r], ld,
                                         nvcuda::wmma::mem_row_major);
     }
   }
@@ -432,9 +433,14 @@ __global__ void __launch_bounds__(kFusedWarps * kWarpSize) wide_forward_kernel(c
   }
 }
 
+// Blocks of a backward pass an SM, for the registers: the heads launch's shared memory (five inputs and five
+// sums) keeps it to one, so its threads may take up to 255 registers; the others leave room for two.
+constexpr int wide_backward_blocks_per_sm(WideBackwardPass pass) { return pass == WideBackwardPass::Heads ? 1 : 2; }
+
 // One block of the backward's pass kPass per blockIdx.x (wide_backward_block).
 template <class T, WideBackwardPass kPass>
-__global__ void __launch_bounds__(kFusedWarps * kWarpSize) wide_backward_kernel(const WideBackwardArgs args) {
+__global__ void __launch_bounds__(kFusedWarps * kWarpSize, wide_backward_blocks_per_sm(kPass))
+    wide_backward_kernel(const WideBackwardArgs args) {
   extern __shared__ __align__(128) unsigned char shared[];
   if constexpr (has_mma<T>()) {
     WideMmaEngine<T> engine = WideMmaEngine<T>::of(

@@ -178,14 +178,14 @@ struct HeadsGradOut {
       const A a = gates[static_cast<int64_t>(r) * heads + b.head0 + j];
       A grad_a = 0;
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const int i = r * b.n + c;
+        const int i = r * b.ld + c;
         const A vs = widen(round_to<T>(self_sums[i] + widen(bv[b.n0 + c])));
         const A vc = widen(round_to<T>(cross_sums[i] + widen(bv[b.n0 + c])));
         grad_a += widen(round_to<T>(gm_sums[i])) * widen(round_to<T>(vs - vc));
       }
       const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const int i = r * b.n + c;
+        const int i = r * b.ld + c;
         const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
         const A vs = widen(round_to<T>(self_sums[i] + widen(bv[b.n0 + c])));
         const A vc = widen(round_to<T>(cross_sums[i] + widen(bv[b.n0 + c])));
@@ -219,7 +219,7 @@ struct KeysGradOut {
     A dot = 0;
     for (int c = team.first(); c < b.n; c += team.stride()) {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
-      const T ge = round_to<T>(sums[r * b.n + c]);
+      const T ge = round_to<T>(sums[r * b.ld + c]);
       grad_e[at] = ge;
       const A rel = exp_(widen(z[at]) - row_values[2 * r]) * row_values[2 * r + 1];
       dot += mul_rn(rel, -mul_rn(widen(ge), widen(self[at])));
@@ -264,7 +264,7 @@ struct GeluGradOut {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride()) {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
-      grad_pre[at] = round_to<T>(widen(round_to<T>(sums[r * b.n + c])) * gelu_grad(widen(pre[at])));
+      grad_pre[at] = round_to<T>(widen(round_to<T>(sums[r * b.ld + c])) * gelu_grad(widen(pre[at])));
     }
   }
 };
@@ -290,7 +290,7 @@ struct InputsOut {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
       const A rel = exp_(widen(z[at]) - row_values[2 * r]) * row_values[2 * r + 1];
       const T elementwise = round_to<T>(widen(grad_y[at]) + widen(grad_e[at]) * key_delta_ds(rel));
-      grad_x[at] = round_to<T>(widen(elementwise) + sums[r * b.n + c]);
+      grad_x[at] = round_to<T>(widen(elementwise) + sums[r * b.ld + c]);
     }
   }
 };
@@ -353,7 +353,7 @@ struct GradientTileOut {
   template <class Team>
   GK_HD void operator()(const Team& team, int r) const {
     for (int c = team.first(); c < kWideGradientTile; c += team.stride())
-      grad[static_cast<int64_t>(r0 + r) * ld + c0 + c] = round_to<T>(sums[r * kWideGradientTile + c]);
+      grad[static_cast<int64_t>(r0 + r) * ld + c0 + c] = round_to<T>(sums[r * wide_sums_ld(kWideGradientTile) + c]);
   }
 };
 

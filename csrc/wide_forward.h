@@ -25,13 +25,13 @@
 // The block logic is written once, here, against an *engine*:
 //
 //   T* operand(int i)           input chunk i: kWideRows rows of kWideChunkStride elements
-//   A* sums(int i)              product sums i: kWideRows rows of n, row-major, accumulation type
+//   A* sums(int i)              product sums i: kWideRows rows of n, row stride wide_sums_ld(n), accumulation type
 //   A* row_values()             kWideRows * shape.values_per_row values of the accumulation type
 //   void sync()                 every earlier write of the block is seen by every later read
 //   void rows(const F& f)       f(team, r) for every row r < kWideRows
 //   void product(int i, int operand, const T* w, int ldw, int n, int k, bool accumulate, bool transposed)
-//                               sums(i)[r n + c] = (accumulate ? sums(i)[r n + c] : 0)
-//                                                  + sum_{j < k} operand(operand)[r][j] w[c ldw + j]
+//                               sums(i)[r][c] = (accumulate ? sums(i)[r][c] : 0)
+//                                               + sum_{j < k} operand(operand)[r][j] w[c ldw + j]
 //                               (w[j ldw + c] when transposed; w may be another input chunk)
 //
 // with as many inputs, sums and row values as the pass's WideShape asks for (wide_backward.h's passes
@@ -54,6 +54,10 @@ constexpr int kWideMaxColumns = 128;        // a head's columns: the sums take k
 constexpr int kWideChunk = 64;              // the k of one staged input chunk
 constexpr int kWideChunkStride = kWideChunk + kFusedRowPad;
 constexpr int kWidePasses = 5;
+// The sums' rows are padded by 4 floats: a row of 64 or 128 floats would start every row of a 16 x 16
+// accumulator tile on the same shared-memory bank.
+constexpr int kWideSumsPad = 4;
+GK_HD constexpr int wide_sums_ld(int n) { return n + kWideSumsPad; }
 
 enum class WidePass : int { Pre = 0, Logits = 1, Gates = 2, Values = 3, Output = 4 };
 
@@ -103,7 +107,7 @@ struct WideShape {
   int values_per_row;
   // Bytes of one CUDA block's shared memory (16-bit inputs, float sums).
   GK_HD constexpr int64_t bytes(int n) const {
-    return static_cast<int64_t>(operands) * kWideRows * kWideChunkStride * 2 + static_cast<int64_t>(sums) * kWideRows * n * 4 +
+    return static_cast<int64_t>(operands) * kWideRows * kWideChunkStride * 2 + static_cast<int64_t>(sums) * kWideRows * wide_sums_ld(n) * 4 +
            static_cast<int64_t>(values_per_row) * kWideRows * 4;
   }
 };
@@ -130,6 +134,7 @@ struct Block {
   int head0, heads;  // its heads
   int width;         // a head's columns
   int n0, n;         // its columns
+  int ld;            // the row stride of its sums (wide_sums_ld(n))
 
   GK_HD static Block of(const WideLayer& a, int64_t index) {
     const int64_t tiles = wide_row_tiles(a.pixels);
@@ -146,6 +151,7 @@ struct Block {
     b.width = a.channels / a.heads;
     b.n = b.heads * b.width;
     b.n0 = b.column_block * b.n;
+    b.ld = wide_sums_ld(b.n);
     return b;
   }
 };
@@ -296,7 +302,7 @@ struct BiasOut {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride())
       out[static_cast<int64_t>(r) * channels + b.n0 + c] =
-          round_to<T>(bias != nullptr ? sums[r * b.n + c] + widen(bias[b.n0 + c]) : sums[r * b.n + c]);
+          round_to<T>(bias != nullptr ? sums[r * b.ld + c] + widen(bias[b.n0 + c]) : sums[r * b.ld + c]);
   }
 };
 
@@ -317,14 +323,14 @@ struct LogitsOut {
     T* row = z + static_cast<int64_t>(r) * channels + b.n0;
     A top = -static_cast<A>(INFINITY);
     for (int c = team.first(); c < b.n; c += team.stride()) {
-      const T v = round_to<T>(sums[r * b.n + c] + widen(b2[b.n0 + c]));
+      const T v = round_to<T>(sums[r * b.ld + c] + widen(b2[b.n0 + c]));
       row[c] = v;
       top = max_(top, widen(v));
     }
     top = team.max(top);
     A total = 0;
     for (int c = team.first(); c < b.n; c += team.stride())
-      total += exp_(widen(round_to<T>(sums[r * b.n + c] + widen(b2[b.n0 + c]))) - top);
+      total += exp_(widen(round_to<T>(sums[r * b.ld + c] + widen(b2[b.n0 + c]))) - top);
     total = team.sum(total);
     if (team.leader()) {
       A* at = stats + (static_cast<int64_t>(r) * b.column_blocks + b.column_block) * 2;
@@ -384,8 +390,8 @@ struct GateOut {
       const int lo = j * b.width, hi = lo + b.width;
       A logit = 0;
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const A q = widen(round_to<T>(query_sums[r * b.n + c] + widen(bq[b.n0 + c])));
-        logit += mul_rn(q * s, widen(round_to<T>(key_sums[r * b.n + c])));
+        const A q = widen(round_to<T>(query_sums[r * b.ld + c] + widen(bq[b.n0 + c])));
+        logit += mul_rn(q * s, widen(round_to<T>(key_sums[r * b.ld + c])));
       }
       logit = team.sum(logit);
       if (team.leader()) gates[static_cast<int64_t>(r) * heads + b.head0 + j] = two_way_softmax(logit);
@@ -424,8 +430,8 @@ struct MixOut {
   GK_HD void operator()(const Team& team, int r) const {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride()) {
-      const A_t<T> vs = widen(round_to<T>(self_sums[r * b.n + c] + widen(bv[b.n0 + c])));
-      const A_t<T> vc = widen(round_to<T>(cross_sums[r * b.n + c] + widen(bv[b.n0 + c])));
+      const A_t<T> vs = widen(round_to<T>(self_sums[r * b.ld + c] + widen(bv[b.n0 + c])));
+      const A_t<T> vc = widen(round_to<T>(cross_sums[r * b.ld + c] + widen(bv[b.n0 + c])));
       mixed[static_cast<int64_t>(r) * channels + b.n0 + c] =
           round_to<T>(value_mix(vc, vs - vc, row_values[r * b.heads + c / b.width]));
     }
@@ -447,7 +453,7 @@ struct ResidualOut {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride()) {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
-      y[at] = round_to<T>(widen(self[at]) + widen(round_to<T>(sums[r * b.n + c] + widen(bias[b.n0 + c]))));
+      y[at] = round_to<T>(widen(self[at]) + widen(round_to<T>(sums[r * b.ld + c] + widen(bias[b.n0 + c]))));
     }
   }
 };
