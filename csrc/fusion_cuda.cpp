@@ -211,9 +211,9 @@ std::vector<at::Tensor> wide_backward_cuda(const at::Tensor& grad_y0, const at::
   const c10::cuda::CUDAGuard device_guard(x0.device());
   TORCH_CHECK(takes_wide_backward_here(x0, x1, params, num_heads),
               "gemini_kernels: the wide backward on CUDA takes float16 (sm_70 on) or bfloat16 (sm_80 on) inputs of C a "
-              "multiple of ", kWideGradientTile, ", at most ", kWideBackwardMaxHeads, " heads grouping into blocks of a "
-              "multiple of ", kMmaEdge, " channels, blocks within the device's shared memory, and contiguous 32-byte "
-              "aligned weights; got x0 ", x0.scalar_type(), " of shape ", x0.sizes(), " and num_heads=", num_heads);
+              "multiple of ", kWideGradientTile, ", heads grouping into blocks of a multiple of ", kMmaEdge,
+              " channels, blocks within the device's shared memory, and contiguous 32-byte aligned weights; got x0 ",
+              x0.scalar_type(), " of shape ", x0.sizes(), " and num_heads=", num_heads);
   return wide_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads, cuda_wide_backward);
 }
 

@@ -79,9 +79,8 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
   check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
   const int64_t C = x0.size(-1);
   TORCH_CHECK(wide_backward_fits(C, num_heads), "gemini_kernels: the wide backward takes C a multiple of ",
-              kWideGradientTile, ", at most ", kWideBackwardMaxHeads, " heads, and heads that group into blocks of a "
-              "multiple of ", kMmaEdge, " channels, at most ", kWideMaxColumns, "; got x0 of shape ", x0.sizes(),
-              " and num_heads=", num_heads);
+              kWideGradientTile, " and heads that group into blocks of a multiple of ", kMmaEdge, " channels, at most ",
+              kWideMaxColumns, "; got x0 of shape ", x0.sizes(), " and num_heads=", num_heads);
   const WideLayer layer = wide_layer(x0, num_heads, "backward");
   const int64_t M = layer.pixels;
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};

@@ -36,8 +36,7 @@
 
 namespace gk {
 
-constexpr int kWideBackwardMaxHeads = 16;  // the gates of a row's heads are read per input column
-constexpr int kWideGradientTile = 64;     // weight-gradient blocks: 64 x 64 tiles
+constexpr int kWideGradientTile = 64;  // weight-gradient blocks: 64 x 64 tiles
 
 // The backward's own passes, after the forward's Pre and Logits.
 enum class WideBackwardPass : int { Heads = 0, Keys, Judger, Inputs, Weights, Noise };
@@ -68,9 +67,9 @@ struct WideBackwardArgs : WideLayer {
 };
 
 // Whether the wide backward takes a layer (any dtype; the CUDA engine also needs 16-bit inputs): the
-// forward's blocks, at most kWideBackwardMaxHeads heads, and weight gradients of whole 64 x 64 tiles.
+// forward's blocks, and weight gradients of whole 64 x 64 tiles.
 GK_HD constexpr bool wide_backward_fits(int64_t C, int64_t h) {
-  return wide_forward_fits(C, h) && h <= kWideBackwardMaxHeads && C % kWideGradientTile == 0;
+  return wide_forward_fits(C, h) && C % kWideGradientTile == 0;
 }
 
 // The weights launch's blocks: the 64 x 64 tiles of Wo, Wq, Wk, Wv of each direction, W2 and W1 (C x 2C).
