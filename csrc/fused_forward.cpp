@@ -19,8 +19,6 @@ namespace gk {
 
 namespace {
 
-bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0; }
-
 template <class T>
 void run_tiles_on_host(const FusedForwardArgs& args) {
   using A = typename Acc<T>::type;
@@ -47,6 +45,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(const at::Tenso
 
 }  // namespace
 
+bool tensor_core_weights(at::TensorList params) {
+  // The MMA loads read the weights straight from global memory, 32-byte aligned.
+  const FusionParamTensors p = named_params(params);
+  for (const at::Tensor* w : {&p.fc1_weight, &p.fc2_weight, &p.in_proj_weight_0, &p.in_proj_weight_1,
+                              &p.out_proj_weight_0, &p.out_proj_weight_1})
+    if (!w->is_contiguous() || reinterpret_cast<uintptr_t>(w->const_data_ptr()) % 32 != 0) return false;
+  return true;
+}
+
 bool takes_fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                          bool tensor_cores, int64_t shared_memory_bytes, int compute_capability) {
   check_arguments(x0, x1, params, num_heads);
@@ -57,12 +64,7 @@ bool takes_fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorL
   if (t != at::kHalf && t != at::kBFloat16) return false;  // float32 would run on TF32 tensor cores: 1e-3, not 1e-5
   if (compute_capability < (t == at::kBFloat16 ? 80 : 70)) return false;  // the WMMA shapes of that dtype
   if (fused_launch_bytes(static_cast<int>(C), static_cast<int>(num_heads)) > shared_memory_bytes) return false;
-  // The MMA loads read the weights straight from global memory, 32-byte aligned.
-  const FusionParamTensors p = named_params(params);
-  for (const at::Tensor* w : {&p.fc1_weight, &p.fc2_weight, &p.in_proj_weight_0, &p.in_proj_weight_1,
-                              &p.out_proj_weight_0, &p.out_proj_weight_1})
-    if (!w->is_contiguous() || !aligned(*w, 32)) return false;
-  return true;
+  return tensor_core_weights(params);
 }
 
 ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <functional>
 #include <tuple>
 #include <vector>
 
@@ -155,6 +156,9 @@ struct FusedForwardCall {
 // Runs the call's tiles: the host engine (CPU), the CUDA kernel, or the ledger's announcement.
 using FusedLauncher = void (*)(const FusedForwardCall& call);
 
+// Whether the fused kernels' MMAs can load the weight matrices straight from global memory: contiguous,
+// 32-byte aligned.
+bool tensor_core_weights(at::TensorList params);
 // Whether a forward takes the fused kernel: the layer fits (fused_forward_fits), and with
 // tensor_cores (the CUDA engine) also a 16-bit dtype whose MMAs the GPU has (compute_capability:
 // 10 * major + minor), a tile within `shared_memory_bytes` and contiguous, 32-byte aligned weight
@@ -169,17 +173,22 @@ void announce_fused_forward(const FusedForwardCall& call);
 
 // ---- the fused forward of wide layers (wide_forward.h, wide_forward.cpp) -------------------------
 
-// Its five launches (one per WidePass, in order): the arguments, and per launch what it reads and
-// writes and its FLOPs (what the launch ledger counts).
+// One launch of the wide kernels as the launch ledger counts it: what it reads and writes, its FLOPs.
+struct WideLaunch {
+  const char* name;
+  std::vector<at::Tensor> reads, writes;
+  int64_t flops;
+};
+// The launches as gemini_kernels::chain_stage calls (the ledger's count).
+void announce_wide_launches(c10::ArrayRef<WideLaunch> launches);
+// Part i of an in-projection's stacked rows (0: query, 1: key, 2: value), what a launch multiplies by.
+at::Tensor in_proj_part(const at::Tensor& in_proj, int64_t i);
+
+// Its arguments, and its five launches (one per WidePass, in order), made only when the ledger asks.
 struct WideForwardCall {
   WideForwardArgs args;
   at::ScalarType dtype;
-  struct Launch {
-    const char* name;
-    std::vector<at::Tensor> reads, writes;
-    int64_t flops;
-  };
-  std::array<Launch, kWidePasses> launches;
+  std::function<std::array<WideLaunch, kWidePasses>()> launches;
 };
 using WideLauncher = void (*)(const WideForwardCall& call);
 
@@ -205,7 +214,7 @@ void announce_wide_forward(const WideForwardCall& call);
 struct WideBackwardCall {
   WideBackwardArgs args;
   at::ScalarType dtype;
-  std::array<WideForwardCall::Launch, kWideBackwardLaunches> launches;
+  std::function<std::array<WideLaunch, kWideBackwardLaunches>()> launches;
 };
 using WideBackwardLauncher = void (*)(const WideBackwardCall& call);
 

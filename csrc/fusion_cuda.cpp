@@ -16,6 +16,11 @@
 namespace gk {
 namespace {
 
+// A CUDA runtime call's or a launch's error as a Python exception: "gemini_kernels: <what> failed: <error>".
+void check_cuda(cudaError_t status, const char* what) {
+  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: ", what, " failed: ", cudaGetErrorString(status));
+}
+
 ScalarKind scalar_kind(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return ScalarKind::Float;
@@ -28,19 +33,19 @@ ScalarKind scalar_kind(at::ScalarType dtype) {
 
 void cuda_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& buffers) {
   const cudaError_t status = launch_stage(stage, scalar_kind(dtype), buffers, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: CUDA kernel launch failed: ", cudaGetErrorString(status));
+  check_cuda(status, "CUDA kernel launch");
 }
 
 void cuda_fused_forward(const FusedForwardCall& call) {
   const cudaError_t status =
       launch_fused_forward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the fused forward's launch failed: ", cudaGetErrorString(status));
+  check_cuda(status, "the fused forward's launch");
 }
 
 int device_attribute(cudaDeviceAttr attribute, int device) {
   int value = 0;
   const cudaError_t status = cudaDeviceGetAttribute(&value, attribute, device);
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaDeviceGetAttribute failed: ", cudaGetErrorString(status));
+  check_cuda(status, "cudaDeviceGetAttribute");
   return value;
 }
 
@@ -48,7 +53,7 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
 bool have_mma(ScalarKind kind) {
   bool have = false;
   const cudaError_t status = fused_kernels_have_mma(kind, &have);
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(status));
+  check_cuda(status, "cudaFuncGetAttributes");
   return have;
 }
 
@@ -98,7 +103,7 @@ bool takes_fused_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::Te
 
 void cuda_wide_forward(const WideForwardCall& call) {
   const cudaError_t status = launch_wide_forward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the wide forward's launch failed: ", cudaGetErrorString(status));
+  check_cuda(status, "the wide forward's launch");
 }
 
 bool takes_wide_forward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
@@ -143,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(const at::Tens
 void cuda_fused_backward(const FusedBackwardCall& call) {
   const cudaError_t status =
       launch_fused_backward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the fused backward's launch failed: ", cudaGetErrorString(status));
+  check_cuda(status, "the fused backward's launch");
 }
 
 bool takes_fused_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
@@ -166,7 +171,7 @@ int64_t device_programs(const at::Tensor& x0, int64_t num_heads) {
   int programs = 0;
   const cudaError_t status = fused_backward_programs(scalar_kind(x0.scalar_type()), static_cast<int>(x0.size(-1)),
                                                      static_cast<int>(num_heads), &programs);
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: sizing the fused backward failed: ", cudaGetErrorString(status));
+  check_cuda(status, "sizing the fused backward");
   const std::lock_guard<std::mutex> lock(mutex);
   known.emplace(key, programs);
   return programs;
@@ -174,7 +179,7 @@ int64_t device_programs(const at::Tensor& x0, int64_t num_heads) {
 
 void cuda_wide_backward(const WideBackwardCall& call) {
   const cudaError_t status = launch_wide_backward(scalar_kind(call.dtype), call.args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the wide backward's launch failed: ", cudaGetErrorString(status));
+  check_cuda(status, "the wide backward's launch");
 }
 
 bool takes_wide_backward_here(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
@@ -223,7 +228,7 @@ std::vector<at::Tensor> assemble_gradients_cuda(at::TensorList parts, int64_t C)
   std::vector<at::Tensor> grads = empty_gradients(parts[0].options(), C);
   const cudaError_t status = launch_assemble_gradients(scalar_kind(parts[0].scalar_type()), p, gradient_pointers(grads),
                                                        c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "gemini_kernels: the gradient assembly's launch failed: ", cudaGetErrorString(status));
+  check_cuda(status, "the gradient assembly's launch");
   return grads;
 }
 

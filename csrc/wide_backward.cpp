@@ -91,7 +91,6 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
   for (const at::Tensor& t : params) weights.push_back(t.contiguous());
   std::vector<at::Tensor> grads = empty_gradients(x0.options(), C);
   const FusionParamTensors w = named_params(weights);
-  const FusionParamTensors gw = named_params(grads);
   const at::TensorOptions acc = x0.options().dtype(accumulation_type(x0.scalar_type()));
   const int64_t column_blocks = num_heads / layer.block_heads;
   auto rows = [&] { return at::empty({2, M, C}, x0.options()); };
@@ -129,55 +128,51 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
 #undef GK_PARAM_POINTER
   a.grads = gradient_pointers(grads);
 
-  // What each launch reads and writes, the weights by the parts it multiplies by.
-  auto part = [](const at::Tensor& t, int64_t i) { return t.narrow(0, i * t.size(0) / 3, t.size(0) / 3); };
-  const int64_t mac = 2 * 2 * M * C * C;  // FLOPs of one C x C product over both directions
-  const at::Tensor wq[2] = {part(w.in_proj_weight_0, 0), part(w.in_proj_weight_1, 0)};
-  const at::Tensor wk[2] = {part(w.in_proj_weight_0, 1), part(w.in_proj_weight_1, 1)};
-  const at::Tensor wv[2] = {part(w.in_proj_weight_0, 2), part(w.in_proj_weight_1, 2)};
-  const at::Tensor bq[2] = {part(w.in_proj_bias_0, 0), part(w.in_proj_bias_1, 0)};
-  const at::Tensor bv[2] = {part(w.in_proj_bias_0, 2), part(w.in_proj_bias_1, 2)};
-  // the forward's first two passes, again
-  call.launches[0] = {"wide_forward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac};
-  call.launches[1] = {"wide_forward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
-  call.launches[2] = {"wide_backward_heads",
-                      {x[0], x[1], grad_y[0], grad_y[1], z, stats, gate, w.k_noise, w.v_noise, wq[0], wq[1], wk[0],
-                       wk[1], wv[0], wv[1], bq[0], bq[1], bv[0], bv[1], w.out_proj_weight_0, w.out_proj_weight_1},
-                      {key_input, mixed, grad_query, grad_key, grad_mixed},
-                      5 * mac};
-  call.launches[3] = {"wide_backward_keys", {grad_key, z, stats, x[0], x[1], wk[0], wk[1]}, {grad_e, dots}, mac};
-  call.launches[4] = {"wide_backward_judger", {z, stats, dots, grad_e, x[0], x[1], pre, w.fc2_weight},
-                      {grad_z, grad_pre}, mac};
-  call.launches[5] = {"wide_backward_inputs",
-                      {grad_query, grad_mixed, grad_pre, gate, grad_e, z, stats, grad_y[0], grad_y[1], wq[0], wq[1],
-                       wv[0], wv[1], w.fc1_weight},
-                      {grad_x[0], grad_x[1]},
-                      5 * mac};
-  call.launches[6] = {"wide_backward_weights",
-                      {grad_y[0], grad_y[1], mixed, grad_query, x[0], x[1], grad_key, key_input, grad_mixed, gate,
-                       w.v_noise, grad_z, pre, grad_pre},
-                      {gw.out_proj_weight_0, gw.out_proj_weight_1, gw.out_proj_bias_0, gw.out_proj_bias_1,
-                       gw.in_proj_weight_0, gw.in_proj_weight_1, gw.in_proj_bias_0, gw.in_proj_bias_1, gw.fc2_weight,
-                       gw.fc2_bias, gw.fc1_weight, gw.fc1_bias, column_sums},
-                      // Wo, Wq, Wk per direction, Wv (two terms) per direction, W2 and W1 (2 C^2) over both
-                      2 * M * C * C * 2 * (3 + 2 + 1 + 2)};
-  call.launches[7] = {"wide_backward_noise", {column_sums, wk[0], wk[1], wv[0], wv[1]}, {gw.k_noise, gw.v_noise},
-                      2 * 4 * C * C};
+  // What each launch reads and writes, the in-projections by the parts it multiplies by.
+  call.launches = [=] {
+    const int64_t mac = 2 * 2 * M * C * C;  // FLOPs of one C x C product over both directions
+    const FusionParamTensors gw = named_params(grads);
+    const at::Tensor wi[2] = {w.in_proj_weight_0, w.in_proj_weight_1}, bi[2] = {w.in_proj_bias_0, w.in_proj_bias_1};
+    const at::Tensor wq[2] = {in_proj_part(wi[0], 0), in_proj_part(wi[1], 0)};
+    const at::Tensor wk[2] = {in_proj_part(wi[0], 1), in_proj_part(wi[1], 1)};
+    const at::Tensor wv[2] = {in_proj_part(wi[0], 2), in_proj_part(wi[1], 2)};
+    const at::Tensor bq[2] = {in_proj_part(bi[0], 0), in_proj_part(bi[1], 0)};
+    const at::Tensor bv[2] = {in_proj_part(bi[0], 2), in_proj_part(bi[1], 2)};
+    return std::array<WideLaunch, kWideBackwardLaunches>{
+        // the forward's first two passes, again
+        WideLaunch{"wide_forward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac},
+        WideLaunch{"wide_forward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac},
+        WideLaunch{"wide_backward_heads",
+                   {x[0], x[1], grad_y[0], grad_y[1], z, stats, gate, w.k_noise, w.v_noise, wq[0], wq[1], wk[0], wk[1],
+                    wv[0], wv[1], bq[0], bq[1], bv[0], bv[1], w.out_proj_weight_0, w.out_proj_weight_1},
+                   {key_input, mixed, grad_query, grad_key, grad_mixed},
+                   5 * mac},
+        WideLaunch{"wide_backward_keys", {grad_key, z, stats, x[0], x[1], wk[0], wk[1]}, {grad_e, dots}, mac},
+        WideLaunch{"wide_backward_judger", {z, stats, dots, grad_e, x[0], x[1], pre, w.fc2_weight}, {grad_z, grad_pre},
+                   mac},
+        WideLaunch{"wide_backward_inputs",
+                   {grad_query, grad_mixed, grad_pre, gate, grad_e, z, stats, grad_y[0], grad_y[1], wq[0], wq[1], wv[0],
+                    wv[1], w.fc1_weight},
+                   {grad_x[0], grad_x[1]},
+                   5 * mac},
+        WideLaunch{"wide_backward_weights",
+                   {grad_y[0], grad_y[1], mixed, grad_query, x[0], x[1], grad_key, key_input, grad_mixed, gate,
+                    w.v_noise, grad_z, pre, grad_pre},
+                   {gw.out_proj_weight_0, gw.out_proj_weight_1, gw.out_proj_bias_0, gw.out_proj_bias_1,
+                    gw.in_proj_weight_0, gw.in_proj_weight_1, gw.in_proj_bias_0, gw.in_proj_bias_1, gw.fc2_weight,
+                    gw.fc2_bias, gw.fc1_weight, gw.fc1_bias, column_sums},
+                   // Wo, Wq, Wk per direction, Wv (two terms) per direction, W2 and W1 (2 C^2) over both
+                   2 * M * C * C * 2 * (3 + 2 + 1 + 2)},
+        WideLaunch{"wide_backward_noise", {column_sums, wk[0], wk[1], wv[0], wv[1]}, {gw.k_noise, gw.v_noise},
+                   2 * 4 * C * C}};
+  };
   launch(call);  // M > 0: check_arguments refuses empty inputs (the Python entry points return early)
   std::vector<at::Tensor> result = {grad_x[0], grad_x[1]};
   result.insert(result.end(), grads.begin(), grads.end());
   return result;
 }
 
-// The launches announced as chain_stage calls (fusion_chain.cpp), for the launch ledger's count.
-void announce_wide_backward(const WideBackwardCall& call) {
-  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("gemini_kernels::chain_stage", "");
-  for (const WideForwardCall::Launch& launch : call.launches) {
-    torch::jit::Stack stack{c10::IValue(std::string(launch.name)), c10::IValue(launch.reads),
-                            c10::IValue(launch.writes), c10::IValue(launch.flops)};
-    op.callBoxed(&stack);
-  }
-}
+void announce_wide_backward(const WideBackwardCall& call) { announce_wide_launches(call.launches()); }
 
 }  // namespace gk
 

@@ -138,7 +138,7 @@ struct RelationGrad {
     using A = A_t<T>;
     if (r >= rows) return round_to<T>(A(0));
     const int64_t at = static_cast<int64_t>(r) * channels + k;
-    const A rel = exp_(widen(z[at]) - row_values[3 * r]) * row_values[3 * r + 1];
+    const A rel = relation_of(z[at], row_values + 3 * r);
     const A grad_rel = -mul_rn(widen(grad_e[at]), widen(self[at]));
     return round_to<T>(rel * (grad_rel - row_values[3 * r + 2]));
   }
@@ -178,17 +178,17 @@ struct HeadsGradOut {
       A grad_a = 0;
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
         const int i = r * b.ld + c;
-        const A vs = widen(round_to<T>(self_sums[i] + widen(bv[b.n0 + c])));
-        const A vc = widen(round_to<T>(cross_sums[i] + widen(bv[b.n0 + c])));
+        const A vs = linear_value(self_sums[i], bv[b.n0 + c]);
+        const A vc = linear_value(cross_sums[i], bv[b.n0 + c]);
         grad_a += widen(round_to<T>(gm_sums[i])) * widen(round_to<T>(vs - vc));
       }
       const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
         const int i = r * b.ld + c;
         const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
-        const A vs = widen(round_to<T>(self_sums[i] + widen(bv[b.n0 + c])));
-        const A vc = widen(round_to<T>(cross_sums[i] + widen(bv[b.n0 + c])));
-        const A q = widen(round_to<T>(q_sums[i] + widen(bq[b.n0 + c]))) * s;
+        const A vs = linear_value(self_sums[i], bv[b.n0 + c]);
+        const A vc = linear_value(cross_sums[i], bv[b.n0 + c]);
+        const A q = linear_value(q_sums[i], bq[b.n0 + c]) * s;
         const A k = widen(round_to<T>(k_sums[i]));
         mixed[at] = round_to<T>(value_mix(vc, vs - vc, a));
         grad_query[at] = round_to<T>(grad_logit * k * s);
@@ -220,7 +220,7 @@ struct KeysGradOut {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
       const T ge = round_to<T>(sums[r * b.ld + c]);
       grad_e[at] = ge;
-      const A rel = exp_(widen(z[at]) - row_values[2 * r]) * row_values[2 * r + 1];
+      const A rel = relation_of(z[at], row_values + 2 * r);
       dot += mul_rn(rel, -mul_rn(widen(ge), widen(self[at])));
     }
     dot = team.sum(dot);
@@ -287,7 +287,7 @@ struct InputsOut {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride()) {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
-      const A rel = exp_(widen(z[at]) - row_values[2 * r]) * row_values[2 * r + 1];
+      const A rel = relation_of(z[at], row_values + 2 * r);
       const T elementwise = round_to<T>(widen(grad_y[at]) + widen(grad_e[at]) * key_delta_ds(rel));
       grad_x[at] = round_to<T>(widen(elementwise) + sums[r * b.ld + c]);
     }

@@ -20,8 +20,6 @@ namespace gk {
 
 namespace {
 
-bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0; }
-
 }  // namespace
 
 template <class T, WidePass kPass>
@@ -78,12 +76,7 @@ bool takes_wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorLi
   if (wide_forward_shape(static_cast<int>(block_heads)).bytes(static_cast<int>(C / num_heads * block_heads)) >
       shared_memory_bytes)
     return false;
-  // The MMA loads read the weights straight from global memory, 32-byte aligned.
-  const FusionParamTensors p = named_params(params);
-  for (const at::Tensor* w : {&p.fc1_weight, &p.fc2_weight, &p.in_proj_weight_0, &p.in_proj_weight_1,
-                              &p.out_proj_weight_0, &p.out_proj_weight_1})
-    if (!w->is_contiguous() || !aligned(*w, 32)) return false;
-  return true;
+  return tensor_core_weights(params);
 }
 
 WideLayer wide_layer(const at::Tensor& x0, int64_t num_heads, const char* kernel) {
@@ -136,40 +129,46 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   GK_FUSION_PARAMS(GK_PARAM_POINTER)
 #undef GK_PARAM_POINTER
 
-  // What each launch reads and writes: the parts of the weights it multiplies by (the in-projections'
-  // query and key rows, then their value rows).
-  auto rows = [](const at::Tensor& t, int64_t part) { return t.narrow(0, part * t.size(0) / 3, t.size(0) / 3); };
-  const int64_t mac = 2 * 2 * M * C * C;  // FLOPs of one C x C product over both directions
-  call.launches[0] = {"wide_forward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac};
-  call.launches[1] = {"wide_forward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac};
-  call.launches[2] = {"wide_forward_gates",
-                      {x[0], x[1], z, stats, w.k_noise, rows(w.in_proj_weight_0, 0), rows(w.in_proj_weight_0, 1),
-                       rows(w.in_proj_weight_1, 0), rows(w.in_proj_weight_1, 1), rows(w.in_proj_bias_0, 0),
-                       rows(w.in_proj_bias_1, 0)},
-                      {gate},
-                      2 * mac};
-  call.launches[3] = {"wide_forward_values",
-                      {x[0], x[1], gate, w.v_noise, rows(w.in_proj_weight_0, 2), rows(w.in_proj_weight_1, 2),
-                       rows(w.in_proj_bias_0, 2), rows(w.in_proj_bias_1, 2)},
-                      {pre},
-                      2 * mac};
-  call.launches[4] = {"wide_forward_output",
-                      {pre, x[0], x[1], w.out_proj_weight_0, w.out_proj_weight_1, w.out_proj_bias_0,
-                       w.out_proj_bias_1},
-                      {y[0], y[1]},
-                      mac};
+  // What each launch reads and writes, the in-projections by the parts it multiplies by.
+  call.launches = [=] {
+    const int64_t mac = 2 * 2 * M * C * C;  // FLOPs of one C x C product over both directions
+    const at::Tensor wi[2] = {w.in_proj_weight_0, w.in_proj_weight_1}, bi[2] = {w.in_proj_bias_0, w.in_proj_bias_1};
+    return std::array<WideLaunch, kWidePasses>{
+        WideLaunch{"wide_forward_pre", {x[0], x[1], w.fc1_weight, w.fc1_bias}, {pre}, 2 * mac},
+        WideLaunch{"wide_forward_logits", {pre, w.fc2_weight, w.fc2_bias}, {z, stats}, mac},
+        WideLaunch{"wide_forward_gates",
+                   {x[0], x[1], z, stats, w.k_noise, in_proj_part(wi[0], 0), in_proj_part(wi[0], 1),
+                    in_proj_part(wi[1], 0), in_proj_part(wi[1], 1), in_proj_part(bi[0], 0), in_proj_part(bi[1], 0)},
+                   {gate},
+                   2 * mac},
+        WideLaunch{"wide_forward_values",
+                   {x[0], x[1], gate, w.v_noise, in_proj_part(wi[0], 2), in_proj_part(wi[1], 2), in_proj_part(bi[0], 2),
+                    in_proj_part(bi[1], 2)},
+                   {pre},
+                   2 * mac},
+        WideLaunch{"wide_forward_output",
+                   {pre, x[0], x[1], w.out_proj_weight_0, w.out_proj_weight_1, w.out_proj_bias_0, w.out_proj_bias_1},
+                   {y[0], y[1]},
+                   mac}};
+  };
   if (M > 0) launch(call);
   return {y[0], y[1], gate, {}};
 }
 
 // The launches announced as chain_stage calls (fusion_chain.cpp), for the launch ledger's count.
-void announce_wide_forward(const WideForwardCall& call) {
+void announce_wide_launches(c10::ArrayRef<WideLaunch> launches) {
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("gemini_kernels::chain_stage", "");
-  for (const WideForwardCall::Launch& launch : call.launches) {
+  for (const WideLaunch& launch : launches) {
     torch::jit::Stack stack{c10::IValue(std::string(launch.name)), c10::IValue(launch.reads),
                             c10::IValue(launch.writes), c10::IValue(launch.flops)};
     op.callBoxed(&stack);
   }
+}
+
+void announce_wide_forward(const WideForwardCall& call) { announce_wide_launches(call.launches()); }
+
+at::Tensor in_proj_part(const at::Tensor& in_proj, int64_t i) {
+  return in_proj.narrow(0, i * in_proj.size(0) / 3, in_proj.size(0) / 3);
 }
 
 }  // namespace gk

@@ -156,6 +156,14 @@ struct Block {
   }
 };
 
+// A Linear's output as the oracle has it: the sum plus the bias, rounded to T once.
+template <class T>
+GK_HD A_t<T> linear_value(A_t<T> sum, T bias) { return widen(round_to<T>(sum + widen(bias))); }
+
+// r of the relation softmax from z and its row's (max, 1 / total) (RowSoftmax).
+template <class T>
+GK_HD A_t<T> relation_of(T z, const A_t<T>* softmax) { return exp_(widen(z) - softmax[0]) * softmax[1]; }
+
 // ---- sources: the inputs of a product, element by element (zeros past the last pixel) -------------
 
 // Row r of x (one direction's (M, C) rows from the block's first pixel).
@@ -195,7 +203,7 @@ struct KeyInput {
   GK_HD T at(int r, int k) const {
     if (r >= rows) return round_to<T>(A_t<T>(0));
     const int64_t at = static_cast<int64_t>(r) * channels + k;
-    const A_t<T> p = exp_(widen(z[at]) - row_values[2 * r]) * row_values[2 * r + 1];
+    const A_t<T> p = relation_of(z[at], row_values + 2 * r);
     return round_to<T>(key_delta(widen(k_noise[k]), widen(self[at]), p));
   }
 };
@@ -330,7 +338,7 @@ struct LogitsOut {
     top = team.max(top);
     A total = 0;
     for (int c = team.first(); c < b.n; c += team.stride())
-      total += exp_(widen(round_to<T>(sums[r * b.ld + c] + widen(b2[b.n0 + c]))) - top);
+      total += exp_(linear_value(sums[r * b.ld + c], b2[b.n0 + c]) - top);
     total = team.sum(total);
     if (team.leader()) {
       A* at = stats + (static_cast<int64_t>(r) * b.column_blocks + b.column_block) * 2;
@@ -390,7 +398,7 @@ struct GateOut {
       const int lo = j * b.width, hi = lo + b.width;
       A logit = 0;
       for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const A q = widen(round_to<T>(query_sums[r * b.ld + c] + widen(bq[b.n0 + c])));
+        const A q = linear_value(query_sums[r * b.ld + c], bq[b.n0 + c]);
         logit += mul_rn(q * s, widen(round_to<T>(key_sums[r * b.ld + c])));
       }
       logit = team.sum(logit);
@@ -430,8 +438,8 @@ struct MixOut {
   GK_HD void operator()(const Team& team, int r) const {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride()) {
-      const A_t<T> vs = widen(round_to<T>(self_sums[r * b.ld + c] + widen(bv[b.n0 + c])));
-      const A_t<T> vc = widen(round_to<T>(cross_sums[r * b.ld + c] + widen(bv[b.n0 + c])));
+      const A_t<T> vs = linear_value(self_sums[r * b.ld + c], bv[b.n0 + c]);
+      const A_t<T> vc = linear_value(cross_sums[r * b.ld + c], bv[b.n0 + c]);
       mixed[static_cast<int64_t>(r) * channels + b.n0 + c] =
           round_to<T>(value_mix(vc, vs - vc, row_values[r * b.heads + c / b.width]));
     }
@@ -453,7 +461,7 @@ struct ResidualOut {
     if (r >= b.rows) return;
     for (int c = team.first(); c < b.n; c += team.stride()) {
       const int64_t at = static_cast<int64_t>(r) * channels + b.n0 + c;
-      y[at] = round_to<T>(widen(self[at]) + widen(round_to<T>(sums[r * b.ld + c] + widen(bias[b.n0 + c]))));
+      y[at] = round_to<T>(widen(self[at]) + linear_value(sums[r * b.ld + c], bias[b.n0 + c]));
     }
   }
 };
