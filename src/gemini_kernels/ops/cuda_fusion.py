@@ -164,6 +164,10 @@ class _ForwardFunction(torch.autograd.Function):
         _, _, gate, *activations = output
         # The gates and activations are the backward's inputs, not results a caller differentiates.
         ctx.mark_non_differentiable(gate, *activations)
+        # Else autograd hands the backward a zero-filled gradient for each of them (and for an
+        # unused y): allocated and written on every backward, tensors as large as the activations
+        # (at C = 128, batch 2, 13 % of a forward + backward on CPU), never read.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x0, x1, gate, *activations, *params)
         ctx.num_heads = num_heads
         ctx.num_activations = len(activations)
@@ -171,6 +175,9 @@ class _ForwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y0, grad_y1, *_unused):
         x0, x1, gate, *rest = ctx.saved_tensors
+        # None where a loss uses one output only (gradients are not materialized, above).
+        grad_y0 = torch.zeros_like(x0) if grad_y0 is None else grad_y0
+        grad_y1 = torch.zeros_like(x1) if grad_y1 is None else grad_y1
         activations, params = rest[:ctx.num_activations], rest[ctx.num_activations:]
         # Not once_differentiable, which returns constants whenever the incoming gradients do not
         # require grad (a gradient penalty on y0.sum()), so that the penalty's gradient came out
