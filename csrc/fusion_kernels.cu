@@ -66,8 +66,18 @@ struct LaneGroupTeam {
 // A warp owns a row: lane l handles channels l, l + 32, ...
 using WarpTeam = LaneGroupTeam<kWarpSize>;
 
+// Launch bounds of the row stages and the wide forward. On sm_80, ptxas left to itself (a block size
+// only) holds these kernels to 64-80 registers and spills 4 to 76 bytes; two blocks an SM allow 128
+// registers, which they fit, and the wide forward's shared memory allows no more than two there
+// anyway. On sm_90 its own choice spills nothing and stays.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define GK_BLOCK_BOUNDS(threads) __launch_bounds__(threads, 2)
+#else
+#define GK_BLOCK_BOUNDS(threads) __launch_bounds__(threads)
+#endif
+
 template <class StageT, class T, int kLanes>
-__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) stage_kernel(const FusionBuffers buffers) {
+__global__ void GK_BLOCK_BOUNDS(kWarpsPerBlock * kWarpSize) stage_kernel(const FusionBuffers buffers) {
   constexpr int kRowsPerWarp = kWarpSize / kLanes;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row =
@@ -422,7 +432,7 @@ struct WideMmaEngine {
 
 // One block of the forward's pass kPass per blockIdx.x (wide_forward_block).
 template <class T, WidePass kPass>
-__global__ void __launch_bounds__(kFusedWarps * kWarpSize) wide_forward_kernel(const WideForwardArgs args) {
+__global__ void GK_BLOCK_BOUNDS(kFusedWarps * kWarpSize) wide_forward_kernel(const WideForwardArgs args) {
   extern __shared__ __align__(128) unsigned char shared[];
   if constexpr (has_mma<T>()) {
     WideMmaEngine<T> engine = WideMmaEngine<T>::of(shared, wide_forward_shape(args.block_heads),
