@@ -248,6 +248,26 @@ def test_a_gradient_penalty_raises_instead_of_a_wrong_gradient(backend):
         torch.autograd.grad(penalty, [x0, *params])
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "vmap"])
+def test_torch_func_transforms_raise_naming_them(backend, transform):
+    """The kernels have no torch.func rules: under grad / vjp / vmap the call raises naming the
+    transform, where torch raised internal errors (a missing HigherOrderOperator kernel, the
+    setup_context requirement, a missing batching rule)."""
+    x0, x1, params = make_case((2, 3), 16, device=DEVICE, seed=23)
+
+    def f(a, b):
+        return gemini_fusion(a, b, params, num_heads=4, backend=backend)[0]
+
+    run = {"grad": lambda: torch.func.grad(lambda a: f(a, x1).sum())(x0),
+           "vjp": lambda: torch.func.vjp(lambda a: f(a, x1), x0),
+           "vmap": lambda: torch.vmap(f)(x0, x1)}[transform]
+    name = "torch.func.vmap" if transform == "vmap" else "reverse-mode transform"
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' does not run under .*{name}"):
+        run()
+    # Outside a transform the same call runs.
+    f(x0, x1)
+
+
 def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
     x0, x1, params = make_case((3,), 16, device=DEVICE, seed=22)
     tangent = torch.randn_like(x0)

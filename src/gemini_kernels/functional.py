@@ -5,7 +5,7 @@ import torch
 
 from .backends import get_fusion, resolve_backend
 from .params import ParamsLike, as_fusion_params
-from .validation import check_call, refuse_forward_mode_ad
+from .validation import check_call, refuse_unsupported_transforms
 
 
 def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_heads: int = 8,
@@ -33,5 +33,5 @@ def gemini_fusion(x0: torch.Tensor, x1: torch.Tensor, params: ParamsLike, num_he
         # fresh process that asked for another backend the oracle has not been loaded yet.
         name = resolve_backend("torch", x0.device, x0.dtype)
     if name != "torch":  # named as the caller named it ("cuda" on CPU runs cpu_cpp)
-        refuse_forward_mode_ad(name if backend == "auto" else backend, (x0, x1, *params))
+        refuse_unsupported_transforms(name if backend == "auto" else backend, (x0, x1, *params))
     return get_fusion(name)(x0, x1, params, num_heads)

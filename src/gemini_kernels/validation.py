@@ -110,17 +110,45 @@ def forward_mode_ad_in_use(tensors) -> Optional[str]:
 
         if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
             return "a torch.func forward-mode transform (jvp, jacfwd, linearize)"
+    # Tangents live only inside a dual level (forward_ad.dual_level); outside one, unpack_dual finds
+    # none on any tensor, and asking each of the 16 costs more than a small layer's kernels.
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return None
     if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return "torch.autograd.forward_ad (dual tensors)"
     return None
 
 
-def refuse_forward_mode_ad(backend: str, tensors) -> None:
+def functorch_transform_in_use() -> Optional[str]:
+    """The torch.func transform, other than forward-mode ones, a call runs under, or None. The kernel
+    backends' ops have neither functorch rules nor batching rules: under them torch raised internal
+    errors ("could not find kernel for HigherOrderOperator custom_function_call", "must override
+    the setup_context staticmethod", "Batching rule not implemented")."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return None
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if TransformType.Grad in keys:
+        return "a torch.func reverse-mode transform (grad, grad_and_value, vjp, jacrev, hessian)"
+    if TransformType.Vmap in keys:
+        return "torch.func.vmap"
+    return None
+
+
+def refuse_unsupported_transforms(backend: str, tensors) -> None:
     """Raises, naming the backend and the transform, when a kernel backend runs under forward-mode AD
-    (see forward_mode_ad_in_use). Inside torch.compile's tracing there is none to detect."""
+    (see forward_mode_ad_in_use) or another torch.func transform (functorch_transform_in_use).
+    Inside torch.compile's tracing there is none to detect."""
     if torch.compiler.is_compiling():
         return
     mode = forward_mode_ad_in_use(tensors)
     if mode is not None:
         raise RuntimeError(f"backend={backend!r} has no forward-mode derivative, and {mode} is in use: its tangents "
                            "would come out as zeros; use backend='torch' for forward-mode AD")
+    transform = functorch_transform_in_use()
+    if transform is not None:
+        raise RuntimeError(f"backend={backend!r} does not run under {transform}: its kernels have no torch.func "
+                           "rules; use backend='torch' inside torch.func transforms (or torch.autograd.grad for "
+                           "gradients through this backend)")
