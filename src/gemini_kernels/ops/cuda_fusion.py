@@ -23,6 +23,7 @@ import torch
 from ..params import FusionParams
 from ..validation import refuse_unsupported_transforms
 from .autocast import like_the_oracle
+from .autograd_calls import FastFunction, backward_op_autograd
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository, in an environment where "
@@ -148,31 +149,7 @@ def saves_activations(x0: torch.Tensor) -> bool:
     return x0.device.type == "cpu" and x0.shape[-1] >= SAVE_ACTIVATIONS_FROM_WIDTH
 
 
-class _FastApply(torch.autograd.Function):
-    """An autograd.Function whose ``apply`` skips, outside functorch transforms, what
-    ``Function.apply`` does on every call for a Function with a ``setup_context``: binding the
-    arguments to ``forward``'s signature with ``inspect.signature`` (some 25 us a call, against
-    kernels of 0.1 ms on a GPU). Its ``forward`` must have no default arguments, so that the binding
-    is the identity."""
-
-    @classmethod
-    def apply(cls, *args):
-        if torch._C._are_functorch_transforms_active():
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
-
-
-def _unwrap_dead_wrappers(args):
-    # What Function.apply does outside transforms: tensors left wrapped by a finished functorch
-    # transform are unwrapped. Only tensors can be such wrappers.
-    if any(isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args):
-        from torch._functorch.utils import unwrap_dead_wrappers
-
-        return unwrap_dead_wrappers(args)
-    return args
-
-
-class _ForwardFunction(_FastApply):
+class _ForwardFunction(FastFunction):
     """The differentiable fusion_forward: the parameters as trailing arguments (autograd.Function
     takes no lists of tensors); the outputs flat, y0, y1, gate, then the activations."""
 
@@ -206,7 +183,8 @@ class _ForwardFunction(_FastApply):
         # Not once_differentiable, which returns constants whenever the incoming gradients do not
         # require grad (a gradient penalty on y0.sum()), so that the penalty's gradient came out
         # wrong. Under create_graph=True this runs with grad mode on, and fusion_backward's own
-        # Autograd kernel (_BackwardFunction) makes a derivative through these gradients raise.
+        # Autograd kernel (autograd_calls.backward_op_autograd) makes a derivative through these
+        # gradients raise.
         grads = torch.ops.gemini_kernels.fusion_backward(
             grad_y0, grad_y1, x0, x1, params, gate, activations, ctx.num_heads)
         return grads[0], grads[1], None, None, *grads[2:]
@@ -226,41 +204,8 @@ def _forward_autograd(x0, x1, params, num_heads, save_activations=False):
         return _forward_op(x0, x1, params, num_heads, save_activations)
 
 
-class _BackwardFunction(_FastApply):
-    """fusion_backward where its result will be differentiated (create_graph=True with inputs that
-    require grad): the gradients carry a backward that raises, as there is no second derivative;
-    without one they would read as constants, and a derivative through them as zeros. Arguments:
-    num_heads, the numbers of parameters and activations, then every tensor flat."""
-
-    @staticmethod
-    def forward(num_heads, num_params, grad_y0, grad_y1, x0, x1, gate, *rest):
-        params, activations = list(rest[:num_params]), list(rest[num_params:])
-        with torch._C._AutoDispatchBelowAutograd():
-            return tuple(_backward_op(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("gemini_kernels: the backward of the compiled extension (backend 'cuda' / 'cpu_cpp') is "
-                           "not differentiable: it cannot differentiate twice (a gradient penalty or another second "
-                           "derivative of GeminiFusion needs backend='torch')")
-
-
-def _backward_autograd(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads):
-    """fusion_backward's Autograd kernel (written by hand, as the forward's: torch.library's
-    register_autograd spent some 140 us a call in Python)."""
-    tensors = (grad_y0, grad_y1, x0, x1, gate, *params, *activations)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return list(_BackwardFunction.apply(num_heads, len(params), *tensors))
-    with torch._C._AutoDispatchBelowAutograd():
-        return _backward_op(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads)
-
-
 _library = None  # the fragment holding the Autograd kernels; kept alive, as dropping it unregisters
-_forward_op = None  # the ops' overloads, taken once: the kernels above call them below the Autograd key
+_forward_op = None  # the ops' overloads, taken once: their Autograd kernels call them below the Autograd key
 _backward_op = None
 
 
@@ -272,7 +217,11 @@ def _register_autograd() -> None:
     _backward_op = torch.ops.gemini_kernels.fusion_backward.default
     _library = torch.library.Library("gemini_kernels", "FRAGMENT")
     _library.impl("fusion_forward", _forward_autograd, "Autograd")
-    _library.impl("fusion_backward", _backward_autograd, "Autograd")
+    _library.impl("fusion_backward", backward_op_autograd(
+        _backward_op,
+        "gemini_kernels: the backward of the compiled extension (backend 'cuda' / 'cpu_cpp') is not differentiable: "
+        "it cannot differentiate twice (a gradient penalty or another second derivative of GeminiFusion needs "
+        "backend='torch')"), "Autograd")
 
 
 def _apply(x0, x1, num_heads, params):

@@ -53,8 +53,9 @@ def check_triton_version(version: str) -> None:
 check_triton_version(triton.__version__)
 
 from ..params import FusionParams  # noqa: E402
-from ..validation import check_call  # noqa: E402
+from ..validation import check_call, refuse_unsupported_transforms  # noqa: E402
 from .autocast import like_the_oracle  # noqa: E402
+from .autograd_calls import FastFunction, backward_op_autograd  # noqa: E402
 from .triton_kernels.common import INTERPRETED  # noqa: E402
 from .triton_kernels.launch import backward_rows, forward_rows  # noqa: E402
 
@@ -75,7 +76,7 @@ def unavailable_reason(device) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (traced through their fake implementations), differentiable
+# The ops: opaque to torch.compile (traced through their fake implementations), differentiable
 # through the hand-written backward op.
 # ----------------------------------------------------------------------------------------------
 
@@ -84,8 +85,7 @@ def _rows(t: Tensor, dim: int) -> Tensor:
     return t.reshape(-1, dim).contiguous()
 
 
-@torch.library.custom_op("gemini_kernels::triton_fusion_fwd", mutates_args=())
-def fusion_fwd_op(x0: Tensor, x1: Tensor, params: List[Tensor], num_heads: int) -> List[Tensor]:
+def _fusion_fwd(x0: Tensor, x1: Tensor, params: List[Tensor], num_heads: int) -> List[Tensor]:
     """(y0, y1) for ``(..., C)`` inputs; parameters in FusionParams order, all of the inputs' dtype."""
     check_call(x0, x1, FusionParams(*params), num_heads)  # the op is public: torch.ops.gemini_kernels
     if x0.numel() == 0:
@@ -100,17 +100,15 @@ def fusion_fwd_op(x0: Tensor, x1: Tensor, params: List[Tensor], num_heads: int) 
     return [y0, y1]
 
 
-@fusion_fwd_op.register_fake
-def _(x0, x1, params, num_heads):
+def _fusion_fwd_fake(x0, x1, params, num_heads):
     return [x0.new_empty(x0.shape), x1.new_empty(x1.shape)]
 
 
-@torch.library.custom_op("gemini_kernels::triton_fusion_bwd", mutates_args=())
-def fusion_bwd_op(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, params: List[Tensor],
-                  num_heads: int) -> List[Tensor]:
-    """``[gx0, gx1, flat]``: the gradients of ``fusion_fwd_op`` for output gradients gy0, gy1; ``flat``
+def _fusion_bwd(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, params: List[Tensor],
+                num_heads: int) -> List[Tensor]:
+    """``[gx0, gx1, flat]``: the gradients of the forward op for output gradients gy0, gy1; ``flat``
     holds every parameter's gradient in FusionParams order (the backward writes them into one
-    buffer; custom-op outputs may not alias, so the autograd formula splits it)."""
+    buffer; an op's outputs may not alias, so the autograd formula splits it)."""
     check_call(x0, x1, FusionParams(*params), num_heads)
     for name, g, x in (("gy0", gy0, x0), ("gy1", gy1, x1)):
         if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
@@ -127,36 +125,63 @@ def fusion_bwd_op(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, params: List
     return [gx0.view(x0.shape), gx1.view(x1.shape), flat]
 
 
-@fusion_bwd_op.register_fake
-def _(gy0, gy1, x0, x1, params, num_heads):
+def _fusion_bwd_fake(gy0, gy1, x0, x1, params, num_heads):
     return [x0.new_empty(x0.shape), x1.new_empty(x1.shape), x0.new_empty(sum(t.numel() for t in params))]
 
 
-def _setup_context(ctx, inputs, output):
-    x0, x1, params, num_heads = inputs
-    ctx.save_for_backward(x0, x1, *params)  # all the backward keeps: it recomputes the rest
-    ctx.num_heads = num_heads
+class _Forward(FastFunction):
+    """The differentiable forward op: the parameters as trailing arguments (autograd.Function takes
+    no lists of tensors). It keeps the inputs and parameters only: the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(x0, x1, num_heads, *params):
+        with torch._C._AutoDispatchBelowAutograd():
+            return tuple(fusion_fwd_op(x0, x1, list(params), num_heads))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x0, x1, num_heads, *params = inputs
+        ctx.set_materialize_grads(False)  # an unused y: zeros of its shape, below
+        ctx.save_for_backward(x0, x1, *params)
+        ctx.num_heads = num_heads
+
+    @staticmethod
+    def backward(ctx, grad_y0, grad_y1):
+        x0, x1, *params = ctx.saved_tensors
+        gy0, gy1 = (torch.zeros_like(x) if g is None else g for g, x in ((grad_y0, x0), (grad_y1, x1)))
+        # Through the op (its Autograd kernel refuses a derivative of these gradients).
+        gx0, gx1, flat = torch.ops.gemini_kernels.triton_fusion_bwd(gy0, gy1, x0, x1, params, ctx.num_heads)
+        param_grads = [g.view(t.shape) for g, t in zip(flat.split([t.numel() for t in params]), params)]
+        return gx0, gx1, None, *param_grads
 
 
-def _backward(ctx, grads):
-    x0, x1, *params = ctx.saved_tensors
-    gy0, gy1 = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, (x0, x1)))
-    gx0, gx1, flat = fusion_bwd_op(gy0, gy1, x0, x1, params, ctx.num_heads)
-    param_grads = [g.view(t.shape) for g, t in zip(flat.split([t.numel() for t in params]), params)]
-    return gx0, gx1, param_grads, None
+def _fusion_fwd_autograd(x0, x1, params, num_heads):
+    """The forward op's Autograd kernel (autograd_calls.py says why by hand): forward-mode AD and
+    torch.func transforms refused by name, as for the public API."""
+    refuse_unsupported_transforms("triton", (x0, x1, *params))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x0, x1, *params)):
+        return list(_Forward.apply(x0, x1, num_heads, *params))
+    with torch._C._AutoDispatchBelowAutograd():
+        return fusion_fwd_op(x0, x1, params, num_heads)
 
 
-fusion_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, grads):
-    raise RuntimeError("gemini_kernels: the Triton backward is not differentiable: it cannot differentiate twice "
-                       "(second derivatives of GeminiFusion are available from backend='torch')")
-
-
-# Without an autograd formula a custom op's outputs read as constants, and a second derivative
-# through the backward would come out as zeros.
-fusion_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+# The ops (public: torch.ops.gemini_kernels.triton_fusion_fwd / _bwd): opaque to torch.compile, which
+# traces them through their fake implementations; differentiable through the hand-written backward op.
+_library = torch.library.Library("gemini_kernels", "FRAGMENT")  # kept alive: dropping it unregisters
+_library.define("triton_fusion_fwd(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> Tensor[]")
+_library.define("triton_fusion_bwd(Tensor gy0, Tensor gy1, Tensor x0, Tensor x1, Tensor[] params, int num_heads) "
+                "-> Tensor[]")
+for _key in ("CPU", "CUDA"):
+    _library.impl("triton_fusion_fwd", _fusion_fwd, _key)
+    _library.impl("triton_fusion_bwd", _fusion_bwd, _key)
+torch.library.register_fake("gemini_kernels::triton_fusion_fwd", _fusion_fwd_fake, lib=_library)
+torch.library.register_fake("gemini_kernels::triton_fusion_bwd", _fusion_bwd_fake, lib=_library)
+fusion_fwd_op = torch.ops.gemini_kernels.triton_fusion_fwd.default
+fusion_bwd_op = torch.ops.gemini_kernels.triton_fusion_bwd.default
+_library.impl("triton_fusion_fwd", _fusion_fwd_autograd, "Autograd")
+_library.impl("triton_fusion_bwd", backward_op_autograd(
+    fusion_bwd_op, "gemini_kernels: the Triton backward is not differentiable: it cannot differentiate twice "
+                   "(second derivatives of GeminiFusion are available from backend='torch')"), "Autograd")
 
 
 def fusion(x0: Tensor, x1: Tensor, params: FusionParams, num_heads: int):
