@@ -104,6 +104,29 @@ def interleaved_times_ms(calls: Dict[str, Callable[[], None]], device: torch.dev
     return {name: (times[j::k], faults[j::k]) for j, name in enumerate(names)}
 
 
+def host_us_per_call(call: Callable[[], None], device: torch.device, calls: int, repeats: int,
+                     before_each: Optional[Callable[[], None]] = None) -> float:
+    """Median over ``repeats`` of the wall time per call, in us, of ``calls`` calls back to back with one
+    synchronize at the end (``before_each`` runs inside the timing): what the host spends on a call
+    where the device keeps up, i.e. the Python and dispatch around small kernels, which
+    :func:`times_ms`'s device-side timing leaves out."""
+    def block(n):
+        for _ in range(n):
+            if before_each:
+                before_each()
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    block(max(1, calls // 10))
+    per_call = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        block(calls)
+        per_call.append((time.perf_counter() - t) / calls * 1e6)
+    return statistics.median(per_call)
+
+
 # The rates are the best of their runs, not the median: the floor is what the device can do at its best.
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:

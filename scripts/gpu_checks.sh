@@ -16,7 +16,8 @@
 #              tests against the float64 oracle, the benchmark at bf16, batch 32, NYUDv2 stages 1-4 (triton,
 #              cuda and torch.compile side by side, forward and forward + backward, peak memory), the cuda
 #              backend's GPU tests (its fused forward's and backward's among them), a memcheck pass over a few of them and a
-#              racecheck / synccheck pass over one, then the ledger; between them the
+#              racecheck / synccheck pass over one, then the ledger and the host time per call of each
+#              backend (bench/call_overhead.py: the Python around the kernels); between them the
 #              Triton forward + backward at stages 2-4 with the wide and the split backward forced (GK_TRITON_BACKWARD)
 #
 # The CUDA extension is built for the present GPU only (TORCH_CUDA_ARCH_LIST from nvidia-smi unless set).
@@ -97,7 +98,8 @@ for s in "${steps[@]}"; do
           tests/test_wide_backward.py -m gpu -x -q \
           -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16 and test_fused_backward) or (gpu_wide_forward and 130 and bfloat16) or (gpu_wide_backward and 130 and bfloat16)"
       done
-      step ledger "$PY" -m gemini_kernels.ledger ;;
+      step ledger "$PY" -m gemini_kernels.ledger
+      step call-overhead "$PY" bench/call_overhead.py --device cuda ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;
   esac
 done

@@ -270,3 +270,25 @@ def test_gpu_run_times_every_available_backend_with_events_and_peak_memory(bench
             assert row["peak_mib"] > 0 and row["ms"] > 0
     assert result["meta"]["env"]["driver"]
     assert not HAVE_MATPLOTLIB or result["outputs"]["png"].exists()
+
+
+def test_call_overhead_times_each_cpu_backend(bench_run, capsys):
+    """bench/call_overhead.py: the host time per call of every backend available on the CPU (Triton,
+    interpreted there, left out), three passes each."""
+    spec = importlib.util.spec_from_file_location("call_overhead", BENCH / "call_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        results = module.main(["--device", "cpu", "--calls", "3", "--repeats", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    expected = [b for b in gk.available_backends("cpu") if b != "triton"]
+    assert list(results) == expected and "torch" in expected
+    for backend, row in results.items():
+        assert list(row) == ["no_grad forward", "forward with grad", "forward + backward"], backend
+        assert all(0 < t < 1e6 for t in row.values()), (backend, row)
+        # A backward costs more than a forward alone.
+        assert row["forward + backward"] > row["no_grad forward"], (backend, row)
+    out = capsys.readouterr().out
+    assert "host time per call" in out and all(b in out for b in expected)
