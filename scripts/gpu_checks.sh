@@ -99,7 +99,7 @@ for s in "${steps[@]}"; do
           -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16 and test_fused_backward) or (gpu_wide_forward and 130 and bfloat16) or (gpu_wide_backward and 130 and bfloat16)"
       done
       step ledger "$PY" -m gemini_kernels.ledger
-      step call-overhead "$PY" bench/call_overhead.py --device cuda ;;
+      step call-overhead "$PY" bench/call_overhead.py --device cuda --calls 200 --repeats 5 ;;
     *) echo "gpu_checks: unknown step '$s' (tests, sanitizer, bench, bench8, bench32, model, quick)" >&2; failed=1 ;;
   esac
 done
