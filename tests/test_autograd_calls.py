@@ -41,6 +41,24 @@ def test_fast_function_is_an_autograd_function():
     assert torch.allclose(torch.func.grad(lambda t: _Square.apply(t, 3.0).sum())(x.detach()), 6 * x.detach())
 
 
+def test_fast_function_skips_the_signature_binding_and_refuses_defaults(monkeypatch):
+    import inspect
+
+    def no_binding(*args, **kwargs):
+        raise AssertionError("inspect.signature called")
+
+    monkeypatch.setattr(inspect, "signature", no_binding)
+    x = torch.randn(3, requires_grad=True)
+    _Square.apply(x, 2.0).sum().backward()  # torch's Function.apply would call inspect.signature
+    assert torch.allclose(x.grad, 4 * x.detach())
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="forward has defaults \\(scale\\)"):
+        class _WithDefault(FastFunction):
+            @staticmethod
+            def forward(x, scale=1.0):
+                return x * scale
+
+
 def test_a_backward_op_kernel_refuses_a_second_derivative_only_when_asked():
     def op(gy, x, ws):
         return [gy * w * x for w in ws]

@@ -264,8 +264,15 @@ def test_torch_func_transforms_raise_naming_them(backend, transform):
     name = "torch.func.vmap" if transform == "vmap" else "reverse-mode transform"
     with pytest.raises(RuntimeError, match=f"backend='{backend}' does not run under .*{name}"):
         run()
-    # Outside a transform the same call runs.
-    f(x0, x1)
+    # A call on constants only, inside the same transform, runs (below it, untransformed).
+    scale = torch.randn((), device=DEVICE, dtype=x0.dtype)
+    ref = gemini_fusion(x0, x1, params, num_heads=4, backend="torch")[0]
+    if transform == "vmap":
+        out = torch.vmap(lambda s: s * f(x0, x1))(scale.expand(3))
+        assert rel_err(out, scale * ref.expand(3, *ref.shape)) < 1e-5
+    else:
+        g = torch.func.grad(lambda s: (s * f(x0, x1)).sum())(scale)
+        assert rel_err(g, ref.sum()) < 1e-5
 
 
 def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):

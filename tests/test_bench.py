@@ -288,7 +288,5 @@ def test_call_overhead_times_each_cpu_backend(bench_run, capsys):
     for backend, row in results.items():
         assert list(row) == ["no_grad forward", "forward with grad", "forward + backward"], backend
         assert all(0 < t < 1e6 for t in row.values()), (backend, row)
-        # A backward costs more than a forward alone.
-        assert row["forward + backward"] > row["no_grad forward"], (backend, row)
     out = capsys.readouterr().out
     assert "host time per call" in out and all(b in out for b in expected)

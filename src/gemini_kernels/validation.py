@@ -96,20 +96,29 @@ def check_call(x0, x1, params: FusionParams, num_heads) -> None:
     check_params(params, x0)
 
 
+def _transforms_of(tensors) -> set:
+    """The torch.func transforms active around a call whose inputs include a tensor they wrap
+    (a call on constants only runs below them, untransformed, and needs no rule)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return set()
+    if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return set()
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return {i.key() for i in retrieve_all_functorch_interpreters()}
+
+
 def forward_mode_ad_in_use(tensors) -> Optional[str]:
     """The forward-mode AD a call runs under (dual tensors, or a ``torch.func.jvp`` / ``jacfwd``
-    transform), or None. The kernel backends have no forward-mode formula: through them a tangent
-    would silently come out zero."""
+    transform of one of its inputs), or None. The kernel backends have no forward-mode formula:
+    through them a tangent would silently come out zero."""
     import torch.autograd.forward_ad as forward_ad
+    from torch._C._functorch import TransformType
 
     # The transform first: inside torch.func.jvp the tensors are dual too, and the message should
     # name what the caller wrote.
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
-            return "a torch.func forward-mode transform (jvp, jacfwd, linearize)"
+    if TransformType.Jvp in _transforms_of(tensors):
+        return "a torch.func forward-mode transform (jvp, jacfwd, linearize)"
     # Tangents live only inside a dual level (forward_ad.dual_level); outside one, unpack_dual finds
     # none on any tensor, and asking each of the 16 costs more than a small layer's kernels.
     if getattr(forward_ad, "_current_level", 0) < 0:
@@ -119,25 +128,24 @@ def forward_mode_ad_in_use(tensors) -> Optional[str]:
     return None
 
 
-def functorch_transform_in_use() -> Optional[str]:
-    """The torch.func transform, other than forward-mode ones, a call runs under, or None. The kernel
-    backends' ops have neither functorch rules nor batching rules: under them torch raised internal
-    errors ("could not find kernel for HigherOrderOperator custom_function_call", "must override
-    the setup_context staticmethod", "Batching rule not implemented")."""
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return None
+def functorch_transform_in_use(tensors, lifted: bool = False) -> Optional[str]:
+    """The torch.func transform, other than forward-mode ones, that transforms one of a call's inputs,
+    or None. The kernel backends' ops have neither functorch rules nor batching rules: under them
+    torch raised internal errors ("could not find kernel for HigherOrderOperator
+    custom_function_call", "must override the setup_context staticmethod", "Batching rule not
+    implemented"). ``lifted``: the tensors are an op's inputs in its Autograd kernel, where a grad
+    transform has wrapped every input, constants too; there an input it transforms requires grad."""
     from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    keys = {i.key() for i in retrieve_all_functorch_interpreters()}
-    if TransformType.Grad in keys:
+    keys = _transforms_of(tensors)
+    if TransformType.Grad in keys and (not lifted or any(t.requires_grad for t in tensors)):
         return "a torch.func reverse-mode transform (grad, grad_and_value, vjp, jacrev, hessian)"
     if TransformType.Vmap in keys:
         return "torch.func.vmap"
     return None
 
 
-def refuse_unsupported_transforms(backend: str, tensors) -> None:
+def refuse_unsupported_transforms(backend: str, tensors, lifted: bool = False) -> None:
     """Raises, naming the backend and the transform, when a kernel backend runs under forward-mode AD
     (see forward_mode_ad_in_use) or another torch.func transform (functorch_transform_in_use).
     Inside torch.compile's tracing there is none to detect."""
@@ -147,7 +155,7 @@ def refuse_unsupported_transforms(backend: str, tensors) -> None:
     if mode is not None:
         raise RuntimeError(f"backend={backend!r} has no forward-mode derivative, and {mode} is in use: its tangents "
                            "would come out as zeros; use backend='torch' for forward-mode AD")
-    transform = functorch_transform_in_use()
+    transform = functorch_transform_in_use(tensors, lifted)
     if transform is not None:
         raise RuntimeError(f"backend={backend!r} does not run under {transform}: its kernels have no torch.func "
                            "rules; use backend='torch' inside torch.func transforms (or torch.autograd.grad for "

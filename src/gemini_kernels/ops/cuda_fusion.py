@@ -177,8 +177,9 @@ class _ForwardFunction(FastFunction):
     def backward(ctx, grad_y0, grad_y1, *_unused):
         x0, x1, gate, *rest = ctx.saved_tensors
         # None where a loss uses one output only (gradients are not materialized, above).
-        grad_y0 = torch.zeros_like(x0) if grad_y0 is None else grad_y0
-        grad_y1 = torch.zeros_like(x1) if grad_y1 is None else grad_y1
+        # Contiguous zeros (zeros_like keeps a non-contiguous x's strides, which the kernels would copy).
+        grad_y0 = x0.new_zeros(x0.shape) if grad_y0 is None else grad_y0
+        grad_y1 = x1.new_zeros(x1.shape) if grad_y1 is None else grad_y1
         activations, params = rest[:ctx.num_activations], rest[ctx.num_activations:]
         # Not once_differentiable, which returns constants whenever the incoming gradients do not
         # require grad (a gradient penalty on y0.sum()), so that the penalty's gradient came out
@@ -196,7 +197,7 @@ def _forward_autograd(x0, x1, params, num_heads, save_activations=False):
     warned. Written by hand rather than with torch.library.register_autograd, whose kernel skips
     autograd when no input requires grad, so that forward-mode AD (whose dual tensors need not)
     silently got zero tangents; here it raises."""
-    refuse_unsupported_transforms(backend_name(x0), (x0, x1, *params))
+    refuse_unsupported_transforms(backend_name(x0), (x0, x1, *params), lifted=True)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x0, x1, *params)):
         y0, y1, gate, *activations = _ForwardFunction.apply(x0, x1, num_heads, save_activations, *params)
         return y0, y1, gate, activations

@@ -148,7 +148,8 @@ class _Forward(FastFunction):
     @staticmethod
     def backward(ctx, grad_y0, grad_y1):
         x0, x1, *params = ctx.saved_tensors
-        gy0, gy1 = (torch.zeros_like(x) if g is None else g for g, x in ((grad_y0, x0), (grad_y1, x1)))
+        # Contiguous zeros (zeros_like keeps a non-contiguous x's strides, which the kernels would copy).
+        gy0, gy1 = (x.new_zeros(x.shape) if g is None else g for g, x in ((grad_y0, x0), (grad_y1, x1)))
         # Through the op (its Autograd kernel refuses a derivative of these gradients).
         gx0, gx1, flat = torch.ops.gemini_kernels.triton_fusion_bwd(gy0, gy1, x0, x1, params, ctx.num_heads)
         param_grads = [g.view(t.shape) for g, t in zip(flat.split([t.numel() for t in params]), params)]
@@ -158,7 +159,7 @@ class _Forward(FastFunction):
 def _fusion_fwd_autograd(x0, x1, params, num_heads):
     """The forward op's Autograd kernel (autograd_calls.py says why by hand): forward-mode AD and
     torch.func transforms refused by name, as for the public API."""
-    refuse_unsupported_transforms("triton", (x0, x1, *params))
+    refuse_unsupported_transforms("triton", (x0, x1, *params), lifted=True)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x0, x1, *params)):
         return list(_Forward.apply(x0, x1, num_heads, *params))
     with torch._C._AutoDispatchBelowAutograd():
@@ -168,9 +169,12 @@ def _fusion_fwd_autograd(x0, x1, params, num_heads):
 # The ops (public: torch.ops.gemini_kernels.triton_fusion_fwd / _bwd): opaque to torch.compile, which
 # traces them through their fake implementations; differentiable through the hand-written backward op.
 _library = torch.library.Library("gemini_kernels", "FRAGMENT")  # kept alive: dropping it unregisters
-_library.define("triton_fusion_fwd(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> Tensor[]")
+# pt2_compliant, as torch.library.custom_op tags its ops (opcheck passes on both): torch.compile under
+# only_allow_pt2_compliant_ops takes them.
+_PT2 = (torch.Tag.pt2_compliant_tag,)
+_library.define("triton_fusion_fwd(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> Tensor[]", tags=_PT2)
 _library.define("triton_fusion_bwd(Tensor gy0, Tensor gy1, Tensor x0, Tensor x1, Tensor[] params, int num_heads) "
-                "-> Tensor[]")
+                "-> Tensor[]", tags=_PT2)
 for _key in ("CPU", "CUDA"):
     _library.impl("triton_fusion_fwd", _fusion_fwd, _key)
     _library.impl("triton_fusion_bwd", _fusion_bwd, _key)
