@@ -8,7 +8,8 @@
 #   tests      the GPU tests (pytest -m gpu): every backend's outputs and gradients against the float64
 #              oracle in fp32 (TF32 off) / bf16 / fp16 on NYUDv2 stage shapes and odd shapes
 #   sanitizer  compute-sanitizer memcheck over a subset of the CUDA backend's GPU tests (memcheck is slow),
-#              racecheck and synccheck over one case of the fused forward
+#              racecheck and synccheck over one small bf16 case each of the fused and wide forward and
+#              backward kernels
 #   bench      the benchmark harness, NYUDv2 stages, bf16, batch 8 and 32 (appends to bench/RESULTS.md);
 #              bench8 / bench32: one batch size each, where one call may run 10 minutes at most
 #   model      MiT-B3 480x640 batch 8 bf16 training step / inference: fused vs no fusion vs published loop

@@ -83,7 +83,8 @@ def check_params(params: FusionParams, x: Tensor) -> None:
 
 def check_call(x0, x1, params: FusionParams, num_heads) -> None:
     """Everything a fusion call needs: the width (set by the parameters), the heads, both inputs and
-    every parameter. Used by the public API and by the backends' custom ops, which are public too."""
+    every parameter. Used by the public API and by the Triton backend's ops, which are public too (the
+    extension's ops check their arguments in C++)."""
     width = params.fc2_weight
     if not isinstance(width, Tensor) or width.dim() != 2 or width.shape[0] != width.shape[1]:
         raise ValueError(
@@ -97,15 +98,17 @@ def check_call(x0, x1, params: FusionParams, num_heads) -> None:
 
 
 def _transforms_of(tensors) -> set:
-    """The torch.func transforms active around a call whose inputs include a tensor they wrap
-    (a call on constants only runs below them, untransformed, and needs no rule)."""
+    """The torch.func transforms that wrap one of a call's inputs, each input named by its innermost
+    one (a call on constants only runs below the transforms, untransformed, and needs no rule)."""
     if torch._C._functorch.peek_interpreter_stack() is None:
         return set()
-    if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    levels = {torch._C._functorch.maybe_get_level(t) for t in tensors
+              if torch._C._functorch.is_functorch_wrapped_tensor(t)}
+    if not levels:
         return set()
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    return {i.key() for i in retrieve_all_functorch_interpreters()}
+    return {i.key() for i in retrieve_all_functorch_interpreters() if i.level() in levels}
 
 
 def forward_mode_ad_in_use(tensors) -> Optional[str]:
@@ -139,7 +142,7 @@ def functorch_transform_in_use(tensors, lifted: bool = False) -> Optional[str]:
 
     keys = _transforms_of(tensors)
     if TransformType.Grad in keys and (not lifted or any(t.requires_grad for t in tensors)):
-        return "a torch.func reverse-mode transform (grad, grad_and_value, vjp, jacrev, hessian)"
+        return "a torch.func reverse-mode transform (grad, grad_and_value, vjp, jacrev)"
     if TransformType.Vmap in keys:
         return "torch.func.vmap"
     return None

@@ -2,7 +2,7 @@
 
 The backends register an Autograd kernel for each op by hand (``torch.library.Library.impl(...,
 "Autograd")``), not through ``torch.library.register_autograd`` / ``custom_op``, whose kernels spent
-50-110 us a call in Python (pytree flattening, signature binding; bench/RESULTS.md): on a GPU a small layer's kernels
+50-110 us in Python on a call with gradients (pytree flattening, signature binding; bench/RESULTS.md): on a GPU a small layer's kernels
 take about 0.1 ms, and these kernels run on every call.
 
 - :class:`FastFunction`: an ``autograd.Function`` whose ``apply`` skips ``Function.apply``'s

@@ -1,8 +1,8 @@
 """The ``"triton"`` backend: GeminiFusion as Triton kernels with a hand-written backward.
 
 This module is the backend's entry point and its op plumbing: ``fusion(x0, x1, params, num_heads)``,
-the ``torch.library`` custom ops (so ``torch.compile`` traces the layer without a graph break) and
-their autograd. The kernels and their launch code live in ``triton_kernels/``:
+the ops it defines with ``torch.library`` (so ``torch.compile`` traces the layer without a graph break)
+and their autograd. The kernels and their launch code live in ``triton_kernels/``:
 
 | file | what |
 | --- | --- |
@@ -10,6 +10,7 @@ their autograd. The kernels and their launch code live in ``triton_kernels/``:
 | ``triton_kernels/narrow.py`` | the narrow forward: C = 16 ... 64, whole rows in registers, one launch |
 | ``triton_kernels/tiled.py`` | the tiled forward: any width, one persistent launch, weight tiles streamed, rows in per-program scratch |
 | ``triton_kernels/tiled_bwd.py`` | the tiled backward: input gradients and per-program weight-gradient partials in one persistent launch, and their fixed-order reduction |
+| ``triton_kernels/wide_bwd.py`` | the wide backward: two row-tile kernels for the input gradients, the weight gradients as GEMMs over all pixels |
 | ``triton_kernels/rows.py`` | row kernels: the per-pixel math between the GEMMs of the split forward and of the backward |
 | ``triton_kernels/launch.py`` | the launchers: ``forward_rows`` / ``backward_rows`` on (N, C) rows |
 | ``triton_kernels/common.py`` | GELU, the dot helper, the interpreter flag |
