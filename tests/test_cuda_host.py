@@ -513,3 +513,16 @@ def test_gradient_assembly_op_checks_its_parts():
     for name, (args, fragment) in bad.items():
         with pytest.raises(RuntimeError, match=fragment):
             torch.ops.gemini_kernels.assemble_gradients(args, C)
+
+
+def test_a_refusal_names_the_transform_that_wraps_the_inputs():
+    """vmap over the inputs inside grad over an unrelated scalar: the inputs are batched, not
+    differentiated, and the message says vmap."""
+    x0, x1, params = make_case((3, 2), 16, seed=29)
+    scale = torch.tensor(2.0, dtype=x0.dtype)
+
+    def loss(s):
+        return (s * torch.vmap(lambda a, b: cuda_backend(a, b, params, 4)[0])(x0, x1)).sum()
+
+    with pytest.raises(RuntimeError, match="does not run under torch.func.vmap"):
+        torch.func.grad(loss)(scale)
