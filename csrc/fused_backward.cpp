@@ -72,12 +72,10 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& grad_y0, const at::Tens
               int64_t{INT32_MAX} * kFusedTileRows);
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
   const at::Tensor grad_y[2] = {grad_y0.contiguous(), grad_y1.contiguous()};
-  // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
-  const at::Tensor grad_x[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
-  std::vector<at::Tensor> weights;
-  for (const at::Tensor& t : params) weights.push_back(t.contiguous());
+  const std::array<at::Tensor, 2> grad_x = empty_like_inputs(x0, x1);
+  const ContiguousParams weights = contiguous_params(params);
+  const FusionParamTensors& w = weights.named;
   std::vector<at::Tensor> grads = empty_gradients(x0.options(), C);
-  const FusionParamTensors w = named_params(weights);
   // No more programs than tiles: a program without a tile would only add zeros.
   const int64_t used = std::max<int64_t>(1, std::min(programs, tiles));
   const at::Tensor partials =
@@ -103,7 +101,7 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& grad_y0, const at::Tens
 #undef GK_PARAM_POINTER
   a.grads = gradient_pointers(grads);
   call.tile_reads = {x[0], x[1], grad_y[0], grad_y[1], gate};
-  call.tile_reads.insert(call.tile_reads.end(), weights.begin(), weights.end());
+  call.tile_reads.insert(call.tile_reads.end(), weights.list.begin(), weights.list.end());
   call.tile_writes = {grad_x[0], grad_x[1], partials};
   call.reduce_reads = {partials};
   call.reduce_writes = grads;

@@ -77,13 +77,11 @@ ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
   TORCH_CHECK((M + kFusedTileRows - 1) / kFusedTileRows <= INT32_MAX, "gemini_kernels: x0 has ", M,
               " pixels; the fused forward takes at most ", int64_t{INT32_MAX} * kFusedTileRows);
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
-  // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
-  const at::Tensor y[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  const std::array<at::Tensor, 2> y = empty_like_inputs(x0, x1);
   const at::Tensor gate =
       at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
-  std::vector<at::Tensor> weights;
-  for (const at::Tensor& t : params) weights.push_back(t.contiguous());
-  const FusionParamTensors w = named_params(weights);
+  const ContiguousParams weights = contiguous_params(params);
+  const FusionParamTensors& w = weights.named;
 
   FusedForwardCall call;
   call.dtype = x0.scalar_type();
@@ -101,7 +99,7 @@ ForwardResult fused_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tens
   GK_FUSION_PARAMS(GK_PARAM_POINTER)
 #undef GK_PARAM_POINTER
   call.reads = {x[0], x[1]};
-  call.reads.insert(call.reads.end(), weights.begin(), weights.end());
+  call.reads.insert(call.reads.end(), weights.list.begin(), weights.list.end());
   call.writes = {y[0], y[1], gate};
   call.flops = 2 * 2 * 8 * M * C * C;  // 8 C^2 multiply-adds per pixel and direction
   if (M > 0) launch(call);

@@ -32,6 +32,17 @@ FusionParamTensors named_params(at::TensorList params) {
   return named;
 }
 
+ContiguousParams contiguous_params(at::TensorList params) {
+  ContiguousParams out;
+  for (const at::Tensor& t : params) out.list.push_back(t.contiguous());
+  out.named = named_params(out.list);
+  return out;
+}
+
+std::array<at::Tensor, 2> empty_like_inputs(const at::Tensor& x0, const at::Tensor& x1) {
+  return {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+}
+
 std::vector<ParamSpec> param_specs(int64_t C) {
   std::vector<ParamSpec> specs;
 #define GK_PARAM_SPEC(field, name, rank, a0, b0, a1, b1)                              \

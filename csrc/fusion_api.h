@@ -37,6 +37,17 @@ struct FusionParamTensors {
 // params: kNumParams tensors in FusionParams order (checked by check_arguments).
 FusionParamTensors named_params(at::TensorList params);
 
+// The parameters as the fused kernels read them: contiguous, in FusionParams order and by name.
+struct ContiguousParams {
+  std::vector<at::Tensor> list;
+  FusionParamTensors named;
+};
+ContiguousParams contiguous_params(at::TensorList params);
+
+// Two outputs (y, or dx) in the inputs' shapes, written through (M, C) views: not views themselves, as
+// autograd refuses in-place changes (y0 += x0, relu_) to a view an op returns.
+std::array<at::Tensor, 2> empty_like_inputs(const at::Tensor& x0, const at::Tensor& x1);
+
 // One row of the table: the published name and the expected shape for width C.
 struct ParamSpec {
   const char* name;

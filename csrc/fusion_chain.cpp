@@ -637,9 +637,7 @@ ForwardResult run_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tensor
   const PackedWeights w = cached_pack_weights(params, C);
   ChainRun run = start_run(forward_plan(save_activations), w, x0, x1, num_heads);
   const int64_t M = run.pixels;
-  // Allocated in the inputs' shape and written through (M, C) views, so that the outputs are not views
-  // themselves: autograd refuses in-place changes (y0 += x0, relu_) to a view a custom op returns.
-  const at::Tensor out[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  const std::array<at::Tensor, 2> out = empty_like_inputs(x0, x1);
   const at::Tensor gate =
       at::empty(gate_shape(x0.sizes(), num_heads), x0.options().dtype(accumulation_type(x0.scalar_type())));
   run.tensors[index_of(Buffer::Y0)] = out[0].view({M, C});
@@ -668,8 +666,7 @@ std::vector<at::Tensor> run_backward(const at::Tensor& grad_y0, const at::Tensor
   run.tensors[index_of(Buffer::GradY1)] = gy[1];
   run.tensors[index_of(Buffer::Gate)] = gate.contiguous().view({2, M, num_heads});
   for (size_t i = 0; i < activations.size(); ++i) run.tensors[index_of(kActivations[i])] = activations[i];
-  // In the inputs' shape, for the reason of the forward's outputs.
-  const at::Tensor grad_x[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  const std::array<at::Tensor, 2> grad_x = empty_like_inputs(x0, x1);
   run.tensors[index_of(Buffer::GradX0)] = grad_x[0].view({M, C});
   run.tensors[index_of(Buffer::GradX1)] = grad_x[1].view({M, C});
   WeightGradients r;

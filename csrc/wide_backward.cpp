@@ -85,12 +85,9 @@ std::vector<at::Tensor> wide_backward(const at::Tensor& grad_y0, const at::Tenso
   const int64_t M = layer.pixels;
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
   const at::Tensor grad_y[2] = {grad_y0.contiguous(), grad_y1.contiguous()};
-  // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
-  const at::Tensor grad_x[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
-  std::vector<at::Tensor> weights;
-  for (const at::Tensor& t : params) weights.push_back(t.contiguous());
+  const std::array<at::Tensor, 2> grad_x = empty_like_inputs(x0, x1);
   std::vector<at::Tensor> grads = empty_gradients(x0.options(), C);
-  const FusionParamTensors w = named_params(weights);
+  const FusionParamTensors w = contiguous_params(params).named;
   const at::TensorOptions acc = x0.options().dtype(accumulation_type(x0.scalar_type()));
   const int64_t column_blocks = num_heads / layer.block_heads;
   auto rows = [&] { return at::empty({2, M, C}, x0.options()); };

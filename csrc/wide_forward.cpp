@@ -102,16 +102,13 @@ ForwardResult wide_forward(const at::Tensor& x0, const at::Tensor& x1, at::Tenso
   const WideLayer layer = wide_layer(x0, num_heads, "forward");
   const int64_t M = layer.pixels;
   const at::Tensor x[2] = {x0.contiguous(), x1.contiguous()};
-  // In the inputs' shape, not views of (M, C) tensors (see run_forward in fusion_chain.cpp).
-  const at::Tensor y[2] = {at::empty(x0.sizes(), x0.options()), at::empty(x1.sizes(), x1.options())};
+  const std::array<at::Tensor, 2> y = empty_like_inputs(x0, x1);
   const at::TensorOptions acc = x0.options().dtype(accumulation_type(x0.scalar_type()));
   const at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), acc);
   const at::Tensor pre = at::empty({2, M, C}, x0.options());  // fc1's pre-activation u, then the value mix
   const at::Tensor z = at::empty({2, M, C}, x0.options());
   const at::Tensor stats = at::empty({2, M, num_heads / layer.block_heads, 2}, acc);
-  std::vector<at::Tensor> weights;
-  for (const at::Tensor& t : params) weights.push_back(t.contiguous());
-  const FusionParamTensors w = named_params(weights);
+  const FusionParamTensors w = contiguous_params(params).named;
 
   WideForwardCall call;
   call.dtype = x0.scalar_type();
