@@ -41,15 +41,10 @@ namespace {
 
 // ---- row stages -------------------------------------------------------------------------------
 
-template <class StageT>
-constexpr bool loops_over_heads() {
-  return std::is_same_v<StageT, MixForward> || std::is_same_v<StageT, MixBackward>;
-}
-
 // One row; the mix stages with the head width as a compile-time constant (see fusion_math.h).
 template <class StageT, class T, int kHeadWidth>
 inline void run_row(const FusionBuffers& b, int64_t row) {
-  if constexpr (loops_over_heads<StageT>()) {
+  if constexpr (walks_heads<StageT>()) {
     StageT::template run<SerialTeam, T, kHeadWidth>(SerialTeam{}, b, row);
   } else {
     StageT::template run<SerialTeam, T>(SerialTeam{}, b, row);
@@ -64,9 +59,11 @@ void rows_baseline(const FusionBuffers& b, int64_t begin, int64_t end) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GK_HAVE_AVX2_ROWS 1
 // The same loop for CPUs with AVX2 and FMA: GCC inlines the stage (compiled for the baseline ISA,
-// a subset of this one) and vectorizes its channel loops eight floats wide.
+// a subset of this one) and vectorizes its channel loops eight floats wide. `flatten`, because GCC's
+// size limits otherwise leave the larger stages (the mix stages) out of line, compiled for the
+// baseline ISA only.
 template <class StageT, class T, int kHeadWidth>
-__attribute__((target("avx2,fma"))) void rows_avx2(const FusionBuffers& b, int64_t begin, int64_t end) {
+__attribute__((target("avx2,fma"), flatten)) void rows_avx2(const FusionBuffers& b, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) run_row<StageT, T, kHeadWidth>(b, row);
 }
 #endif
@@ -92,7 +89,7 @@ void run_rows_of_width(const FusionBuffers& b, int64_t begin, int64_t end) {
 
 template <class StageT, class T>
 void run_rows(const FusionBuffers& b, int64_t begin, int64_t end) {
-  if constexpr (loops_over_heads<StageT>()) {
+  if constexpr (walks_heads<StageT>()) {
     // The head widths of the usual configurations (C = 64 to 512, 1 to 8 heads, or width 32/64).
     switch (b.channels / b.heads) {
       case 8: return run_rows_of_width<StageT, T, 8>(b, begin, end);
@@ -127,6 +124,48 @@ void host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
     at::parallel_for(0, 2 * b.pixels, grain,
                      [&](int64_t begin, int64_t end) { run_stage_rows<scalar_t>(stage, b, begin, end); });
   });
+}
+
+// ---- the CUDA stage kernels' packs, run on the host ---------------------------------------------
+
+// The untiled chain's stages as a lane of a packed CUDA team runs them (SerialPackTeam: kPack
+// channels per access), for the tests of packed_chain_forward / packed_chain_backward; refused where
+// the CUDA kernels would not pack either (stage_pack), so that a test cannot pass unpacked.
+template <class T, int kPack>
+void packed_rows(Stage stage, const FusionBuffers& b) {
+  const SerialPackTeam<kPack> team;
+  for (int64_t row = 0; row < 2 * b.pixels; ++row) {
+    switch (stage) {
+      case Stage::HiddenForward: HiddenForward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+      case Stage::RelationForward: RelationForward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+      case Stage::MixForward: MixForward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+      case Stage::MixBackward: MixBackward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+      case Stage::RelationBackward: RelationBackward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+      case Stage::HiddenBackward: HiddenBackward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+    }
+  }
+}
+
+void packed_host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gemini_kernels_packed_stage", [&] {
+    constexpr int kPack = kPackBytes / sizeof(scalar_t);
+    const int pack = stage_pack(b, sizeof(scalar_t));
+    TORCH_CHECK(pack > 1, "gemini_kernels: packed_chain: the CUDA stage kernels would not pack these buffers (",
+                dtype, ", C = ", b.channels, ", ", b.heads, " heads, or a pointer not 16-byte aligned)");
+    if constexpr (kPack > 1) packed_rows<scalar_t, kPack>(stage, b);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_chain_forward(const at::Tensor& x0, const at::Tensor& x1,
+                                                                    at::TensorList params, int64_t num_heads) {
+  const ForwardResult r = fusion_forward(x0, x1, params, num_heads, false, packed_host_stage);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+std::vector<at::Tensor> packed_chain_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1,
+                                              const at::Tensor& x0, const at::Tensor& x1, at::TensorList params,
+                                              const at::Tensor& gate, int64_t num_heads) {
+  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, {}, num_heads, packed_host_stage);
 }
 
 // ---- tiles: the chain on ranges of a few hundred pixels ----------------------------------------
@@ -470,9 +509,16 @@ std::vector<std::string> stage_access_mismatches(bool drop_first_read) {
 TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
   // The stages' declared accesses checked against what they do (stage_access_mismatches).
   m.def("stage_access_mismatches(bool drop_first_read=False) -> str[]", &gk::stage_access_mismatches);
+  // The untiled chain with its row stages packed as the CUDA stage kernels pack them (see
+  // packed_host_stage): the pack code of fusion_math.h, tested on CPU against the oracle.
+  m.def("packed_chain_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
+  m.def("packed_chain_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
+        "int num_heads) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(gemini_kernels, CPU, m) {
   m.impl("fusion_forward", &gk::forward_cpu);
   m.impl("fusion_backward", &gk::backward_cpu);
+  m.impl("packed_chain_forward", &gk::packed_chain_forward);
+  m.impl("packed_chain_backward", &gk::packed_chain_backward);
 }

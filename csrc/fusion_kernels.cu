@@ -40,11 +40,13 @@ constexpr int kWarpsPerBlock = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // A group of kLanes consecutive lanes owns a row, 32 / kLanes rows a warp: lane l of the group handles
-// channels l, l + kLanes, ... and the group reduces with shuffles among its own lanes. `mask` holds the
-// warp's lanes that have a row (whole groups: past the last row a group leaves).
-template <int kLanes>
+// the kPack channels at kPack * l, then kPack * (l + kLanes), ... (a Pack, one access each; see
+// fusion_math.h), and the group reduces with shuffles among its own lanes. `mask` holds the warp's
+// lanes that have a row (whole groups: past the last row a group leaves).
+template <int kLanes, int kP = 1>
 struct LaneGroupTeam {
   static_assert(kLanes >= 1 && kLanes <= kWarpSize && (kLanes & (kLanes - 1)) == 0, "a power of two within a warp");
+  static constexpr int kPack = kP;
   int lane;  // within the group
   unsigned mask;
   __device__ __forceinline__ int first() const { return lane; }
@@ -76,8 +78,9 @@ using WarpTeam = LaneGroupTeam<kWarpSize>;
 #define GK_BLOCK_BOUNDS(threads) __launch_bounds__(threads)
 #endif
 
-template <class StageT, class T, int kLanes>
+template <class StageT, class T, int kLanes, int kPack>
 __global__ void GK_BLOCK_BOUNDS(kWarpsPerBlock * kWarpSize) stage_kernel(const FusionBuffers buffers) {
+  using Team = LaneGroupTeam<kLanes, kPack>;
   constexpr int kRowsPerWarp = kWarpSize / kLanes;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row =
@@ -85,40 +88,59 @@ __global__ void GK_BLOCK_BOUNDS(kWarpsPerBlock * kWarpSize) stage_kernel(const F
   const bool has_row = row < 2 * buffers.pixels;
   const unsigned mask = __ballot_sync(kFullMask, has_row);
   if (!has_row) return;  // whole groups leave together, so each group's shuffles stay within `mask`
-  StageT::template run<LaneGroupTeam<kLanes>, T>(LaneGroupTeam<kLanes>{lane % kLanes, mask}, buffers, row);
+  StageT::template run<Team, T>(Team{lane % kLanes, mask}, buffers, row);
 }
 
-template <class StageT, class T, int kLanes>
+template <class StageT, class T, int kLanes, int kPack>
 cudaError_t launch(const FusionBuffers& buffers, cudaStream_t stream) {
   const int64_t rows = 2 * buffers.pixels;
   constexpr int kRowsPerBlock = kWarpsPerBlock * (kWarpSize / kLanes);
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  stage_kernel<StageT, T, kLanes><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(buffers);
+  stage_kernel<StageT, T, kLanes, kPack>
+      <<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(buffers);
   return cudaGetLastError();
 }
 
-// The mix stages walk one head at a time, its channels over the team: a lane group as wide as the head
-// (a power of two, 4 to 32 lanes) keeps the lanes busy where a warp per row left most idle (8 of 32 at
-// C = 64 with 8 heads), and runs several rows a warp. The other stages stride over all C channels: a
-// warp a row.
+// A lane group per row as wide as the row's packs fill, so that few lanes idle: the mix stages walk
+// one head at a time, its packs over the group (at C = 64 with 8 heads: 8 lanes of single floats, or
+// 2 lanes of 4-float packs, where a warp a row would leave most lanes idle); the other stages stride
+// over all C channels, a warp a row unpacked, 8 to 32 lanes packed. Several rows a warp where the group
+// is narrower than one.
+// The widest group of kNarrowest to kLanes lanes that the row's packs fill (a power of two).
+template <class StageT, class T, int kPack, int kLanes, int kNarrowest>
+cudaError_t launch_group(int packs, const FusionBuffers& buffers, cudaStream_t stream) {
+  if constexpr (kLanes > kNarrowest) {
+    if (packs < kLanes) return launch_group<StageT, T, kPack, kLanes / 2, kNarrowest>(packs, buffers, stream);
+  }
+  return launch<StageT, T, kLanes, kPack>(buffers, stream);
+}
+
+template <class StageT, class T, int kPack>
+cudaError_t launch_packed(const FusionBuffers& buffers, cudaStream_t stream) {
+  constexpr int kNarrowest = walks_heads<StageT>() ? (kPack == 1 ? 4 : 2) : (kPack == 1 ? kWarpSize : 8);
+  const int packs = (walks_heads<StageT>() ? buffers.channels / buffers.heads : buffers.channels) / kPack;
+  return launch_group<StageT, T, kPack, kWarpSize, kNarrowest>(packs, buffers, stream);
+}
+
+// 16-byte packs where stage_pack finds the buffers aligned for them, else single elements.
 template <class StageT, class T>
-cudaError_t launch_by_head_width(const FusionBuffers& buffers, cudaStream_t stream) {
-  const int width = buffers.channels / buffers.heads;
-  if (width >= 32) return launch<StageT, T, 32>(buffers, stream);
-  if (width >= 16) return launch<StageT, T, 16>(buffers, stream);
-  if (width >= 8) return launch<StageT, T, 8>(buffers, stream);
-  return launch<StageT, T, 4>(buffers, stream);
+cudaError_t launch_stage_of(const FusionBuffers& buffers, cudaStream_t stream) {
+  constexpr int kPack = kPackBytes / sizeof(T);
+  if constexpr (kPack > 1 && sizeof(T) <= 4) {
+    if (stage_pack(buffers, sizeof(T)) == kPack) return launch_packed<StageT, T, kPack>(buffers, stream);
+  }
+  return launch_packed<StageT, T, 1>(buffers, stream);
 }
 
 template <class T>
 cudaError_t launch_typed(Stage stage, const FusionBuffers& buffers, cudaStream_t stream) {
   switch (stage) {
-    case Stage::HiddenForward: return launch<HiddenForward, T, kWarpSize>(buffers, stream);
-    case Stage::RelationForward: return launch<RelationForward, T, kWarpSize>(buffers, stream);
-    case Stage::MixForward: return launch_by_head_width<MixForward, T>(buffers, stream);
-    case Stage::MixBackward: return launch_by_head_width<MixBackward, T>(buffers, stream);
-    case Stage::RelationBackward: return launch<RelationBackward, T, kWarpSize>(buffers, stream);
-    case Stage::HiddenBackward: return launch<HiddenBackward, T, kWarpSize>(buffers, stream);
+    case Stage::HiddenForward: return launch_stage_of<HiddenForward, T>(buffers, stream);
+    case Stage::RelationForward: return launch_stage_of<RelationForward, T>(buffers, stream);
+    case Stage::MixForward: return launch_stage_of<MixForward, T>(buffers, stream);
+    case Stage::MixBackward: return launch_stage_of<MixBackward, T>(buffers, stream);
+    case Stage::RelationBackward: return launch_stage_of<RelationBackward, T>(buffers, stream);
+    case Stage::HiddenBackward: return launch_stage_of<HiddenBackward, T>(buffers, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -6,8 +6,10 @@
 //
 // Each stage is written against a Team: the threads that share one row. The host team is a
 // single thread walking the channels one by one; the CUDA team is a warp, or a group of its lanes,
-// striding over the channels and reducing with shuffles. The team supplies the reductions (max, sum) and the
-// stride, the stage supplies the math, so every line of math below runs on CPU in the tests.
+// striding over the channels in packs of 16 bytes (or one element where the buffers do not allow
+// packs) and reducing with shuffles. The team supplies the reductions (max, sum), the stride and the
+// pack, the stage supplies the math, so every line of math below runs on CPU in the tests (the packs
+// through SerialPackTeam).
 //
 // This header includes only the C++ standard library, so that it compiles in a .cu file that sees
 // nothing but the CUDA toolkit and in a .cpp file that sees nothing of CUDA.
@@ -16,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define GK_HD __host__ __device__ __forceinline__
@@ -286,8 +289,20 @@ struct GRow {
         value_other(g_block(static_cast<E*>(other), pixel, C, kValueOther)) {}
 };
 
+// ---- teams and packs --------------------------------------------------------------------------
+//
+// A team is the threads that share one row: first() is this thread's rank in the team, stride() the
+// team's size, and Team::kPack the consecutive channels a thread takes at each step of a channel loop,
+// loaded and stored as one access (a Pack). A channel loop of a stage is therefore
+//   for (int c = lo + P * team.first(); c < hi; c += P * team.stride())   // P = Team::kPack
+// with the pack's P channels at c..c+P-1, and any other loop over a team (the heads of a gate) steps
+// by first() and stride() alone. The host teams take one channel a step (the compiler vectorizes
+// across the steps); the CUDA teams take 16 bytes (4 floats, 8 bfloat16) where stage_pack allows, so
+// that a lane issues one load per 16 bytes instead of one per element.
+
 // The serial team: one thread owns the row.
 struct SerialTeam {
+  static constexpr int kPack = 1;
   GK_HD int first() const { return 0; }
   GK_HD int stride() const { return 1; }
   GK_HD bool leader() const { return true; }
@@ -298,6 +313,72 @@ struct SerialTeam {
   GK_HD A max(A v) const { return v; }
 };
 
+// One thread that walks the row kPack channels at a time, as a CUDA lane of a packed team does: the
+// host runs the stages' pack code with it in the tests (packed_chain_forward in fusion_host.cpp).
+template <int kP>
+struct SerialPackTeam : SerialTeam {
+  static constexpr int kPack = kP;
+};
+
+#if defined(__CUDACC__)
+#define GK_UNROLL _Pragma("unroll")
+#else
+#define GK_UNROLL
+#endif
+
+// kN consecutive elements of a row: one 16-byte (or narrower) access on the device, whose pointers
+// stage_pack has checked for alignment; element by element on the host.
+template <class T, int kN>
+struct alignas(sizeof(T) * kN) Pack {
+  T at[kN];
+};
+template <int kN, class T>
+GK_HD Pack<T, kN> load_pack(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Pack<T, kN>*>(p);
+#else
+  Pack<T, kN> pack;
+  for (int i = 0; i < kN; ++i) pack.at[i] = p[i];
+  return pack;
+#endif
+}
+template <int kN, class T>
+GK_HD void store_pack(T* p, const Pack<T, kN>& pack) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Pack<T, kN>*>(p) = pack;
+#else
+  for (int i = 0; i < kN; ++i) p[i] = pack.at[i];
+#endif
+}
+// Element i of a pack in the accumulation type A, and stored from it.
+template <class A, class T, int kN>
+GK_HD A value(const Pack<T, kN>& pack, int i) {
+  return Convert<T>::template load<A>(pack.at[i]);
+}
+template <class A, class T, int kN>
+GK_HD void set_value(Pack<T, kN>& pack, int i, A v) {
+  pack.at[i] = Convert<T>::template store<A>(v);
+}
+
+// The channels a CUDA stage lane packs into one access (see above) for these buffers: 16 bytes' worth
+// where C and the head width are multiples of it and every row the stages touch starts on a 16-byte
+// boundary (every pointer aligned; rows are C elements apart), else 1. float64 stays a value a lane:
+// its loads are 8 bytes already, and its relation backward spilled registers in packs of two. The
+// accumulator buffers (gates, log-sum-exps) are read a value at a time and need nothing.
+constexpr int kPackBytes = 16;
+inline int stage_pack(const FusionBuffers& b, int element_bytes) {
+  const int pack = kPackBytes / element_bytes;
+  if (element_bytes > 4 || b.heads <= 0 || b.channels % pack != 0 || (b.channels / b.heads) % pack != 0) return 1;
+  const void* const pointers[] = {b.x[0],      b.x[1],         b.b1,        b.b2,        b.k_noise,    b.bq,
+                                  b.bv,        b.bo,           b.vn_proj,   b.g[0],      b.g[1],       b.hidden,
+                                  b.z,         b.e,            b.dk,        b.mixed,     b.y[0],       b.y[1],
+                                  b.grad_y[0], b.grad_y[1],    b.grad_mixed, b.grad_dk,  b.grad_e[0],  b.grad_e[1],
+                                  b.grad_hidden, b.grad_g[0],  b.grad_g[1], b.grad_x[0], b.grad_x[1]};
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % kPackBytes != 0) return 1;  // null pointers (unused buffers) pass
+  return pack;
+}
+
 // Row coordinates shared by the stages.
 struct RowIndex {
   int64_t d;       // direction
@@ -307,11 +388,11 @@ struct RowIndex {
   GK_HD RowIndex(int64_t r, int64_t pixels) : d(r / pixels), pixel(r % pixels), row(r), other(1 - r / pixels) {}
 };
 
-// ---- forward stages ----
+// ---- forward stages ---------------------------------------------------------------------------
 //
 // The mix stages take the head width as an optional compile-time constant (kHeadWidth, 0 for "read
 // it from the buffers"): the host instantiates them for common widths, so that the loops over one
-// head have a known trip count and the compiler vectorizes them without remainder loops.-----------------------------------------------------------------------
+// head have a known trip count and the compiler vectorizes them without remainder loops.
 
 // Whether a row's scratch values may be parked in a T buffer without losing precision.
 template <class T>
@@ -325,15 +406,19 @@ struct HiddenForward {
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
-    using V = Convert<T>;
+    constexpr int P = Team::kPack;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
     const GRow<const T> g(b.g[ix.d], b.g[ix.other], ix.pixel, C);
     const T* b1 = cptr<T>(b.b1);
     T* out = mptr<T>(b.hidden) + ix.row * C;
-    for (int c = team.first(); c < C; c += team.stride()) {
-      const A u = V::template load<A>(g.fc1_self[c]) + V::template load<A>(g.fc1_other[c]) + V::template load<A>(b1[c]);
-      out[c] = V::template store<A>(gelu(u));
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> self = load_pack<P>(g.fc1_self + c), other = load_pack<P>(g.fc1_other + c),
+                       bias = load_pack<P>(b1 + c);
+      Pack<T, P> hidden;
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) set_value(hidden, i, gelu(value<A>(self, i) + value<A>(other, i) + value<A>(bias, i)));
+      store_pack(out + c, hidden);
     }
   }
 };
@@ -346,7 +431,7 @@ struct RelationForward {
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
-    using V = Convert<T>;
+    constexpr int P = Team::kPack;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
     const T* z = cptr<T>(b.z) + ix.row * C;
@@ -357,23 +442,44 @@ struct RelationForward {
 
     A top = -static_cast<A>(INFINITY);
     GK_SIMD_MAX(top)
-    for (int c = team.first(); c < C; c += team.stride())
-      top = max_(top, V::template load<A>(z[c]) + V::template load<A>(b2[c]));
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> zc = load_pack<P>(z + c), bias = load_pack<P>(b2 + c);
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) top = max_(top, value<A>(zc, i) + value<A>(bias, i));
+    }
     top = team.max(top);
     A total = 0;
     GK_SIMD_SUM(total)
-    for (int c = team.first(); c < C; c += team.stride()) {
-      const A p = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
-      if (stores_accumulator<T>()) e[c] = V::template store<A>(p);  // parked, to spare the second exp below
-      total += p;
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> zc = load_pack<P>(z + c), bias = load_pack<P>(b2 + c);
+      Pack<T, P> parked;
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) {
+        const A p = exp_(value<A>(zc, i) + value<A>(bias, i) - top);
+        set_value(parked, i, p);
+        total += p;
+      }
+      if constexpr (stores_accumulator<T>()) store_pack(e + c, parked);  // to spare the second exp below
     }
     total = team.sum(total);
     const A inv_total = A(1) / total;
     GK_SIMD
-    for (int c = team.first(); c < C; c += team.stride()) {
-      const A p = stores_accumulator<T>() ? V::template load<A>(e[c])
-                                          : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - top);
-      e[c] = V::template store<A>(key_delta(V::template load<A>(kn[c]), V::template load<A>(s[c]), p * inv_total));
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> noise = load_pack<P>(kn + c), self = load_pack<P>(s + c);
+      Pack<T, P> parked, zc, bias;
+      if constexpr (stores_accumulator<T>()) {
+        parked = load_pack<P>(e + c);
+      } else {
+        zc = load_pack<P>(z + c);
+        bias = load_pack<P>(b2 + c);
+      }
+      Pack<T, P> delta;
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) {
+        const A p = stores_accumulator<T>() ? value<A>(parked, i) : exp_(value<A>(zc, i) + value<A>(bias, i) - top);
+        set_value(delta, i, key_delta(value<A>(noise, i), value<A>(self, i), p * inv_total));
+      }
+      store_pack(e + c, delta);
     }
     if (b.lse != nullptr && team.leader()) mptr<A>(b.lse)[ix.row] = top + log_(total);
   }
@@ -388,7 +494,7 @@ struct MixForward {
   template <class Team, class T, int kHeadWidth = 0>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
-    using V = Convert<T>;
+    constexpr int P = Team::kPack;
     const int C = b.channels;
     const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
@@ -413,8 +519,11 @@ struct MixForward {
       const int lo = j * width, hi = lo + width;
       A logit = 0;
       GK_SIMD_SUM(logit)
-      for (int c = lo + team.first(); c < hi; c += team.stride())
-        logit += mul_rn((V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale, V::template load<A>(dk[c]));
+      for (int c = lo + P * team.first(); c < hi; c += P * team.stride()) {
+        const Pack<T, P> q = load_pack<P>(q_raw + c), bias = load_pack<P>(bq + c), key = load_pack<P>(dk + c);
+        GK_UNROLL
+        for (int i = 0; i < P; ++i) logit += mul_rn((value<A>(q, i) + value<A>(bias, i)) * scale, value<A>(key, i));
+      }
       logit = team.sum(logit);
       if (team.leader()) gate[j] = logit;
     }
@@ -426,12 +535,21 @@ struct MixForward {
       const int lo = j * width, hi = lo + width;
       const A a = gate[j];
       GK_SIMD
-      for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const A vo = V::template load<A>(v_other[c]);
-        const A v_cross = vo + V::template load<A>(bv[c]);
-        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - vo;
-        mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
-        y[c] = V::template store<A>(V::template load<A>(s[c]) + V::template load<A>(bo[c]));
+      for (int c = lo + P * team.first(); c < hi; c += P * team.stride()) {
+        const Pack<T, P> other = load_pack<P>(v_other + c), self = load_pack<P>(v_self + c),
+                         value_bias = load_pack<P>(bv + c), noise = load_pack<P>(vn + c), x = load_pack<P>(s + c),
+                         out_bias = load_pack<P>(bo + c);
+        Pack<T, P> mix, out;
+        GK_UNROLL
+        for (int i = 0; i < P; ++i) {
+          const A vo = value<A>(other, i);
+          const A v_cross = vo + value<A>(value_bias, i);
+          const A v_delta = value<A>(noise, i) + value<A>(self, i) - vo;
+          set_value(mix, i, value_mix(v_cross, v_delta, a));
+          set_value(out, i, value<A>(x, i) + value<A>(out_bias, i));
+        }
+        store_pack(mixed + c, mix);
+        store_pack(y + c, out);
       }
     }
   }
@@ -441,7 +559,7 @@ struct MixForward {
 
 // From d/d mixed and the saved gates: the recomputed mixed (for d/dWo), d/d dk, and the gradients
 // of the query and value columns of g. In place: mixed over grad_mixed, grad_dk over dk, grad_g
-// over g.
+// over g (each pack read before it is written).
 struct MixBackward {
   static constexpr Access kReads[] = {{Buffer::G0, kAttentionColumns}, {Buffer::G1, kAttentionColumns}, {Buffer::Dk},
                                      {Buffer::GradMixed}, {Buffer::Gate}};
@@ -451,7 +569,7 @@ struct MixBackward {
   template <class Team, class T, int kHeadWidth = 0>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
-    using V = Convert<T>;
+    constexpr int P = Team::kPack;
     const int C = b.channels;
     const int width = kHeadWidth > 0 ? kHeadWidth : C / b.heads;
     const A scale = static_cast<A>(b.scale);
@@ -478,25 +596,39 @@ struct MixBackward {
       const A a = gate[j];
       A grad_a = 0;
       GK_SIMD_SUM(grad_a)
-      for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const A v_delta = V::template load<A>(vn[c]) + V::template load<A>(v_self[c]) - V::template load<A>(v_other[c]);
-        grad_a += V::template load<A>(grad_mixed[c]) * v_delta;
+      for (int c = lo + P * team.first(); c < hi; c += P * team.stride()) {
+        const Pack<T, P> noise = load_pack<P>(vn + c), self = load_pack<P>(v_self + c),
+                         other = load_pack<P>(v_other + c), gm = load_pack<P>(grad_mixed + c);
+        GK_UNROLL
+        for (int i = 0; i < P; ++i)
+          grad_a += value<A>(gm, i) * (value<A>(noise, i) + value<A>(self, i) - value<A>(other, i));
       }
       const A grad_logit = team.sum(grad_a) * two_way_softmax_grad(a);
       GK_SIMD
-      for (int c = lo + team.first(); c < hi; c += team.stride()) {
-        const A vo = V::template load<A>(v_other[c]);
-        const A vs = V::template load<A>(v_self[c]);
-        const A q = (V::template load<A>(q_raw[c]) + V::template load<A>(bq[c])) * scale;
-        const A k = V::template load<A>(dk[c]);
-        const A gm = V::template load<A>(grad_mixed[c]);
-        const A v_cross = vo + V::template load<A>(bv[c]);
-        const A v_delta = V::template load<A>(vn[c]) + vs - vo;
-        mixed[c] = V::template store<A>(value_mix(v_cross, v_delta, a));
-        grad_dk[c] = V::template store<A>(grad_logit * q);
-        grad_q_raw[c] = V::template store<A>(grad_logit * k * scale);
-        grad_v_self[c] = V::template store<A>(a * gm);            // v_delta carries +Wv s
-        grad_v_other[c] = V::template store<A>((A(1) - a) * gm);  // v_cross +Wv o, v_delta -Wv o
+      for (int c = lo + P * team.first(); c < hi; c += P * team.stride()) {
+        const Pack<T, P> other = load_pack<P>(v_other + c), self = load_pack<P>(v_self + c),
+                         query = load_pack<P>(q_raw + c), query_bias = load_pack<P>(bq + c),
+                         key = load_pack<P>(dk + c), gm = load_pack<P>(grad_mixed + c),
+                         value_bias = load_pack<P>(bv + c), noise = load_pack<P>(vn + c);
+        Pack<T, P> mix, g_key, g_query, g_self, g_other;
+        GK_UNROLL
+        for (int i = 0; i < P; ++i) {
+          const A vo = value<A>(other, i);
+          const A q = (value<A>(query, i) + value<A>(query_bias, i)) * scale;
+          const A grad_out = value<A>(gm, i);
+          const A v_cross = vo + value<A>(value_bias, i);
+          const A v_delta = value<A>(noise, i) + value<A>(self, i) - vo;
+          set_value(mix, i, value_mix(v_cross, v_delta, a));
+          set_value(g_key, i, grad_logit * q);
+          set_value(g_query, i, grad_logit * value<A>(key, i) * scale);
+          set_value(g_self, i, a * grad_out);             // v_delta carries +Wv s
+          set_value(g_other, i, (A(1) - a) * grad_out);  // v_cross +Wv o, v_delta -Wv o
+        }
+        store_pack(mixed + c, mix);
+        store_pack(grad_dk + c, g_key);
+        store_pack(grad_q_raw + c, g_query);
+        store_pack(grad_v_self + c, g_self);
+        store_pack(grad_v_other + c, g_other);
       }
     }
   }
@@ -513,7 +645,7 @@ struct RelationBackward {
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
-    using V = Convert<T>;
+    constexpr int P = Team::kPack;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
     T* z = mptr<T>(b.z) + ix.row * C;  // in: z; out: d/dz
@@ -527,23 +659,45 @@ struct RelationBackward {
     // d/dr_c = -d/de_c * s_c; the softmax backward needs sum_c r_c d/dr_c.
     A dot = 0;
     GK_SIMD_SUM(dot)
-    for (int c = team.first(); c < C; c += team.stride()) {
-      const A rel = exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
-      if (stores_accumulator<T>()) z[c] = V::template store<A>(rel);  // parked, to spare the second exp below
-      // The very grad_rel of the loop below, rounded alike: where the softmax saturates (rel = 1 on
-      // one channel), grad_rel - dot must cancel exactly, as it does in the oracle.
-      const A grad_rel = -mul_rn(V::template load<A>(grad_e[c]), V::template load<A>(s[c]));
-      dot += mul_rn(rel, grad_rel);
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> zc = load_pack<P>(z + c), bias = load_pack<P>(b2 + c);
+      A rel[P];
+      Pack<T, P> parked;
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) {
+        rel[i] = exp_(value<A>(zc, i) + value<A>(bias, i) - lse);
+        set_value(parked, i, rel[i]);
+      }
+      if constexpr (stores_accumulator<T>()) store_pack(z + c, parked);  // to spare the second exp below
+      // (grad_e and s loaded after the exps: loaded with z, they stay live across the exps, and ptxas
+      // spilled the float64 stage)
+      const Pack<T, P> ge = load_pack<P>(grad_e + c), self = load_pack<P>(s + c);
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) {
+        // The very grad_rel of the loop below, rounded alike: where the softmax saturates (rel = 1 on
+        // one channel), grad_rel - dot must cancel exactly, as it does in the oracle.
+        const A grad_rel = -mul_rn(value<A>(ge, i), value<A>(self, i));
+        dot += mul_rn(rel[i], grad_rel);
+      }
     }
     dot = team.sum(dot);
     GK_SIMD
-    for (int c = team.first(); c < C; c += team.stride()) {
-      const A rel = stores_accumulator<T>() ? V::template load<A>(z[c])
-                                            : exp_(V::template load<A>(z[c]) + V::template load<A>(b2[c]) - lse);
-      const A ge = V::template load<A>(grad_e[c]);
-      const A grad_rel = -mul_rn(ge, V::template load<A>(s[c]));
-      z[c] = V::template store<A>(rel * (grad_rel - dot));
-      grad_x[c] = V::template store<A>(V::template load<A>(grad_y[c]) + ge * key_delta_ds(rel));
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> zc = load_pack<P>(z + c), ge = load_pack<P>(grad_e + c), self = load_pack<P>(s + c),
+                       gy = load_pack<P>(grad_y + c);
+      Pack<T, P> bias;
+      if constexpr (!stores_accumulator<T>()) bias = load_pack<P>(b2 + c);
+      Pack<T, P> grad_z, gx;
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) {
+        const A rel = stores_accumulator<T>() ? value<A>(zc, i) : exp_(value<A>(zc, i) + value<A>(bias, i) - lse);
+        const A g = value<A>(ge, i);
+        const A grad_rel = -mul_rn(g, value<A>(self, i));
+        set_value(grad_z, i, rel * (grad_rel - dot));
+        set_value(gx, i, value<A>(gy, i) + g * key_delta_ds(rel));
+      }
+      store_pack(z + c, grad_z);
+      store_pack(grad_x + c, gx);
     }
   }
 };
@@ -557,20 +711,33 @@ struct HiddenBackward {
   template <class Team, class T>
   GK_HD static void run(const Team& team, const FusionBuffers& b, int64_t r) {
     using A = typename Acc<T>::type;
-    using V = Convert<T>;
+    constexpr int P = Team::kPack;
     const int C = b.channels;
     const RowIndex ix(r, b.pixels);
     const GRow<const T> g(b.g[ix.d], b.g[ix.other], ix.pixel, C);
     const GRow<T> grad(b.grad_g[ix.d], b.grad_g[ix.other], ix.pixel, C);
     const T* b1 = cptr<T>(b.b1);
     const T* grad_hidden = cptr<T>(b.grad_hidden) + ix.row * C;
-    for (int c = team.first(); c < C; c += team.stride()) {
-      const A u = V::template load<A>(g.fc1_self[c]) + V::template load<A>(g.fc1_other[c]) + V::template load<A>(b1[c]);
-      const T gu = V::template store<A>(V::template load<A>(grad_hidden[c]) * gelu_grad(u));
-      grad.fc1_self[c] = gu;
-      grad.fc1_other[c] = gu;
+    for (int c = P * team.first(); c < C; c += P * team.stride()) {
+      const Pack<T, P> self = load_pack<P>(g.fc1_self + c), other = load_pack<P>(g.fc1_other + c),
+                       bias = load_pack<P>(b1 + c), gh = load_pack<P>(grad_hidden + c);
+      Pack<T, P> grad_u;
+      GK_UNROLL
+      for (int i = 0; i < P; ++i) {
+        const A u = value<A>(self, i) + value<A>(other, i) + value<A>(bias, i);
+        set_value(grad_u, i, value<A>(gh, i) * gelu_grad(u));
+      }
+      store_pack(grad.fc1_self + c, grad_u);
+      store_pack(grad.fc1_other + c, grad_u);
     }
   }
 };
+
+// Whether a stage walks the row one head at a time (the mix stages): the host instantiates those per
+// head width (fusion_host.cpp), the CUDA launcher sizes their lane groups by the head (fusion_kernels.cu).
+template <class StageT>
+constexpr bool walks_heads() {
+  return std::is_same_v<StageT, MixForward> || std::is_same_v<StageT, MixBackward>;
+}
 
 }  // namespace gk

@@ -65,8 +65,8 @@ for s in "${steps[@]}"; do
     sanitizer)
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py \
-        tests/test_wide_forward.py tests/test_wide_backward.py -m gpu -x -q \
-        -k "(gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65)) or (gpu_wide_forward and (130 or 63 or 128)) or (gpu_wide_backward and (130 or 63))"
+        tests/test_wide_forward.py tests/test_wide_backward.py tests/test_stage_packs.py -m gpu -x -q \
+        -k "gpu_stage_kernels or (gpu_matches_oracle and (300 or 33 or 1536)) or gpu_saved_activations or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65)) or (gpu_wide_forward and (130 or 63 or 128)) or (gpu_wide_backward and (130 or 63))"
       for tool in racecheck synccheck; do
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py tests/test_wide_forward.py \
@@ -88,11 +88,11 @@ for s in "${steps[@]}"; do
       done
       # tests/test_backend_contract.py: the GPU promises of every fused backend (bitwise reruns at stage shapes)
       step cuda-tests ptest -m gpu tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py \
-        tests/test_wide_forward.py tests/test_wide_backward.py tests/test_backend_contract.py
+        tests/test_wide_forward.py tests/test_wide_backward.py tests/test_backend_contract.py tests/test_stage_packs.py
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py \
-        tests/test_wide_forward.py tests/test_wide_backward.py -m gpu -x -q \
-        -k "(gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65)) or (gpu_wide_forward and (130 or 63)) or (gpu_wide_backward and (130 or 63))"
+        tests/test_wide_forward.py tests/test_wide_backward.py tests/test_stage_packs.py -m gpu -x -q \
+        -k "(gpu_stage_kernels and 64) or (gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65)) or (gpu_wide_forward and (130 or 63)) or (gpu_wide_backward and (130 or 63))"
       for tool in racecheck synccheck; do  # the fused kernels' barriers, on one small case each
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py tests/test_wide_forward.py \

@@ -3,14 +3,17 @@ torch-facing csrc/fusion_cuda.cpp (only built in CUDA builds of the extension) c
 headers.
 
 A kernel that spills registers or uses a stack frame fails: none of the row stages or the fused
-forward needs either.
+forward needs either. The packed row-stage kernels' channel loads and stores are 16-byte accesses in
+the PTX.
 """
+import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,15 +91,23 @@ def test_there_are_cuda_sources():
 ARCHS = ["sm_90", "sm_80"]
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(source: Path, arch: str):
+    """(return code, nvcc's output with ptxas -v, the PTX) of one compile, shared by the tests."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "-Xptxas", "-v", *TORCH_NVCC_DEFINES,
+               "-keep", "-keep-dir", tmp, "-c", str(source), "-o", str(Path(tmp) / "out.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        ptx = Path(tmp) / f"{source.stem}.ptx"
+        return proc.returncode, proc.stdout + proc.stderr, ptx.read_text() if ptx.exists() else ""
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
-def test_nvcc_compiles_without_spills(source, arch, tmp_path):
-    cmd = [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "-Xptxas", "-v", *TORCH_NVCC_DEFINES,
-           "-c", str(source), "-o", str(tmp_path / "out.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"nvcc failed on {source.name} for {arch}:\n{log}"
+def test_nvcc_compiles_without_spills(source, arch):
+    returncode, log, _ = _compiled(source, arch)
+    assert returncode == 0, f"nvcc failed on {source.name} for {arch}:\n{log}"
     kernels = parse_ptxas(log)
     assert kernels, f"ptxas reported no kernels for {source.name}:\n{log}"
     for name, usage in kernels.items():
@@ -108,6 +119,59 @@ def test_nvcc_compiles_without_spills(source, arch, tmp_path):
                        f"spills {kernels[name]['spill_stores']}/{kernels[name]['spill_loads']} B"
                        for name, pretty in zip(names, _demangle(names)))
     print(f"{source.name}, {arch}:\n{report}")
+
+
+def _global_accesses(body: str):
+    """The global loads and stores of a PTX function body: [(vector width or "", type)]."""
+    return re.findall(r"\b(?:ld|st)\.global(?:\.nc)?(?:\.v(\d))?\.(\w+)", body)
+
+
+def _stage_kernels(ptx: str):
+    """{(stage, dtype, lanes, pack): PTX body} of the row-stage kernels."""
+    bodies = {}
+    for chunk in re.split(r"(?=^\.(?:visible )?\.?entry )", ptx, flags=re.M):
+        match = re.match(r"\.(?:visible )?\.?entry (\w+)", chunk)
+        if match and "stage_kernel" in match.group(1):
+            bodies[match.group(1)] = chunk
+    kernels = {}
+    for name, pretty in zip(bodies, _demangle(list(bodies))):
+        match = re.search(r"stage_kernel<gk::(\w+), (\w+), (\d+), (\d+)>", pretty)
+        assert match, f"unparsed stage kernel name {pretty}"
+        kernels[match[1], match[2], int(match[3]), int(match[4])] = bodies[name]
+    return kernels
+
+
+STAGES = ["HiddenForward", "RelationForward", "MixForward", "MixBackward", "RelationBackward", "HiddenBackward"]
+PACKS = {"float": 4, "__half": 8, "__nv_bfloat16": 8}  # 16 bytes; float64 stays a value a lane
+
+
+@needs_nvcc
+def test_packed_stage_kernels_move_channels_16_bytes_at_a_time():
+    """Where stage_pack allows (csrc/fusion_math.h), a lane of a row-stage kernel loads and stores its
+    channels as 16-byte packs: in the PTX every channel access of a packed kernel is a 4-word vector
+    access. What stays scalar are the float accumulators (gates, log-sum-exps), the same accesses in
+    a float kernel as in the bfloat16 one of that stage and lane count, whose channels are not float."""
+    if shutil.which("c++filt") is None:
+        pytest.skip("no c++filt on PATH (binutils): the kernels' template arguments are read from their names")
+    source = CSRC / "fusion_kernels.cu"
+    returncode, log, ptx = _compiled(source, "sm_90")
+    assert returncode == 0 and ptx, f"nvcc failed on {source.name}:\n{log}"
+    kernels = _stage_kernels(ptx)
+    packed = {key: body for key, body in kernels.items() if key[3] > 1}
+    assert {(k[0], k[1]) for k in packed} == {(s, t) for s in STAGES for t in PACKS}, sorted(packed)
+    for (stage, dtype, lanes, pack), body in packed.items():
+        where = f"stage_kernel<{stage}, {dtype}, {lanes}, {pack}>"
+        assert pack == PACKS[dtype], where
+        accesses = _global_accesses(body)
+        vectors = [a for a in accesses if a[0]]
+        scalars = [a for a in accesses if not a[0]]
+        assert vectors and all(width == "4" for width, _ in vectors), f"{where}: {accesses}"
+        assert all(kind == "f32" for _, kind in scalars), f"{where}: scalar channel accesses {scalars}"
+        accumulators = [a for a in _global_accesses(packed[stage, "__nv_bfloat16", lanes, 8]) if not a[0]]
+        assert len(scalars) == len(accumulators), f"{where}: {len(scalars)} scalar accesses, {len(accumulators)} " \
+                                                   "of them the accumulators'"
+    unpacked = _global_accesses(kernels["MixForward", "float", 8, 1])
+    assert unpacked and not any(width for width, _ in unpacked), "the unpacked fallback is one element a lane"
 
 
 @needs_nvcc
