@@ -11,7 +11,7 @@ import torch
 
 import gemini_kernels as gk
 from gemini_kernels import GeminiFusion, gemini_fusion, gemini_fusion_reference
-from gemini_kernels.params import PARAM_NAMES, param_shapes
+from gemini_kernels.params import PARAM_NAMES, FusionParams, param_shapes
 from helpers import make_case, rel_err
 
 
@@ -61,6 +61,48 @@ def test_module_functional_and_oracle_agree():
     # "auto" may pick a fused backend (e.g. the host C++ path on CPU), which rounds differently.
     out = gemini_fusion(x0, x1, params, backend="auto")
     assert rel_err(out[0], ref[0]) < 1e-12 and rel_err(out[1], ref[1]) < 1e-12
+
+
+def _published_attributes(m):
+    """The 14 tensors as plain attribute access reads them, in FusionParams order."""
+    judger = m.relation_judger[0]
+    a, b = m.cross_attn_0_to_1, m.cross_attn_1_to_0
+    return [judger.fc1.weight, judger.fc1.bias, judger.fc2.weight, judger.fc2.bias, m.k_noise.weight,
+            m.v_noise.weight, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias,
+            b.in_proj_weight, b.in_proj_bias, b.out_proj.weight, b.out_proj.bias]
+
+
+@pytest.mark.parametrize("change", ["none", "pruned", "parametrized", "replaced submodule"])
+def test_fusion_params_reads_what_attribute_access_reads(change):
+    """fusion_params reads nn.Module's dicts first (module._member): weights computed on access
+    (pruning, parametrizations) and swapped submodules must still be what the module computes with."""
+    torch.manual_seed(0)
+    m = GeminiFusion(16, num_heads=2, backend="torch")
+    if change == "pruned":
+        import torch.nn.utils.prune as prune
+
+        prune.l1_unstructured(m.relation_judger[0].fc1, "weight", amount=0.5)
+    elif change == "parametrized":
+        class Doubled(torch.nn.Module):
+            def forward(self, w):
+                return 2 * w
+
+        import torch.nn.utils.parametrize as parametrize
+
+        parametrize.register_parametrization(m.cross_attn_1_to_0, "in_proj_weight", Doubled())
+    elif change == "replaced submodule":
+        m.cross_attn_0_to_1.out_proj = torch.nn.Linear(16, 16)
+    got, expected = list(m.fusion_params()), _published_attributes(m)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected)) and len(got) == len(expected) == 14
+    if change == "pruned":
+        assert (got[0] == 0).sum() == 16 * 32 // 2  # the masked weight, not weight_orig
+    if change == "parametrized":
+        original = m.cross_attn_1_to_0.parametrizations.in_proj_weight.original
+        assert torch.equal(got[10], 2 * original)
+    x0, x1 = torch.randn(3, 16), torch.randn(3, 16)
+    y = m(x0, x1)
+    y_ref = gemini_fusion_reference(x0, x1, FusionParams(*expected), 2)
+    assert rel_err(y[0], y_ref[0]) < 1e-6 and rel_err(y[1], y_ref[1]) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

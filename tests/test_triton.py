@@ -338,3 +338,28 @@ def test_custom_op_called_directly_validates_its_arguments(mutate, exc, fragment
         torch.ops.gemini_kernels.triton_fusion_fwd(*args)
     y = torch.ops.gemini_kernels.triton_fusion_fwd(x0[:0], x1[:0], list(params), 4)
     assert y[0].shape == (0, 4, 16)
+
+
+def test_the_ops_check_only_calls_that_the_api_did_not(monkeypatch):
+    """The public API checks a call once; its forward and backward ops then skip their own check (about
+    12 us each), which a direct call of either op still runs, also after an API call that raised."""
+    checks = []
+    monkeypatch.setattr(tf, "check_call", lambda *args: checks.append(args[3]))
+    x0, x1, params = make_case((3, 4), 16, requires_grad=True)
+    y0, y1 = gemini_fusion(x0, x1, params, 4, backend="triton")
+    (y0.sum() + 2 * y1.sum()).backward()
+    assert checks == []
+    plain = [t.detach() for t in (x0, x1, *params)]
+    y = torch.ops.gemini_kernels.triton_fusion_fwd(plain[0], plain[1], plain[2:], 4)
+    torch.ops.gemini_kernels.triton_fusion_bwd(y[0], y[1], plain[0], plain[1], plain[2:], 4)
+    assert checks == [4, 4]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(tf, "forward_rows", broken)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        gemini_fusion(x0, x1, params, 4, backend="triton")
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        torch.ops.gemini_kernels.triton_fusion_fwd(plain[0], plain[1], plain[2:], 4)
+    assert checks == [4, 4, 4]
