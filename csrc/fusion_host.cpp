@@ -28,9 +28,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -126,46 +129,127 @@ void host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
   });
 }
 
-// ---- the CUDA stage kernels' packs, run on the host ---------------------------------------------
+// ---- the CUDA stage kernels' lanes and packs, run on the host -----------------------------------
 
-// The untiled chain's stages as a lane of a packed CUDA team runs them (SerialPackTeam: kPack
-// channels per access), for the tests of packed_chain_forward / packed_chain_backward; refused where
-// the CUDA kernels would not pack either (stage_pack), so that a test cannot pass unpacked.
-template <class T, int kPack>
-void packed_rows(Stage stage, const FusionBuffers& b) {
-  const SerialPackTeam<kPack> team;
-  for (int64_t row = 0; row < 2 * b.pixels; ++row) {
-    switch (stage) {
-      case Stage::HiddenForward: HiddenForward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
-      case Stage::RelationForward: RelationForward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
-      case Stage::MixForward: MixForward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
-      case Stage::MixBackward: MixBackward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
-      case Stage::RelationBackward: RelationBackward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
-      case Stage::HiddenBackward: HiddenBackward::run<SerialPackTeam<kPack>, T>(team, b, row); break;
+// A barrier for a fixed number of threads (std::barrier is C++20).
+class LaneBarrier {
+ public:
+  explicit LaneBarrier(int count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++generation_;
+      released_.notify_all();
+      return;
     }
+    released_.wait(lock, [&] { return generation_ != generation; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  const int count_;
+  int waiting_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// A CUDA lane group (fusion_kernels.cu's LaneGroupTeam) emulated with kLanes threads that walk the rows
+// together, kPack channels a step: the lane offsets, idle lanes and per-lane packs of the stages run
+// as on the GPU, the reductions through shared slots between barriers where the GPU shuffles (summing
+// in lane order, not the shuffles' tree). For the tests only (packed_chain_forward / _backward).
+template <int kLanes, int kP>
+struct LaneThreadsTeam {
+  static constexpr int kPack = kP;
+  struct Shared {
+    LaneBarrier barrier{kLanes};
+    double slots[kLanes];
+  };
+  int lane;
+  Shared* shared;
+  int first() const { return lane; }
+  int stride() const { return kLanes; }
+  bool leader() const { return lane == 0; }
+  void sync() const { shared->barrier.arrive_and_wait(); }
+  template <class A>
+  A sum(A v) const {
+    return reduce(v, [](A a, A b) { return a + b; });
+  }
+  template <class A>
+  A max(A v) const {
+    return reduce(v, [](A a, A b) { return max_(a, b); });
+  }
+  template <class A, class F>
+  A reduce(A v, F f) const {
+    shared->slots[lane] = static_cast<double>(v);
+    sync();
+    A total = static_cast<A>(shared->slots[0]);
+    for (int i = 1; i < kLanes; ++i) total = f(total, static_cast<A>(shared->slots[i]));
+    sync();  // before any lane writes its slot for the next reduction
+    return total;
+  }
+};
+
+template <class Team, class T>
+void run_stage_row(Stage stage, const Team& team, const FusionBuffers& b, int64_t row) {
+  switch (stage) {
+    case Stage::HiddenForward: return HiddenForward::run<Team, T>(team, b, row);
+    case Stage::RelationForward: return RelationForward::run<Team, T>(team, b, row);
+    case Stage::MixForward: return MixForward::run<Team, T>(team, b, row);
+    case Stage::MixBackward: return MixBackward::run<Team, T>(team, b, row);
+    case Stage::RelationBackward: return RelationBackward::run<Team, T>(team, b, row);
+    case Stage::HiddenBackward: return HiddenBackward::run<Team, T>(team, b, row);
   }
 }
 
-void packed_host_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
+template <class T, int kPack, int kLanes>
+void lane_threads_rows(Stage stage, const FusionBuffers& b) {
+  using Team = LaneThreadsTeam<kLanes, kPack>;
+  typename Team::Shared shared;
+  std::vector<std::thread> lanes;
+  for (int lane = 0; lane < kLanes; ++lane)
+    lanes.emplace_back([&, lane] {
+      const Team team{lane, &shared};
+      for (int64_t row = 0; row < 2 * b.pixels; ++row) run_stage_row<Team, T>(stage, team, b, row);
+    });
+  for (std::thread& lane : lanes) lane.join();
+}
+
+// The untiled chain's stages as a CUDA lane group of kLanes lanes runs them with packs; refused where
+// the CUDA kernels would not pack (stage_pack), so that a test cannot pass unpacked.
+template <int kLanes>
+void packed_lanes_stage(Stage stage, at::ScalarType dtype, const FusionBuffers& b) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gemini_kernels_packed_stage", [&] {
     constexpr int kPack = kPackBytes / sizeof(scalar_t);
     const int pack = stage_pack(b, sizeof(scalar_t));
     TORCH_CHECK(pack > 1, "gemini_kernels: packed_chain: the CUDA stage kernels would not pack these buffers (",
                 dtype, ", C = ", b.channels, ", ", b.heads, " heads, or a pointer not 16-byte aligned)");
-    if constexpr (kPack > 1) packed_rows<scalar_t, kPack>(stage, b);
+    if constexpr (kPack > 1) lane_threads_rows<scalar_t, kPack, kLanes>(stage, b);
   });
 }
 
+// The lane counts the tests emulate: one lane, and groups whose lanes split a row's packs.
+StageRunner packed_lanes_runner(int64_t lanes) {
+  switch (lanes) {
+    case 1: return packed_lanes_stage<1>;
+    case 2: return packed_lanes_stage<2>;
+    case 8: return packed_lanes_stage<8>;
+    default: TORCH_CHECK(false, "gemini_kernels: packed_chain: lanes must be 1, 2 or 8; got ", lanes);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_chain_forward(const at::Tensor& x0, const at::Tensor& x1,
-                                                                    at::TensorList params, int64_t num_heads) {
-  const ForwardResult r = fusion_forward(x0, x1, params, num_heads, false, packed_host_stage);
+                                                                    at::TensorList params, int64_t num_heads,
+                                                                    int64_t lanes) {
+  const ForwardResult r = fusion_forward(x0, x1, params, num_heads, false, packed_lanes_runner(lanes));
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 std::vector<at::Tensor> packed_chain_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1,
                                               const at::Tensor& x0, const at::Tensor& x1, at::TensorList params,
-                                              const at::Tensor& gate, int64_t num_heads) {
-  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, {}, num_heads, packed_host_stage);
+                                              const at::Tensor& gate, int64_t num_heads, int64_t lanes) {
+  return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, {}, num_heads, packed_lanes_runner(lanes));
 }
 
 // ---- tiles: the chain on ranges of a few hundred pixels ----------------------------------------
@@ -509,11 +593,13 @@ std::vector<std::string> stage_access_mismatches(bool drop_first_read) {
 TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
   // The stages' declared accesses checked against what they do (stage_access_mismatches).
   m.def("stage_access_mismatches(bool drop_first_read=False) -> str[]", &gk::stage_access_mismatches);
-  // The untiled chain with its row stages packed as the CUDA stage kernels pack them (see
-  // packed_host_stage): the pack code of fusion_math.h, tested on CPU against the oracle.
-  m.def("packed_chain_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads) -> (Tensor, Tensor, Tensor)");
+  // The untiled chain with its row stages run as the CUDA stage kernels' lane groups run them, in
+  // packs, by `lanes` threads a row (packed_lanes_stage): fusion_math.h's pack and lane code, tested on
+  // CPU against the oracle.
+  m.def("packed_chain_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads, int lanes=1) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("packed_chain_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
-        "int num_heads) -> Tensor[]");
+        "int num_heads, int lanes=1) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(gemini_kernels, CPU, m) {

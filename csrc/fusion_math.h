@@ -9,7 +9,7 @@
 // striding over the channels in packs of 16 bytes (or one element where the buffers do not allow
 // packs) and reducing with shuffles. The team supplies the reductions (max, sum), the stride and the
 // pack, the stage supplies the math, so every line of math below runs on CPU in the tests (the packs
-// through SerialPackTeam).
+// and the lanes through the host's LaneThreadsTeam, fusion_host.cpp).
 //
 // This header includes only the C++ standard library, so that it compiles in a .cu file that sees
 // nothing but the CUDA toolkit and in a .cpp file that sees nothing of CUDA.
@@ -296,9 +296,9 @@ struct GRow {
 // loaded and stored as one access (a Pack). A channel loop of a stage is therefore
 //   for (int c = lo + P * team.first(); c < hi; c += P * team.stride())   // P = Team::kPack
 // with the pack's P channels at c..c+P-1, and any other loop over a team (the heads of a gate) steps
-// by first() and stride() alone. The host teams take one channel a step (the compiler vectorizes
-// across the steps); the CUDA teams take 16 bytes (4 floats, 8 bfloat16) where stage_pack allows, so
-// that a lane issues one load per 16 bytes instead of one per element.
+// by first() and stride() alone. The host team takes one channel a step (the compiler vectorizes
+// across the steps); the CUDA teams take 16 bytes (4 floats, 8 float16 or bfloat16) where stage_pack
+// allows, so that a lane issues one load per 16 bytes instead of one per element.
 
 // The serial team: one thread owns the row.
 struct SerialTeam {
@@ -311,13 +311,6 @@ struct SerialTeam {
   GK_HD A sum(A v) const { return v; }
   template <class A>
   GK_HD A max(A v) const { return v; }
-};
-
-// One thread that walks the row kPack channels at a time, as a CUDA lane of a packed team does: the
-// host runs the stages' pack code with it in the tests (packed_chain_forward in fusion_host.cpp).
-template <int kP>
-struct SerialPackTeam : SerialTeam {
-  static constexpr int kPack = kP;
 };
 
 #if defined(__CUDACC__)

@@ -9,7 +9,7 @@
 #              oracle in fp32 (TF32 off) / bf16 / fp16 on NYUDv2 stage shapes and odd shapes
 #   sanitizer  compute-sanitizer memcheck over a subset of the CUDA backend's GPU tests (memcheck is slow),
 #              racecheck and synccheck over one small bf16 case each of the fused and wide forward and
-#              backward kernels
+#              backward kernels and one float32 case of the packed stage kernels (lane groups of 2 to 16)
 #   bench      the benchmark harness, NYUDv2 stages, bf16, batch 8 and 32 (appends to bench/RESULTS.md);
 #              bench8 / bench32: one batch size each, where one call may run 10 minutes at most
 #   model      MiT-B3 480x640 batch 8 bf16 training step / inference: fused vs no fusion vs published loop
@@ -70,8 +70,8 @@ for s in "${steps[@]}"; do
       for tool in racecheck synccheck; do
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py tests/test_wide_forward.py \
-          tests/test_wide_backward.py -m gpu -x -q \
-          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16 and test_fused_backward) or (gpu_wide_forward and 130 and bfloat16) or (gpu_wide_backward and 130 and bfloat16)"
+          tests/test_wide_backward.py tests/test_stage_packs.py -m gpu -x -q \
+          -k "(gpu_stage_kernels and 64 and vectors and float32) or (gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16 and test_fused_backward) or (gpu_wide_forward and 130 and bfloat16) or (gpu_wide_backward and 130 and bfloat16)"
       done ;;
     bench) step bench "$PY" bench/run.py --batch 8,32 --out-dir "$OUTDIR" --append-results ;;
     bench8|bench32) step "$s" "$PY" bench/run.py --batch "${s#bench}" --out-dir "$OUTDIR" --append-results ;;
@@ -96,8 +96,8 @@ for s in "${steps[@]}"; do
       for tool in racecheck synccheck; do  # the fused kernels' barriers, on one small case each
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py tests/test_wide_forward.py \
-          tests/test_wide_backward.py -m gpu -x -q \
-          -k "(gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16 and test_fused_backward) or (gpu_wide_forward and 130 and bfloat16) or (gpu_wide_backward and 130 and bfloat16)"
+          tests/test_wide_backward.py tests/test_stage_packs.py -m gpu -x -q \
+          -k "(gpu_stage_kernels and 64 and vectors and float32) or (gpu_fused_forward and 37 and bfloat16) or (gpu_fused_backward and 65 and bfloat16) or (gpu_engine_agrees and bfloat16 and test_fused_backward) or (gpu_wide_forward and 130 and bfloat16) or (gpu_wide_backward and 130 and bfloat16)"
       done
       step ledger "$PY" -m gemini_kernels.ledger
       step call-overhead "$PY" bench/call_overhead.py --device cuda --calls 200 --repeats 5 ;;

@@ -1,13 +1,16 @@
-"""The CUDA row-stage kernels' packs (csrc/fusion_math.h, "teams and packs"), run on the host.
+"""The CUDA row-stage kernels' lane groups and packs (csrc/fusion_math.h, "teams and packs"), run on
+the host.
 
 On CUDA a lane of a stage kernel takes 16 bytes of channels a step (4 floats, 8 float16 / bfloat16),
 loaded and stored as one access, where stage_pack finds C and the head width multiples of that and
-every buffer 16-byte aligned; it falls back to one element a lane elsewhere. The ops
-packed_chain_forward / packed_chain_backward run the untiled chain with its stages walking the row
-in those packs on one host thread (SerialPackTeam), so every line of the pack code (offsets, the
-per-head bounds, the parked softmax numerators, the in-place stores) runs here against the float64
-oracle; they refuse what the CUDA kernels would not pack, so that a test cannot pass unpacked.
-tests/test_cuda_compile.py checks that the packed kernels' loads and stores are 16-byte accesses.
+every buffer 16-byte aligned, and a row belongs to a group of 2 to 32 lanes; it falls back to one
+element a lane elsewhere. The ops packed_chain_forward / packed_chain_backward run the untiled chain
+with its stages run as such a group runs them, by `lanes` threads a row (fusion_host.cpp's
+LaneThreadsTeam: the lanes' offsets, their packs, idle lanes, reductions across lanes), so every line
+of the stages' lane and pack code runs here against the float64 oracle; only the shuffles and the
+vector instructions are the GPU's own. The ops refuse what the CUDA kernels would not pack, so that
+a test cannot pass unpacked. tests/test_cuda_compile.py checks that the packed kernels' loads and
+stores are 16-byte accesses.
 """
 import pytest
 import torch
@@ -15,7 +18,7 @@ import torch
 from gemini_kernels import gemini_fusion
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case
+from helpers import assert_matches_oracle, make_case, rel_err
 
 if not cuda_fusion._load():
     pytest.fail(f"the compiled extension is not available: {cuda_fusion._load_error}", pytrace=False)
@@ -35,39 +38,66 @@ CASES = [
 
 
 class _PackedChain(torch.autograd.Function):
-    """The packed forward, then the packed backward from its gates."""
+    """The packed forward, then the packed backward from its gates, by `lanes` threads a row."""
 
     @staticmethod
-    def forward(ctx, x0, x1, heads, *params):
-        y0, y1, gate = torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), heads)
+    def forward(ctx, x0, x1, heads, lanes, *params):
+        y0, y1, gate = torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), heads, lanes)
         ctx.save_for_backward(x0, x1, gate, *params)
-        ctx.heads = heads
+        ctx.heads, ctx.lanes = heads, lanes
         return y0, y1
 
     @staticmethod
     def backward(ctx, g0, g1):
         x0, x1, gate, *params = ctx.saved_tensors
         grads = torch.ops.gemini_kernels.packed_chain_backward(g0.contiguous(), g1.contiguous(), x0, x1, params,
-                                                               gate, ctx.heads)
-        return grads[0], grads[1], None, *grads[2:]
+                                                               gate, ctx.heads, ctx.lanes)
+        return grads[0], grads[1], None, None, *grads[2:]
+
+
+def packed(lanes):
+    return lambda a, b, p, h: _PackedChain.apply(a, b, h, lanes, *p)
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,dim,heads", CASES, ids=str)
 def test_packed_stages_match_the_oracle(shape, dim, heads, dtype):
     x0, x1, params = make_case(shape, dim, dtype=dtype, requires_grad=True, seed=dim + heads)
-    assert_matches_oracle(lambda a, b, p, h: _PackedChain.apply(a, b, h, *p), x0, x1, params, heads,
-                          out_bound=BOUNDS[dtype], grad_bound=10 * BOUNDS[dtype], seed=3)
+    assert_matches_oracle(packed(1), x0, x1, params, heads, out_bound=BOUNDS[dtype], grad_bound=2 * BOUNDS[dtype],
+                          seed=3)
 
 
-def test_packed_and_unpacked_stages_agree():
-    """The same chain with one element a step (the host's own stages): float32 sums in another order
-    only."""
-    x0, x1, params = make_case((2, 50), 64, dtype=torch.float32, seed=4)
-    packed = torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), 8)
-    unpacked = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 8)[:3]
-    for a, b in zip(packed, unpacked):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+# Groups of 2 and 8 lanes: at head width 8 in float32 (two packs a head) 2 lanes share each head and
+# 8 leave 6 idle; at C = 320 (heads of ten float packs) 8 lanes take one or two packs each.
+@pytest.mark.parametrize("lanes", [2, 8])
+@pytest.mark.parametrize("shape,dim,heads,dtype", [((2, 7), 64, 8, torch.float32), ((5,), 320, 8, torch.float32),
+                                                   ((9,), 128, 2, torch.bfloat16)], ids=str)
+def test_lane_groups_match_the_oracle(shape, dim, heads, dtype, lanes):
+    x0, x1, params = make_case(shape, dim, dtype=dtype, requires_grad=True, seed=dim + lanes)
+    assert_matches_oracle(packed(lanes), x0, x1, params, heads, out_bound=BOUNDS[dtype],
+                          grad_bound=2 * BOUNDS[dtype], seed=4)
+
+
+# How far the packed stages may differ from the host's own: only the order of the sums within a row
+# (float32 accumulators in every dtype) differs, far below the 16-bit dtypes' rounding; a value
+# rounded to the storage dtype where the host keeps it in float32 (the parked softmax numerators of a
+# 16-bit layer, say) would move a large fraction of the outputs by a unit of their last place.
+AGREEMENT = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
+def test_packed_and_unpacked_stages_agree(dtype):
+    """Forward and backward of the same untiled chain, packed by 2 lanes and by the host's stages."""
+    x0, x1, params = make_case((2, 30), 64, dtype=dtype, seed=4)
+    gy0, gy1 = (torch.randn(x0.shape, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (5, 6))
+    y0, y1, gate = torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), 8, 2)
+    u0, u1, ugate, _ = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 8)
+    grads = torch.ops.gemini_kernels.packed_chain_backward(gy0, gy1, x0, x1, list(params), gate, 8, 2)
+    ugrads = torch.ops.gemini_kernels.fusion_backward(gy0, gy1, x0, x1, list(params), ugate, [], 8)
+    pairs = {"y0": (y0, u0), "y1": (y1, u1), "gate": (gate, ugate)}
+    pairs.update({f"grad {i}": (g, u) for i, (g, u) in enumerate(zip(grads, ugrads))})
+    errors = {name: rel_err(a, b) for name, (a, b) in pairs.items()}
+    assert max(errors.values()) < AGREEMENT[dtype], errors
 
 
 def _offset(x):
@@ -95,25 +125,30 @@ def test_refuses_what_the_cuda_kernels_would_not_pack(case):
         torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), heads)
 
 
+
+def test_refuses_a_lane_count_it_does_not_emulate():
+    x0, x1, params = make_case((5,), 64, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="lanes must be 1, 2 or 8; got 3"):
+        torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), 8, 3)
+
 # ---- GPU: the stage kernels themselves ----------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,dim,heads", [((2, 333), 64, 8), ((3, 41), 320, 8)], ids=str)
-@pytest.mark.parametrize("aligned", [True, False], ids=["packed", "x0 misaligned, unpacked"])
-def test_gpu_stage_kernels_match_the_oracle(shape, dim, heads, aligned):
-    """float32 on CUDA runs the chain's stage kernels: packed where the buffers allow, one element a
-    lane where x0 starts off a 16-byte boundary."""
+@pytest.mark.parametrize("aligned", [True, False], ids=["vectors", "x0 misaligned, scalars"])
+def test_gpu_stage_kernels_match_the_oracle(shape, dim, heads, dtype, aligned, monkeypatch):
+    """The chain's stage kernels on CUDA: packed where the buffers allow, one element a lane where x0
+    starts off a 16-byte boundary. float32 layers run the chain; 16-bit ones run it when the forward
+    saves its activations (forced here; the fused and wide kernels take them otherwise)."""
     reason = cuda_fusion.unavailable_reason(torch.device("cuda"))
     if reason is not None:
         pytest.fail(reason)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        x0, x1, params = make_case(shape, dim, dtype=torch.float32, device="cuda", requires_grad=True, seed=dim)
-        if not aligned:
-            x0 = _offset(x0.detach()).requires_grad_()
-            assert x0.is_leaf and x0.data_ptr() % 16 != 0
-        assert_matches_oracle(lambda a, b, p, h: gemini_fusion(a, b, p, h, backend="cuda"), x0, x1, params, heads,
-                              out_bound=BOUNDS[torch.float32], grad_bound=BOUNDS[torch.float32])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    monkeypatch.setattr(cuda_fusion, "saves_activations", lambda x0: True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x0, x1, params = make_case(shape, dim, dtype=dtype, device="cuda", requires_grad=True, seed=dim)
+    if not aligned:
+        x0 = _offset(x0.detach()).requires_grad_()
+        assert x0.is_leaf and x0.data_ptr() % 16 != 0
+    assert_matches_oracle(lambda a, b, p, h: gemini_fusion(a, b, p, h, backend="cuda"), x0, x1, params, heads,
+                          out_bound=BOUNDS[dtype], grad_bound=BOUNDS[dtype])
