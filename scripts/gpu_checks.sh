@@ -92,7 +92,7 @@ for s in "${steps[@]}"; do
       step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$PY" -m pytest tests/test_cuda_host.py tests/test_fused_forward.py tests/test_fused_backward.py \
         tests/test_wide_forward.py tests/test_wide_backward.py tests/test_stage_packs.py -m gpu -x -q \
-        -k "(gpu_stage_kernels and 64) or (gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65)) or (gpu_wide_forward and (130 or 63)) or (gpu_wide_backward and (130 or 63))"
+        -k "(gpu_stage_kernels and 64 and float32) or (gpu_matches_oracle and (300 or 33)) or (gpu_fused_forward and (37 or 65 or 63)) or (gpu_fused_backward and (333 or 65)) or (gpu_wide_forward and (130 or 63)) or (gpu_wide_backward and (130 or 63))"
       for tool in racecheck synccheck; do  # the fused kernels' barriers, on one small case each
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
           "$PY" -m pytest tests/test_fused_forward.py tests/test_fused_backward.py tests/test_wide_forward.py \
