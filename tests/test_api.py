@@ -342,6 +342,20 @@ def test_float64_is_left_alone_under_autocast(backend):
     assert rel_err(under[0], plain[0]) < 1e-14 and rel_err(under[1], plain[1]) < 1e-14
 
 
+@pytest.mark.parametrize("backend", gk.available_backends("cpu"))
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)],
+                         ids=["float64 inputs", "float64 parameters"])
+def test_float64_mixed_with_another_dtype_is_refused_under_autocast(backend, x_dtype, param_dtype):
+    """Autocast casts neither float64 inputs nor float64 parameters: mixed with another dtype the
+    products could not run, so the call is refused by name, as without autocast."""
+    x0, x1, params = make_case((2, 7), 16, dtype=x_dtype)
+    params = FusionParams(*(p.to(param_dtype) for p in params))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"params\['relation_judger.0.fc1.weight'\] has dtype .*"
+                                            r"torch.autocast does not cast float64"):
+            gemini_fusion(x0, x1, params, backend=backend)
+
+
 @pytest.mark.parametrize("backend", [b for b in gk.available_backends("cpu") if b != "torch"])
 def test_kernel_backends_refuse_forward_mode_ad(backend):
     """No kernel backend has a forward-mode formula: a jvp raises instead of a zero tangent."""

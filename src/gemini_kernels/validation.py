@@ -99,12 +99,18 @@ def check_params(params: FusionParams, x: Tensor) -> None:
                 f"params[{name!r}] has dtype {tensor.dtype} but x0 has {x.dtype}; expected the same dtype "
                 f"(convert the module with .to({x.dtype}) or run under torch.autocast)"
             )
+        if tensor.dtype != x.dtype and torch.float64 in (tensor.dtype, x.dtype):
+            # Autocast leaves float64 tensors alone, so the products would mix float64 with another dtype.
+            raise TypeError(
+                f"params[{name!r}] has dtype {tensor.dtype} but x0 has {x.dtype}; expected the same dtype "
+                f"(torch.autocast does not cast float64: convert the module with .to({x.dtype}))"
+            )
 
 
 def check_call(x0, x1, params: FusionParams, num_heads) -> None:
     """Everything a fusion call needs: the width (set by the parameters), the heads, both inputs and
-    every parameter. Used by the public API and by the Triton backend's ops, which are public too and
-    check every call the API did not (the extension's ops check their arguments in C++)."""
+    every parameter. Used by the public API and by the Triton backend's ops, which are public too (the
+    extension's ops check their arguments in C++)."""
     width = params.fc2_weight
     if not isinstance(width, Tensor) or width.dim() != 2 or width.shape[0] != width.shape[1]:
         raise ValueError(

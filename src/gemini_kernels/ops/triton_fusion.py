@@ -32,7 +32,6 @@ gradcheck); every sum and softmax is float32 or wider.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import List, Optional
 
 import torch
@@ -87,34 +86,9 @@ def _rows(t: Tensor, dim: int) -> Tensor:
     return t.reshape(-1, dim).contiguous()
 
 
-class _CallState(threading.local):
-    """Set while this thread runs the ops for a call whose arguments were checked already: by the public
-    API (``fusion`` below is only reached through ``gemini_fusion``, which checks first) or, in the
-    backward, at the forward. The ops are public (torch.ops.gemini_kernels.triton_fusion_*) and check
-    every other call; the check costs ~12 us, a tenth of a small layer's whole host time."""
-    checked = False
-
-
-_CALL = _CallState()
-
-
-@contextlib.contextmanager
-def _checked_call():
-    _CALL.checked = True
-    try:
-        yield
-    finally:
-        _CALL.checked = False
-
-
-def _check(x0, x1, params, num_heads) -> None:
-    if not _CALL.checked:
-        check_call(x0, x1, FusionParams(*params), num_heads)
-
-
 def _fusion_fwd(x0: Tensor, x1: Tensor, params: List[Tensor], num_heads: int) -> List[Tensor]:
     """(y0, y1) for ``(..., C)`` inputs; parameters in FusionParams order, all of the inputs' dtype."""
-    _check(x0, x1, params, num_heads)
+    check_call(x0, x1, FusionParams(*params), num_heads)  # the op is public: torch.ops.gemini_kernels
     if x0.numel() == 0:
         return [x0.new_empty(x0.shape), x1.new_empty(x1.shape)]
     dim = x0.shape[-1]
@@ -136,7 +110,7 @@ def _fusion_bwd(gy0: Tensor, gy1: Tensor, x0: Tensor, x1: Tensor, params: List[T
     """``[gx0, gx1, flat]``: the gradients of the forward op for output gradients gy0, gy1; ``flat``
     holds every parameter's gradient in FusionParams order (the backward writes them into one
     buffer; an op's outputs may not alias, so the autograd formula splits it)."""
-    _check(x0, x1, params, num_heads)
+    check_call(x0, x1, FusionParams(*params), num_heads)
     for name, g, x in (("gy0", gy0, x0), ("gy1", gy1, x1)):
         if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
             raise ValueError(f"{name} must match x{name[-1]} ({tuple(x.shape)}, {x.dtype}, {x.device}); "
@@ -177,10 +151,9 @@ class _Forward(FastFunction):
         x0, x1, *params = ctx.saved_tensors
         # Contiguous zeros (zeros_like keeps a non-contiguous x's strides, which the kernels would copy).
         gy0, gy1 = (x.new_zeros(x.shape) if g is None else g for g, x in ((grad_y0, x0), (grad_y1, x1)))
-        # Through the op (its Autograd kernel refuses a derivative of these gradients); x0, x1 and the
-        # parameters were checked at the forward.
-        with _checked_call():
-            gx0, gx1, flat = torch.ops.gemini_kernels.triton_fusion_bwd(gy0, gy1, x0, x1, params, ctx.num_heads)
+        # Through the op (its Autograd kernel refuses a derivative of these gradients), which checks its
+        # arguments again: saved-tensor hooks may hand back other tensors than the forward's.
+        gx0, gx1, flat = torch.ops.gemini_kernels.triton_fusion_bwd(gy0, gy1, x0, x1, params, ctx.num_heads)
         param_grads = [g.view(t.shape) for g, t in zip(flat.split([t.numel() for t in params]), params)]
         return gx0, gx1, None, *param_grads
 
@@ -222,10 +195,4 @@ def fusion(x0: Tensor, x1: Tensor, params: FusionParams, num_heads: int):
 
     Under ``torch.autocast`` it does what the oracle does (``ops/autocast.py``).
     """
-    def run(a, b, p, h):
-        return tuple(fusion_fwd_op(a, b, p, h))
-
-    if torch.compiler.is_compiling():  # the compiled graph calls the op later, outside any state set here
-        return like_the_oracle(run, x0, x1, params, num_heads)
-    with _checked_call():
-        return like_the_oracle(run, x0, x1, params, num_heads)
+    return like_the_oracle(lambda a, b, p, h: tuple(fusion_fwd_op(a, b, p, h)), x0, x1, params, num_heads)
