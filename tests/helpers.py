@@ -99,6 +99,35 @@ def assert_matches_oracle(fn, x0, x1, params, heads, out_bound, grad_bound=None,
     return worst, errors[worst]
 
 
+def gated_call(forward, backward):
+    """A differentiable fusion call ``fn(x0, x1, params, heads) -> (y0, y1)`` from a pair of ops: the
+    extension's fused, wide or chain kernels, whose backward reads the gates the forward kept.
+    ``forward(x0, x1, params, heads) -> (y0, y1, gate)``; ``backward(g0, g1, x0, x1, params, gate, heads)
+    -> [dx0, dx1, *parameter gradients]``."""
+
+    class Call(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x0, x1, heads, *params):
+            y0, y1, gate = forward(x0, x1, list(params), heads)[:3]
+            ctx.save_for_backward(x0, x1, gate, *params)
+            ctx.heads = heads
+            return y0, y1
+
+        @staticmethod
+        def backward(ctx, g0, g1):
+            x0, x1, gate, *params = ctx.saved_tensors
+            grads = backward(g0, g1, x0, x1, params, gate, ctx.heads)
+            return grads[0], grads[1], None, *grads[2:]
+
+    return lambda x0, x1, params, heads: Call.apply(x0, x1, heads, *params)
+
+
+def chain_backward(g0, g1, x0, x1, params, gate, heads):
+    """The extension's backward op from the gates, recomputing the rest (what follows a fused or wide
+    forward on CUDA for training); it takes contiguous upstream gradients."""
+    return torch.ops.gemini_kernels.fusion_backward(g0.contiguous(), g1.contiguous(), x0, x1, params, gate, [], heads)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Many small ops on a shared 2-core machine: one intra-op thread is several times faster.

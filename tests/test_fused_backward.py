@@ -12,7 +12,7 @@ import torch
 from gemini_kernels import FusionParams
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case, rel_err, upstream_grads
+from helpers import assert_matches_oracle, gated_call, make_case, rel_err, upstream_grads
 from gemini_kernels.shapes import stage_dims
 
 if not cuda_fusion._load():
@@ -22,25 +22,12 @@ BOUNDS = BACKENDS["cuda"].bounds
 ops = torch.ops.gemini_kernels
 
 
-class _Fused(torch.autograd.Function):
-    """The fused forward, then the fused backward from its gates: a training step of a narrow layer."""
-
-    @staticmethod
-    def forward(ctx, x0, x1, heads, programs, *params):
-        y0, y1, gate = ops.fused_forward(x0, x1, list(params), heads)
-        ctx.save_for_backward(x0, x1, gate, *params)
-        ctx.heads, ctx.programs = heads, programs
-        return y0, y1
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        x0, x1, gate, *params = ctx.saved_tensors
-        grads = ops.fused_backward(g0, g1, x0, x1, params, gate, ctx.heads, ctx.programs)
-        return grads[0], grads[1], None, None, *grads[2:]
-
-
 def fused(programs):
-    return lambda x0, x1, params, heads: _Fused.apply(x0, x1, heads, programs, *params)
+    """The fused forward, then the fused backward from its gates over `programs` programs: a training
+    step of a narrow layer."""
+    return gated_call(ops.fused_forward,
+                      lambda g0, g1, x0, x1, params, gate, heads: ops.fused_backward(g0, g1, x0, x1, params, gate,
+                                                                                     heads, programs))
 
 
 # (leading shape, C, heads, programs): partial last tiles (37, 65, 130, 63 pixels a row), one and many
@@ -69,7 +56,7 @@ def test_gradcheck_through_the_fused_forward_and_backward():
     (the second partial) in two programs."""
     x0, x1, params = make_case((2, 35), 16, requires_grad=True, seed=11)
     with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
-        assert torch.autograd.gradcheck(lambda a, b, *p: _Fused.apply(a, b, 2, 2, *p), (x0, x1, *params),
+        assert torch.autograd.gradcheck(lambda a, b, *p: fused(2)(a, b, p, 2), (x0, x1, *params),
                                         eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 

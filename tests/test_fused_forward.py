@@ -11,7 +11,7 @@ import torch
 
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case, oracle_float64, rel_err
+from helpers import assert_matches_oracle, chain_backward, gated_call, make_case, oracle_float64, rel_err
 
 if not cuda_fusion._load():
     pytest.fail(f"the compiled extension is not available: {cuda_fusion._load_error}", pytrace=False)
@@ -53,36 +53,22 @@ def test_gates_are_the_chains():
     assert rel_err(gate, chain_gate) < 1e-14
 
 
-class _FusedThenChainBackward(torch.autograd.Function):
-    """What a CUDA training step of a narrow 16-bit layer runs: the fused forward, then the backward op
-    from its gates (recomputing the rest)."""
-
-    @staticmethod
-    def forward(ctx, x0, x1, heads, *params):
-        y0, y1, gate = fused(x0, x1, params, heads)
-        ctx.save_for_backward(x0, x1, gate, *params)
-        ctx.heads = heads
-        return y0, y1
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        x0, x1, gate, *params = ctx.saved_tensors
-        grads = torch.ops.gemini_kernels.fusion_backward(g0.contiguous(), g1.contiguous(), x0, x1, params, gate, [],
-                                                         ctx.heads)
-        return grads[0], grads[1], None, *grads[2:]
+# What a CUDA training step of a narrow 16-bit layer runs: the fused forward, then the backward op from
+# its gates (recomputing the rest).
+fused_then_chain = gated_call(fused, chain_backward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_backward_from_the_fused_gates_matches_the_oracle(dtype):
     x0, x1, params = make_case((2, 45), 32, dtype=dtype, requires_grad=True, seed=9)
-    assert_matches_oracle(lambda a, b, p, h: _FusedThenChainBackward.apply(a, b, h, *p), x0, x1, params, 4,
+    assert_matches_oracle(fused_then_chain, x0, x1, params, 4,
                           out_bound=BOUNDS[dtype], grad_bound=10 * BOUNDS[dtype], seed=10)
 
 
 def test_gradcheck_through_the_fused_forward():
     x0, x1, params = make_case((2, 3), 16, requires_grad=True, seed=11)
     with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
-        assert torch.autograd.gradcheck(lambda a, b, *p: _FusedThenChainBackward.apply(a, b, 2, *p),
+        assert torch.autograd.gradcheck(lambda a, b, *p: fused_then_chain(a, b, p, 2),
                                         (x0, x1, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 

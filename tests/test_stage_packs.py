@@ -18,7 +18,7 @@ import torch
 from gemini_kernels import gemini_fusion
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case, rel_err
+from helpers import assert_matches_oracle, gated_call, make_case, rel_err
 
 if not cuda_fusion._load():
     pytest.fail(f"the compiled extension is not available: {cuda_fusion._load_error}", pytrace=False)
@@ -37,26 +37,12 @@ CASES = [
 ]
 
 
-class _PackedChain(torch.autograd.Function):
-    """The packed forward, then the packed backward from its gates, by `lanes` threads a row."""
-
-    @staticmethod
-    def forward(ctx, x0, x1, heads, lanes, *params):
-        y0, y1, gate = torch.ops.gemini_kernels.packed_chain_forward(x0, x1, list(params), heads, lanes)
-        ctx.save_for_backward(x0, x1, gate, *params)
-        ctx.heads, ctx.lanes = heads, lanes
-        return y0, y1
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        x0, x1, gate, *params = ctx.saved_tensors
-        grads = torch.ops.gemini_kernels.packed_chain_backward(g0.contiguous(), g1.contiguous(), x0, x1, params,
-                                                               gate, ctx.heads, ctx.lanes)
-        return grads[0], grads[1], None, None, *grads[2:]
-
-
 def packed(lanes):
-    return lambda a, b, p, h: _PackedChain.apply(a, b, h, lanes, *p)
+    """The packed forward, then the packed backward from its gates, by `lanes` threads a row."""
+    ops = torch.ops.gemini_kernels
+    return gated_call(lambda x0, x1, params, heads: ops.packed_chain_forward(x0, x1, params, heads, lanes),
+                      lambda g0, g1, x0, x1, params, gate, heads: ops.packed_chain_backward(
+                          g0.contiguous(), g1.contiguous(), x0, x1, params, gate, heads, lanes))
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)

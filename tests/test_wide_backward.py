@@ -13,7 +13,7 @@ import torch
 from gemini_kernels import FusionParams
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case, rel_err, upstream_grads
+from helpers import assert_matches_oracle, gated_call, make_case, rel_err, upstream_grads
 
 if not cuda_fusion._load():
     pytest.fail(f"the compiled extension is not available: {cuda_fusion._load_error}", pytrace=False)
@@ -22,25 +22,8 @@ BOUNDS = BACKENDS["cuda"].bounds
 ops = torch.ops.gemini_kernels
 
 
-class _Wide(torch.autograd.Function):
-    """The wide forward, then the wide backward from its gates: a training step of a wide layer."""
-
-    @staticmethod
-    def forward(ctx, x0, x1, heads, *params):
-        y0, y1, gate = ops.wide_forward(x0, x1, list(params), heads)
-        ctx.save_for_backward(x0, x1, gate, *params)
-        ctx.heads = heads
-        return y0, y1
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        x0, x1, gate, *params = ctx.saved_tensors
-        grads = ops.wide_backward(g0, g1, x0, x1, params, gate, ctx.heads)
-        return grads[0], grads[1], None, *grads[2:]
-
-
-def wide(x0, x1, params, heads):
-    return _Wide.apply(x0, x1, heads, *params)
+# The wide forward, then the wide backward from its gates: a training step of a wide layer.
+wide = gated_call(ops.wide_forward, ops.wide_backward)
 
 
 # (leading shape, C, heads): partial last row tiles (37, 65, 130, 63 pixels a row), blocks of two heads of
@@ -82,7 +65,7 @@ def test_gradcheck_through_the_wide_forward_and_backward():
     tiles (the second partial)."""
     x0, x1, params = make_case((70,), 64, requires_grad=True, seed=11)
     with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
-        assert torch.autograd.gradcheck(lambda a, b, *p: _Wide.apply(a, b, 4, *p), (x0, x1, *params),
+        assert torch.autograd.gradcheck(lambda a, b, *p: wide(a, b, p, 4), (x0, x1, *params),
                                         eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 

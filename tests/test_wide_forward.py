@@ -13,7 +13,7 @@ import torch
 
 from gemini_kernels.backends import BACKENDS
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case, oracle_float64, rel_err
+from helpers import assert_matches_oracle, chain_backward, gated_call, make_case, oracle_float64, rel_err
 
 if not cuda_fusion._load():
     pytest.fail(f"the compiled extension is not available: {cuda_fusion._load_error}", pytrace=False)
@@ -72,36 +72,22 @@ def test_a_saturated_relation_softmax_matches_the_oracle(dtype):
     assert torch.isfinite(y0).all() and max(rel_err(y0, r0), rel_err(y1, r1)) < BOUNDS[dtype]
 
 
-class _WideThenChainBackward(torch.autograd.Function):
-    """What a CUDA training step of a wide 16-bit layer runs: the wide forward, then the backward op
-    from its gates (recomputing the rest)."""
-
-    @staticmethod
-    def forward(ctx, x0, x1, heads, *params):
-        y0, y1, gate = wide(x0, x1, params, heads)
-        ctx.save_for_backward(x0, x1, gate, *params)
-        ctx.heads = heads
-        return y0, y1
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        x0, x1, gate, *params = ctx.saved_tensors
-        grads = torch.ops.gemini_kernels.fusion_backward(g0.contiguous(), g1.contiguous(), x0, x1, params, gate, [],
-                                                         ctx.heads)
-        return grads[0], grads[1], None, *grads[2:]
+# What a CUDA training step of a wide 16-bit layer runs: the wide forward, then the backward op from its
+# gates (recomputing the rest).
+wide_then_chain = gated_call(wide, chain_backward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_backward_from_the_wide_gates_matches_the_oracle(dtype):
     x0, x1, params = make_case((2, 45), 80, dtype=dtype, requires_grad=True, seed=9)
-    assert_matches_oracle(lambda a, b, p, h: _WideThenChainBackward.apply(a, b, h, *p), x0, x1, params, 8,
+    assert_matches_oracle(wide_then_chain, x0, x1, params, 8,
                           out_bound=BOUNDS[dtype], grad_bound=10 * BOUNDS[dtype], seed=10)
 
 
 def test_gradcheck_through_the_wide_forward():
     x0, x1, params = make_case((2, 3), 32, requires_grad=True, seed=11)
     with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters through .data
-        assert torch.autograd.gradcheck(lambda a, b, *p: _WideThenChainBackward.apply(a, b, 4, *p),
+        assert torch.autograd.gradcheck(lambda a, b, *p: wide_then_chain(a, b, p, 4),
                                         (x0, x1, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
