@@ -106,17 +106,23 @@ void run_rows(const FusionBuffers& b, int64_t begin, int64_t end) {
   run_rows_of_width<StageT, T, 0>(b, begin, end);
 }
 
+// Calls f(StageT{}) for the stage struct that `stage` names (fusion_math.h).
+template <class F>
+void with_stage(Stage stage, const F& f) {
+  switch (stage) {
+    case Stage::HiddenForward: return f(HiddenForward{});
+    case Stage::RelationForward: return f(RelationForward{});
+    case Stage::MixForward: return f(MixForward{});
+    case Stage::MixBackward: return f(MixBackward{});
+    case Stage::RelationBackward: return f(RelationBackward{});
+    case Stage::HiddenBackward: return f(HiddenBackward{});
+  }
+}
+
 // Rows [begin, end) of a stage.
 template <class T>
 void run_stage_rows(Stage stage, const FusionBuffers& b, int64_t begin, int64_t end) {
-  switch (stage) {
-    case Stage::HiddenForward: return run_rows<HiddenForward, T>(b, begin, end);
-    case Stage::RelationForward: return run_rows<RelationForward, T>(b, begin, end);
-    case Stage::MixForward: return run_rows<MixForward, T>(b, begin, end);
-    case Stage::MixBackward: return run_rows<MixBackward, T>(b, begin, end);
-    case Stage::RelationBackward: return run_rows<RelationBackward, T>(b, begin, end);
-    case Stage::HiddenBackward: return run_rows<HiddenBackward, T>(b, begin, end);
-  }
+  with_stage(stage, [&](auto s) { run_rows<decltype(s), T>(b, begin, end); });
 }
 
 // The untiled chain's stages (see tiled()): rows spread over the intra-op threads.
@@ -191,29 +197,20 @@ struct LaneThreadsTeam {
   }
 };
 
-template <class Team, class T>
-void run_stage_row(Stage stage, const Team& team, const FusionBuffers& b, int64_t row) {
-  switch (stage) {
-    case Stage::HiddenForward: return HiddenForward::run<Team, T>(team, b, row);
-    case Stage::RelationForward: return RelationForward::run<Team, T>(team, b, row);
-    case Stage::MixForward: return MixForward::run<Team, T>(team, b, row);
-    case Stage::MixBackward: return MixBackward::run<Team, T>(team, b, row);
-    case Stage::RelationBackward: return RelationBackward::run<Team, T>(team, b, row);
-    case Stage::HiddenBackward: return HiddenBackward::run<Team, T>(team, b, row);
-  }
-}
-
 template <class T, int kPack, int kLanes>
 void lane_threads_rows(Stage stage, const FusionBuffers& b) {
   using Team = LaneThreadsTeam<kLanes, kPack>;
   typename Team::Shared shared;
-  std::vector<std::thread> lanes;
-  for (int lane = 0; lane < kLanes; ++lane)
-    lanes.emplace_back([&, lane] {
-      const Team team{lane, &shared};
-      for (int64_t row = 0; row < 2 * b.pixels; ++row) run_stage_row<Team, T>(stage, team, b, row);
-    });
-  for (std::thread& lane : lanes) lane.join();
+  with_stage(stage, [&](auto s) {
+    using StageT = decltype(s);
+    std::vector<std::thread> lanes;
+    for (int lane = 0; lane < kLanes; ++lane)
+      lanes.emplace_back([&, lane] {
+        const Team team{lane, &shared};
+        for (int64_t row = 0; row < 2 * b.pixels; ++row) StageT::template run<Team, T>(team, b, row);
+      });
+    for (std::thread& lane : lanes) lane.join();
+  });
 }
 
 // The untiled chain's stages as a CUDA lane group of kLanes lanes runs them with packs; refused where

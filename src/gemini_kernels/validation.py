@@ -141,7 +141,6 @@ def forward_mode_ad_in_use(tensors) -> Optional[str]:
     """The forward-mode AD a call runs under (dual tensors, or a ``torch.func.jvp`` / ``jacfwd``
     transform of one of its inputs), or None. The kernel backends have no forward-mode formula:
     through them a tangent would silently come out zero."""
-    import torch.autograd.forward_ad as forward_ad
     from torch._C._functorch import TransformType
 
     # The transform first: inside torch.func.jvp the tensors are dual too, and the message should
@@ -150,9 +149,9 @@ def forward_mode_ad_in_use(tensors) -> Optional[str]:
         return "a torch.func forward-mode transform (jvp, jacfwd, linearize)"
     # Tangents live only inside a dual level (forward_ad.dual_level); outside one, unpack_dual finds
     # none on any tensor, and asking each of the 16 costs more than a small layer's kernels.
-    if getattr(forward_ad, "_current_level", 0) < 0:
+    if getattr(_forward_ad, "_current_level", 0) < 0:
         return None
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return "torch.autograd.forward_ad (dual tensors)"
     return None
 
