@@ -483,6 +483,7 @@ bool tiled(const at::Tensor& x0) {
 ForwardResult forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                           bool save_activations) {
   check_arguments(x0, x1, params, num_heads);
+  if (takes_simd_forward(x0, save_activations)) return simd_forward(x0, x1, params, num_heads);
   if (!tiled(x0)) return fusion_forward(x0, x1, params, num_heads, save_activations, host_stage);
   RECORD_FUNCTION("gemini_kernels::tiled_forward", std::vector<c10::IValue>());
   return run_forward(x0, x1, params, num_heads, save_activations, run_tiles);

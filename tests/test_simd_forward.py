@@ -1,0 +1,174 @@
+"""The host path's SIMD forward (csrc/simd_forward.h): every instruction set this CPU runs, each against
+the float64 oracle in float64 and float32, over head widths and pixel counts that take its register
+transposes and its element-wise fallback, full tiles and a partial last one; the forward the public API
+takes; refusals; empty and non-contiguous inputs; gradcheck of the differentiable call it serves.
+
+An instruction set this CPU (or ATEN_CPU_CAPABILITY) lacks skips with that reason; the kernel is
+compiled for AVX-512 and for AVX2 + FMA, so a CPU with AVX-512 tests both.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gemini_kernels import FusionParams, gemini_fusion
+from gemini_kernels.ops import cuda_fusion
+from helpers import assert_matches_oracle, make_case, oracle_float64, rel_err
+
+
+@pytest.fixture(autouse=True, scope="module")
+def extension_built():
+    reason = cuda_fusion.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.fail(reason)
+
+
+def supported_isas():
+    cuda_fusion.unavailable_reason(torch.device("cpu"))  # loads the extension
+    return list(torch.ops.gemini_kernels.simd_forward_isas())
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request):
+    if request.param not in supported_isas():
+        pytest.skip(f"this CPU, or ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')!r}, does not run "
+                    f"{request.param} (runs {supported_isas()})")
+    return request.param
+
+
+def simd_forward(isa):
+    def forward(x0, x1, params, heads):
+        y0, y1, _ = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), heads, isa)
+        return y0, y1
+    return forward
+
+
+BOUNDS = {torch.float64: 1e-13, torch.float32: 1e-5}
+
+# (leading shape, C, heads). Tiles are 48 / 24 pixels (AVX-512 float / double), 24 / 12 (AVX2), and the
+# register transposes take C a multiple of 16 / 8 / 4 lanes: 96 pixels are whole tiles only, the others
+# end in a partial tile; C = 30 and 12 are never a multiple, 40 and 24 only for the narrower registers.
+CASES = [
+    ((2, 48), 64, 8),
+    ((2, 100), 64, 8),
+    ((37,), 128, 8),
+    ((3, 5), 32, 8),
+    ((7, 7), 24, 3),
+    ((64,), 40, 5),
+    ((9,), 30, 1),
+    ((11,), 12, 3),
+    ((1,), 16, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", list(BOUNDS), ids=str)
+@pytest.mark.parametrize("shape, dim, heads", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_matches_the_oracle(isa, dtype, shape, dim, heads):
+    x0, x1, params = make_case(shape, dim, dtype=dtype, seed=dim + len(shape))
+    assert_matches_oracle(simd_forward(isa), x0, x1, params, heads, BOUNDS[dtype], grads=False)
+    # The gates, which the backward reads, against those the chain saves with its activations.
+    _, _, gate = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), heads, isa)
+    _, _, chain_gate, _ = torch.ops.gemini_kernels.fusion_forward(x0.double(), x1.double(),
+                                                                   [p.double() for p in params], heads, True)
+    assert gate.shape == (2, *shape, heads) and gate.dtype == dtype
+    assert rel_err(gate, chain_gate) < BOUNDS[dtype]
+
+
+def test_the_public_forward_takes_it_without_activations():
+    isas = supported_isas()
+    x0, x1, params = make_case((2, 50), 64, dtype=torch.float32, seed=5)
+    if not isas:
+        assert not torch.ops.gemini_kernels.takes_simd_forward(x0, False)
+        pytest.skip("this CPU runs no instruction set of the SIMD forward: the chain runs every forward")
+    assert torch.ops.gemini_kernels.takes_simd_forward(x0, False)
+    assert not torch.ops.gemini_kernels.takes_simd_forward(x0, True)  # activations come from the chain
+    for dtype, dim in ((torch.float16, 64), (torch.bfloat16, 64), (torch.float32, 160)):
+        assert not torch.ops.gemini_kernels.takes_simd_forward(torch.zeros(1, dim, dtype=dtype), False)
+    y0, y1, gate = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isas[0])
+    with torch.no_grad():
+        got = gemini_fusion(x0, x1, params, 8, backend="cuda")
+    assert torch.equal(got[0], y0) and torch.equal(got[1], y1)
+    f0, f1, f_gate, _ = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 8, False)
+    assert torch.equal(f0, y0) and torch.equal(f1, y1) and torch.equal(f_gate, gate)
+
+
+def test_capability_narrows_the_instruction_sets():
+    """ATEN_CPU_CAPABILITY narrows the kernel's instruction sets as it narrows torch's."""
+    code = ("import torch, gemini_kernels.ops.cuda_fusion as f; f.unavailable_reason(torch.device('cpu')); "
+            "x = torch.zeros(1, 64); "
+            "print(list(torch.ops.gemini_kernels.simd_forward_isas()), torch.ops.gemini_kernels.takes_simd_forward(x))")
+    outputs = {}
+    for capability in ("default", "avx2"):
+        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outputs[capability] = proc.stdout.strip().splitlines()[-1]
+    assert outputs["default"] == "[] False"
+    assert outputs["avx2"] in ("['avx2'] True", "[] False")  # the latter on a CPU without AVX2 and FMA
+
+
+def test_refusals_name_the_argument(isa):
+    x0, x1, params = make_case((2, 3), 32, dtype=torch.float32, seed=7)
+    op = torch.ops.gemini_kernels.simd_forward
+    with pytest.raises(RuntimeError, match=r'isa="sse".*expected one of \['):
+        op(x0, x1, list(params), 8, "sse")
+    with pytest.raises(RuntimeError, match="float32 or float64.*Half"):
+        op(x0.half(), x1.half(), [p.half() for p in params], 8, isa)
+    with pytest.raises(RuntimeError, match="at most 128 channels.*160"):
+        wide0, wide1, wide_params = make_case((2, 3), 160, dtype=torch.float32, seed=7)
+        op(wide0, wide1, list(wide_params), 8, isa)
+    with pytest.raises(RuntimeError, match="num_heads=5"):
+        op(x0, x1, list(params), 5, isa)
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)], ids=str)
+def test_empty_inputs(isa, shape):
+    """The public call returns empty outputs; the op itself refuses them as fusion_forward does."""
+    x0, x1, params = make_case(shape[:-1], 64, dtype=torch.float32, seed=8)
+    with torch.no_grad():
+        y0, y1 = gemini_fusion(x0, x1, params, 8, backend="cuda")
+    assert y0.shape == y1.shape == x0.shape
+    with pytest.raises(RuntimeError, match=r"non-empty .* got shape \[" + ", ".join(map(str, shape))):
+        torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isa)
+
+
+def test_non_contiguous_inputs_and_threads(isa):
+    """Strided inputs give the contiguous ones' bits, and so does any thread count: no value depends
+    on another pixel."""
+    x0, x1, params = make_case((100, 2), 64, dtype=torch.float32, seed=9)
+    x0, x1 = x0.transpose(0, 1), x1.transpose(0, 1)
+    assert not x0.is_contiguous()
+    op = torch.ops.gemini_kernels.simd_forward
+    ref = op(x0.contiguous(), x1.contiguous(), list(params), 8, isa)
+    got = op(x0, x1, [p.t().contiguous().t() for p in params], 8, isa)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x0, x1, list(params), 8, isa)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, ref))
+
+
+def test_gradcheck_of_the_call_it_serves():
+    """float64 gradcheck of the differentiable call whose forward it runs (the backward is the chain's,
+    from the gates it saved): every input and parameter."""
+    x0, x1, params = make_case((2, 3), 16, seed=10, requires_grad=True)
+    assert torch.ops.gemini_kernels.takes_simd_forward(x0, False) == bool(supported_isas())
+
+    def f(a, b, *p):
+        return gemini_fusion(a, b, FusionParams(*p), 2, backend="cuda")
+
+    with cuda_fusion.weight_cache_disabled():  # gradcheck perturbs the parameters in place
+        assert torch.autograd.gradcheck(f, (x0, x1, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_oracle_agreement_at_a_stage_shape(isa):
+    """MiT stage 1 (C = 64, 8 heads) in float32 over two images' worth of tiles of a small map."""
+    x0, x1, params = make_case((2, 30 * 40), 64, dtype=torch.float32, seed=11)
+    y0, y1 = simd_forward(isa)(x0, x1, params, 8)
+    (r0, r1), _ = oracle_float64(x0, x1, params, 8)
+    assert max(rel_err(y0, r0), rel_err(y1, r1)) < 1e-6
