@@ -493,6 +493,10 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor
                                      const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
                                      at::TensorList activations, int64_t num_heads) {
   check_arguments(x0, x1, params, num_heads);
+  if (takes_simd_backward(x0, activations)) {
+    check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
+    return simd_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads);
+  }
   if (!tiled(x0))
     return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, host_stage);
   RECORD_FUNCTION("gemini_kernels::tiled_backward", std::vector<c10::IValue>());

@@ -1,4 +1,4 @@
-// simd_forward_kernel.h for AVX2 with FMA: 8 floats or 4 doubles a register, blocks of 4 weight rows x
+// simd_fusion_kernel.h for AVX2 with FMA: 8 floats or 4 doubles a register, blocks of 4 weight rows x
 // 3 registers of pixels (12 accumulators, 3 pixel registers and a weight of the 16 registers; a
 // 24-pixel float tile).
 #include <immintrin.h>
@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "fusion_math.h"
-#include "simd_forward.h"
+#include "simd_fusion.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -31,6 +31,6 @@ constexpr int kRows = 4, kVectors = 3;
 }  // namespace gk
 
 #define GK_SIMD_ISA avx2
-#include "simd_forward_kernel.h"
+#include "simd_fusion_kernel.h"
 
 #pragma GCC pop_options

@@ -1,4 +1,4 @@
-// simd_forward_kernel.h for AVX-512: 16 floats or 8 doubles a register, blocks of 8 weight rows x 3
+// simd_fusion_kernel.h for AVX-512: 16 floats or 8 doubles a register, blocks of 8 weight rows x 3
 // registers of pixels (24 accumulators of the 32 registers; a 48-pixel float tile). The block keeps
 // both FMA ports busy with a quarter of the loads they allow: measured alone at C = 64 and 128 on
 // one core of a Xeon with two AVX-512 FMA units, 170-178 GFLOP/s, MKL's rate on large matrices.
@@ -10,7 +10,7 @@
 #include <type_traits>
 
 #include "fusion_math.h"
-#include "simd_forward.h"
+#include "simd_fusion.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma,prefer-vector-width=512")
@@ -32,6 +32,6 @@ constexpr int kRows = 8, kVectors = 3;
 }  // namespace gk
 
 #define GK_SIMD_ISA avx512
-#include "simd_forward_kernel.h"
+#include "simd_fusion_kernel.h"
 
 #pragma GCC pop_options

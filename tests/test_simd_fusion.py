@@ -1,7 +1,8 @@
-"""The host path's SIMD forward (csrc/simd_forward.h): every instruction set this CPU runs, each against
-the float64 oracle in float64 and float32, over head widths and pixel counts that take its register
-transposes and its element-wise fallback, full tiles and a partial last one; the forward the public API
-takes; refusals; empty and non-contiguous inputs; gradcheck of the differentiable call it serves.
+"""The host path's SIMD forward and backward (csrc/simd_fusion.h): every instruction set this CPU runs,
+each against the float64 oracle in float64 and float32 (outputs, gates and all 16 gradients), over head
+widths and pixel counts that take its register transposes and its element-wise fallback, full tiles and
+a partial last one; the calls the public API takes; refusals; empty and non-contiguous inputs; bitwise
+reruns; gradcheck of both through the public call.
 
 An instruction set this CPU (or ATEN_CPU_CAPABILITY) lacks skips with that reason; the kernel is
 compiled for AVX-512 and for AVX2 + FMA, so a CPU with AVX-512 tests both.
@@ -15,7 +16,7 @@ import torch
 
 from gemini_kernels import FusionParams, gemini_fusion
 from gemini_kernels.ops import cuda_fusion
-from helpers import assert_matches_oracle, make_case, oracle_float64, rel_err
+from helpers import assert_matches_oracle, gated_call, make_case, oracle_float64, rel_err
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,7 +28,12 @@ def extension_built():
 
 def supported_isas():
     cuda_fusion.unavailable_reason(torch.device("cpu"))  # loads the extension
-    return list(torch.ops.gemini_kernels.simd_forward_isas())
+    return list(torch.ops.gemini_kernels.simd_isas())
+
+
+# Elements a register, per instruction set and dtype: the backward takes C a multiple of it.
+LANES = {("avx512", torch.float32): 16, ("avx512", torch.float64): 8, ("avx2", torch.float32): 8,
+         ("avx2", torch.float64): 4}
 
 
 @pytest.fixture(params=["avx512", "avx2"])
@@ -46,6 +52,7 @@ def simd_forward(isa):
 
 
 BOUNDS = {torch.float64: 1e-13, torch.float32: 1e-5}
+GRAD_BOUNDS = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 # (leading shape, C, heads). Tiles are 48 / 24 pixels (AVX-512 float / double), 24 / 12 (AVX2), and the
 # register transposes take C a multiple of 16 / 8 / 4 lanes: 96 pixels are whole tiles only, the others
@@ -76,6 +83,76 @@ def test_matches_the_oracle(isa, dtype, shape, dim, heads):
     assert rel_err(gate, chain_gate) < BOUNDS[dtype]
 
 
+def simd_call(isa):
+    """The differentiable call of the two ops on one instruction set."""
+    def forward(x0, x1, params, heads):
+        return torch.ops.gemini_kernels.simd_forward(x0, x1, params, heads, isa)
+
+    def backward(g0, g1, x0, x1, params, gate, heads):
+        return torch.ops.gemini_kernels.simd_backward(g0, g1, x0, x1, list(params), gate, heads, isa)
+    return gated_call(forward, backward)
+
+
+# (leading shape, C, heads) for the backward: C a multiple of 16, so that every instruction set and
+# dtype takes it; the weight gradients' register blocks over C / lanes registers of columns (1, 2, 3, 4,
+# 5, 8: blocks of 3 and 2).
+BACKWARD_CASES = [
+    ((2, 48), 64, 8),
+    ((2, 100), 64, 8),
+    ((37,), 128, 8),
+    ((3, 5), 32, 8),
+    ((50,), 48, 3),
+    ((29,), 80, 5),
+    ((1,), 16, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", list(BOUNDS), ids=str)
+@pytest.mark.parametrize("shape, dim, heads", BACKWARD_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_backward_matches_the_oracle(isa, dtype, shape, dim, heads):
+    """All 16 gradients (the key bias's third exactly zero) from the forward's gates."""
+    x0, x1, params = make_case(shape, dim, dtype=dtype, seed=2 * dim + len(shape))
+    assert_matches_oracle(simd_call(isa), x0, x1, params, heads, BOUNDS[dtype], GRAD_BOUNDS[dtype])
+
+
+def test_backward_refuses_a_width_the_registers_do_not_divide(isa):
+    x0, x1, params = make_case((2, 3), 24, dtype=torch.float32, seed=12)
+    _, _, gate = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isa)
+    op = torch.ops.gemini_kernels.simd_backward
+    if 24 % LANES[isa, torch.float32]:
+        with pytest.raises(RuntimeError, match=f"multiple of {LANES[isa, torch.float32]}; got 24"):
+            op(x0, x1, x0, x1, list(params), gate, 8, isa)
+    else:
+        assert len(op(x0, x1, x0, x1, list(params), gate, 8, isa)) == 16
+    with pytest.raises(RuntimeError, match="gate"):
+        op(x0, x1, x0, x1, list(params), gate[:, :1], 8, isa)
+
+
+def test_the_public_backward_takes_it_and_reruns_bitwise():
+    isas = supported_isas()
+    x0, x1, params = make_case((2, 60), 64, dtype=torch.float32, seed=13, requires_grad=True)
+    if not isas:
+        assert not torch.ops.gemini_kernels.takes_simd_backward(x0)
+        pytest.skip("this CPU runs no instruction set of the SIMD kernels: the chain runs every backward")
+    assert torch.ops.gemini_kernels.takes_simd_backward(x0)
+    lanes = LANES[isas[0], torch.float32]
+    assert not torch.ops.gemini_kernels.takes_simd_backward(torch.zeros(1, 2 * lanes + lanes // 2))
+    leaves = [x0, x1, *params]
+    g0, g1 = torch.randn_like(x0), torch.randn_like(x1)
+
+    def public():
+        y0, y1 = gemini_fusion(x0, x1, params, 8, backend="cuda")
+        return torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), leaves)
+
+    def ops():
+        y0, y1 = simd_call(isas[0])(x0, x1, params, 8)
+        return torch.autograd.grad((y0 * g0).sum() + (y1 * g1).sum(), leaves)
+
+    first, again, direct = public(), public(), ops()
+    for a, b, c in zip(first, again, direct):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_the_public_forward_takes_it_without_activations():
     isas = supported_isas()
     x0, x1, params = make_case((2, 50), 64, dtype=torch.float32, seed=5)
@@ -98,7 +175,7 @@ def test_capability_narrows_the_instruction_sets():
     """ATEN_CPU_CAPABILITY narrows the kernel's instruction sets as it narrows torch's."""
     code = ("import torch, gemini_kernels.ops.cuda_fusion as f; f.unavailable_reason(torch.device('cpu')); "
             "x = torch.zeros(1, 64); "
-            "print(list(torch.ops.gemini_kernels.simd_forward_isas()), torch.ops.gemini_kernels.takes_simd_forward(x))")
+            "print(list(torch.ops.gemini_kernels.simd_isas()), torch.ops.gemini_kernels.takes_simd_forward(x))")
     outputs = {}
     for capability in ("default", "avx2"):
         proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
@@ -153,11 +230,12 @@ def test_non_contiguous_inputs_and_threads(isa):
     assert all(torch.equal(a, b) for a, b in zip(one, ref))
 
 
-def test_gradcheck_of_the_call_it_serves():
-    """float64 gradcheck of the differentiable call whose forward it runs (the backward is the chain's,
-    from the gates it saved): every input and parameter."""
+def test_gradcheck_of_the_public_call():
+    """float64 gradcheck of the public call, whose forward and backward both run here: every input and
+    parameter."""
     x0, x1, params = make_case((2, 3), 16, seed=10, requires_grad=True)
     assert torch.ops.gemini_kernels.takes_simd_forward(x0, False) == bool(supported_isas())
+    assert torch.ops.gemini_kernels.takes_simd_backward(x0) == bool(supported_isas())
 
     def f(a, b, *p):
         return gemini_fusion(a, b, FusionParams(*p), 2, backend="cuda")
