@@ -136,7 +136,7 @@ def weight_cache_disabled():
 # The channel count from which a CPU forward that autograd will differentiate keeps its GEMM outputs
 # g, z and dk for the backward (14 C values per pixel) instead of letting the backward recompute them
 # (7 of its 23 C^2 multiply-adds per pixel and direction): keeping costs fresh pages and makes the
-# forward the chain's (the SIMD forward of C <= 128, csrc/simd_forward.h, keeps nothing but the gates),
+# forward the chain's (the SIMD forward of C <= 128, csrc/simd_fusion.h, keeps nothing but the gates),
 # recomputing costs C^2. A training-like layer stack ran fastest keeping them from C = 129 on, where
 # the chain runs every forward anyway (bench/experiments/cpu_layer_stack.py; the figures are in
 # bench/RESULTS.md).
