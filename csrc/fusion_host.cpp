@@ -1,5 +1,9 @@
 // The host C++ path: serves `backend="cuda"` for CPU tensors.
 //
+// float32 and float64 layers of C <= 128 run the SIMD kernels (simd_fusion.h) where the CPU has them
+// (AVX2 + FMA or AVX-512) and the call fits them (takes_simd_forward, takes_simd_backward); the rest
+// runs the chain below.
+//
 // float32 and float64 at narrow layers (C < 256, see tiled()) run the chain of fusion_chain.h
 // (GEMMs and row stages) on tiles of a few hundred pixels (about 1 MiB of intermediates), a
 // contiguous run of tiles per intra-op thread, so that a GEMM's output is read by the next row

@@ -23,7 +23,7 @@ const char* isa_name(SimdIsa isa) { return isa == SimdIsa::Avx512 ? "avx512" : "
 // narrows it, as it narrows torch's kernels), best first.
 std::vector<SimdIsa> supported_isas() {
   std::vector<SimdIsa> isas;
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(GK_SIMD_FUSION)
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
     isas.push_back(SimdIsa::Avx512);
@@ -61,11 +61,15 @@ struct Entry {
 };
 template <class T>
 Entry<T> entry(SimdIsa isa) {
+#if defined(GK_SIMD_FUSION)
   if (isa == SimdIsa::Avx512)
     return {avx512::tile<T>, avx512::lanes<T>, avx512::forward_scratch_elements<T>,
             avx512::backward_scratch_elements<T>, avx512::forward_tiles<T>, avx512::backward_tiles<T>};
   return {avx2::tile<T>, avx2::lanes<T>, avx2::forward_scratch_elements<T>, avx2::backward_scratch_elements<T>,
           avx2::forward_tiles<T>, avx2::backward_tiles<T>};
+#else
+  TORCH_CHECK(false, "gemini_kernels: the SIMD kernels are not compiled on this platform (", isa_name(isa), ")");
+#endif
 }
 
 bool is_float_or_double(const at::Tensor& t) {

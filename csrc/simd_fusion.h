@@ -20,6 +20,12 @@
 
 #include <cstdint>
 
+// x86-64 with GCC (the `#pragma GCC target` files and `__builtin_shuffle`); elsewhere no instruction set
+// is compiled, and the chain runs every call.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GK_SIMD_FUSION 1
+#endif
+
 namespace gk {
 
 // The 14 parameters (fusion_params.h) as stored, contiguous: P is const T* for the parameters, T* for

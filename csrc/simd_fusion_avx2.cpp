@@ -1,6 +1,8 @@
 // simd_fusion_kernel.h for AVX2 with FMA: 8 floats or 4 doubles a register, blocks of 4 weight rows x
 // 3 registers of pixels (12 accumulators, 3 pixel registers and a weight of the 16 registers; a
 // 24-pixel float tile).
+#include "simd_fusion.h"
+#if defined(GK_SIMD_FUSION)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -9,7 +11,6 @@
 #include <type_traits>
 
 #include "fusion_math.h"
-#include "simd_fusion.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -34,3 +35,4 @@ constexpr int kRows = 4, kVectors = 3;
 #include "simd_fusion_kernel.h"
 
 #pragma GCC pop_options
+#endif  // GK_SIMD_FUSION

@@ -2,6 +2,8 @@
 // registers of pixels (24 accumulators of the 32 registers; a 48-pixel float tile). The block keeps
 // both FMA ports busy with a quarter of the loads they allow: measured alone at C = 64 and 128 on
 // one core of a Xeon with two AVX-512 FMA units, 170-178 GFLOP/s, MKL's rate on large matrices.
+#include "simd_fusion.h"
+#if defined(GK_SIMD_FUSION)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -10,7 +12,6 @@
 #include <type_traits>
 
 #include "fusion_math.h"
-#include "simd_fusion.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma,prefer-vector-width=512")
@@ -35,3 +36,4 @@ constexpr int kRows = 8, kVectors = 3;
 #include "simd_fusion_kernel.h"
 
 #pragma GCC pop_options
+#endif  // GK_SIMD_FUSION

@@ -107,22 +107,31 @@ inline void product_block(const Operand<T>& a, const Operand<T>& b, const T* bia
     for (int v = 0; v < kVectors; ++v) store(out + i * kTile<T> + v * L, acc[i][v]);
 }
 
-// out (n x kTile) = bias (or 0, or out with `add`) + a.w a.x + b.w b.x over n rows of W, kRows at a
-// time, then 4, 2, 1.
-template <class T>
-void product(int n, Operand<T> a, Operand<T> b, const T* bias, bool add, T* out) {
+// f(std::integral_constant<int, R>, i) for blocks of R rows starting at row i that cover n rows:
+// kRows at a time, then 4, 2, 1.
+template <class F>
+inline void for_row_blocks(int n, const F& f) {
   int i = 0;
-  const auto advance = [&](int rows) {
-    a.w += a.transposed ? rows : rows * a.ld;
-    b.w += b.transposed ? rows : rows * b.ld;
-    if (bias != nullptr) bias += rows;
-    out += rows * kTile<T>;
-    i += rows;
-  };
-  for (; i + kRows <= n; advance(kRows)) product_block<kRows>(a, b, bias, add, out);
-  if (n - i >= 4) { product_block<4>(a, b, bias, add, out); advance(4); }
-  if (n - i >= 2) { product_block<2>(a, b, bias, add, out); advance(2); }
-  if (n - i >= 1) { product_block<1>(a, b, bias, add, out); advance(1); }
+  for (; i + kRows <= n; i += kRows) f(std::integral_constant<int, kRows>(), i);
+  if (n - i >= 4) { f(std::integral_constant<int, 4>(), i); i += 4; }
+  if (n - i >= 2) { f(std::integral_constant<int, 2>(), i); i += 2; }
+  if (n - i >= 1) f(std::integral_constant<int, 1>(), i);
+}
+
+// Operand a from its row i on.
+template <class T>
+Operand<T> from_row(Operand<T> a, int i) {
+  a.w += a.transposed ? i : i * a.ld;
+  return a;
+}
+
+// out (n x kTile) = bias (or 0, or out with `add`) + a.w a.x + b.w b.x over n rows of W.
+template <class T>
+void product(int n, const Operand<T>& a, const Operand<T>& b, const T* bias, bool add, T* out) {
+  for_row_blocks(n, [&](auto rows, int i) {
+    product_block<decltype(rows)::value>(from_row(a, i), from_row(b, i), bias != nullptr ? bias + i : nullptr, add,
+                                         out + i * kTile<T>);
+  });
 }
 template <class T>
 void product(int n, const Operand<T>& a, const T* bias, T* out) {
