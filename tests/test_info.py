@@ -23,6 +23,10 @@ def test_python_m_gemini_kernels_prints_versions_and_every_backend_with_its_reas
     assert f"torch {torch.__version__}" in out and "\ntriton " in out and "\nnumpy " in out
     assert f"CUDA available: {torch.cuda.is_available()}" in out
     assert "extension gemini_kernels._C: " in out
+    import gemini_kernels._C  # noqa: F401  (the ops; scripts/setup_env.sh builds it)
+    isas = list(torch.ops.gemini_kernels.simd_isas())  # the same CPU and capability as the child
+    simd = next(l for l in lines if l.startswith("  host SIMD kernels (float32 / float64, C <= 128): "))
+    assert simd.endswith(f"{isas[0]} (this CPU runs {', '.join(isas)})" if isas else "(the chain runs every call)")
     for device in ("cpu", "cuda"):
         for name, backend in gk.backends.BACKENDS.items():
             reason = backend.unavailable_reason(torch.device(device))  # the same environment as the child

@@ -96,8 +96,9 @@ BACKENDS = {
         Backend("cuda", ".ops.cuda_fusion", "the compiled extension's CUDA C++ kernels, on CUDA tensors "
                                             "(on CPU tensors backend='cuda' runs cpu_cpp)",
                 devices=("cuda",), runs_elsewhere={"cpu": "cpu_cpp"}),
-        Backend("cpu_cpp", ".ops.cuda_fusion", "the compiled extension's host C++ path on CPU tensors: the "
-                                               "CUDA kernels' per-pixel math, tiled over threads",
+        Backend("cpu_cpp", ".ops.cuda_fusion", "the compiled extension's host C++ path on CPU tensors: SIMD "
+                                               "kernels (AVX-512 or AVX2) for float32 / float64 layers of C <= "
+                                               "128, else the CUDA kernels' per-pixel math, tiled over threads",
                 devices=("cpu",)),
     )
 }

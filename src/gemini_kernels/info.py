@@ -21,7 +21,7 @@ from . import __version__
 from .backends import AUTO_ORDER, BACKENDS
 
 DEVICES = ("cpu", "cuda")
-ENV_VARS = ("TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "CUDA_VISIBLE_DEVICES")
+ENV_VARS = ("TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "CUDA_VISIBLE_DEVICES", "ATEN_CPU_CAPABILITY")
 
 
 def _version(module: str) -> str:
@@ -61,9 +61,11 @@ def _extension() -> dict:
                         + (f"a first-use build is cached at {cached[0]}" if cached
                            else f"a first-use build (gemini_kernels._jit_build) would go to {cache_dir()}")}
     cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("gemini_kernels::fusion_forward", "CUDA")
+    simd = list(torch.ops.gemini_kernels.simd_isas())
     return {"present": True, "file": getattr(ext, "__file__", "?"),
             "built_with": "host C++ path and CUDA kernels" if cuda_kernels
-            else "host C++ path only (no CUDA kernels: torch without CUDA or no nvcc at build time)"}
+            else "host C++ path only (no CUDA kernels: torch without CUDA or no nvcc at build time)",
+            "simd_isas": simd}
 
 
 def _devices() -> list:
@@ -131,6 +133,9 @@ def format_report(info: dict) -> str:
     ]
     if ext["present"]:
         lines.append(f"extension gemini_kernels._C: present, {ext['built_with']}: {ext['file']}")
+        lines.append("  host SIMD kernels (float32 / float64, C <= 128): "
+                     + (f"{ext['simd_isas'][0]} (this CPU runs {', '.join(ext['simd_isas'])})" if ext["simd_isas"]
+                        else "none on this CPU or ATEN_CPU_CAPABILITY (the chain runs every call)"))
     else:
         lines.append(f"extension gemini_kernels._C: absent ({ext['error']}); {ext['hint']}")
     width = max(len(n) for n in BACKENDS)
