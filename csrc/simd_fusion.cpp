@@ -209,6 +209,11 @@ std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, co
                                       const at::Tensor& x0_in, const at::Tensor& x1_in, at::TensorList params,
                                       const at::Tensor& gate, int64_t num_heads) {
   RECORD_FUNCTION("gemini_kernels::simd_backward", std::vector<c10::IValue>());
+  // The weight gradients' register blocks cover whole registers of columns (outer_rows): checked here
+  // too, not only by the callers, as a narrower C would leave the last columns' gradients unsummed.
+  TORCH_CHECK(x0_in.size(-1) % lanes_of(isa, x0_in.scalar_type()) == 0,
+              "gemini_kernels.simd_backward: C must be a multiple of ", lanes_of(isa, x0_in.scalar_type()), " on ",
+              isa_name(isa), "; got ", x0_in.size(-1));
   const at::Tensor x0 = x0_in.contiguous(), x1 = x1_in.contiguous();
   const at::Tensor gy0 = grad_y0.contiguous(), gy1 = grad_y1.contiguous(), g = gate.contiguous();
   const ContiguousParams p = contiguous_params(params);

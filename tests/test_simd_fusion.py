@@ -2,7 +2,7 @@
 each against the float64 oracle in float64 and float32 (outputs, gates and all 16 gradients), over head
 widths and pixel counts that take its register transposes and its element-wise fallback, full tiles and
 a partial last one; the calls the public API takes; refusals; empty and non-contiguous inputs; bitwise
-reruns; gradcheck of both through the public call.
+reruns and 1 to 3 threads; inputs followed by NaN in memory; gradcheck of both through the public call.
 
 An instruction set this CPU (or ATEN_CPU_CAPABILITY) lacks skips with that reason; the kernel is
 compiled for AVX-512 and for AVX2 + FMA, so a CPU with AVX-512 tests both.
@@ -151,6 +151,46 @@ def test_the_public_backward_takes_it_and_reruns_bitwise():
     first, again, direct = public(), public(), ops()
     for a, b, c in zip(first, again, direct):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_backward_threads_strides_and_what_lies_past_the_last_pixel(isa):
+    """The backward on 1, 2 and 3 threads: grad_x bitwise the same (no sum across pixels), the
+    parameters' gradients (a set a thread, added in order) within the bounds; strided inputs, upstream
+    gradients and parameters give the contiguous ones' bits; and inputs followed in memory by NaN rows
+    (a partial last tile) change nothing, so no tile reads past pixel M."""
+    dtype, heads = torch.float32, 8
+    x0, x1, params = make_case((37,), 64, dtype=dtype, seed=14)
+    params = list(params)
+    g0, g1 = torch.randn_like(x0), torch.randn_like(x1)
+    op_forward, op_backward = torch.ops.gemini_kernels.simd_forward, torch.ops.gemini_kernels.simd_backward
+    gate = op_forward(x0, x1, params, heads, isa)[2]
+    ref = op_backward(g0, g1, x0, x1, params, gate, heads, isa)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = op_backward(g0, g1, x0, x1, params, gate, heads, isa)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), n
+            assert all(rel_err(a, b) < GRAD_BOUNDS[dtype] for a, b in zip(got[2:], ref[2:])), n
+    finally:
+        torch.set_num_threads(threads)
+
+    def strided(t):
+        return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+
+    got = op_backward(strided(g0), strided(g1), strided(x0), strided(x1), [strided(p) for p in params], gate,
+                      heads, isa)  # the gates must be the forward's own, contiguous (checked)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+    def tailed(t):
+        big = torch.full((t.shape[0] + 64, *t.shape[1:]), float("nan"), dtype=t.dtype)
+        big[:t.shape[0]] = t
+        return big[:t.shape[0]]
+
+    assert all(torch.equal(a, b) for a, b in zip(op_forward(tailed(x0), tailed(x1), params, heads, isa),
+                                                 op_forward(x0, x1, params, heads, isa)))
+    got = op_backward(tailed(g0), tailed(g1), tailed(x0), tailed(x1), params, gate, heads, isa)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_the_public_forward_takes_it_without_activations():
