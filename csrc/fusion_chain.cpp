@@ -90,18 +90,6 @@ std::vector<Access> reads_of() { return {std::begin(StageT::kReads), std::end(St
 template <class StageT>
 std::vector<Access> writes_of() { return {std::begin(StageT::kWrites), std::end(StageT::kWrites)}; }
 
-template <class F>
-auto for_stage(Stage stage, F&& f) {
-  switch (stage) {
-    case Stage::HiddenForward: return f(HiddenForward{});
-    case Stage::RelationForward: return f(RelationForward{});
-    case Stage::MixForward: return f(MixForward{});
-    case Stage::MixBackward: return f(MixBackward{});
-    case Stage::RelationBackward: return f(RelationBackward{});
-    case Stage::HiddenBackward: return f(HiddenBackward{});
-  }
-  return f(HiddenForward{});
-}
 
 void add_operand(std::vector<Access>& into, const Operand& operand) {
   into.push_back({operand[0]});

@@ -29,6 +29,22 @@ namespace gk {
 constexpr int index_of(Buffer b) { return static_cast<int>(b); }
 const char* buffer_name(Buffer b);
 
+// f(StageT{}) for the stage struct that `stage` names (fusion_math.h): the chain's accesses, the host's
+// row runners. (The CUDA launcher keeps a switch of its own, which reports an unknown stage as a CUDA
+// error.)
+template <class F>
+auto for_stage(Stage stage, F&& f) {
+  switch (stage) {
+    case Stage::HiddenForward: return f(HiddenForward{});
+    case Stage::RelationForward: return f(RelationForward{});
+    case Stage::MixForward: return f(MixForward{});
+    case Stage::MixBackward: return f(MixBackward{});
+    case Stage::RelationBackward: return f(RelationBackward{});
+    case Stage::HiddenBackward: return f(HiddenBackward{});
+  }
+  return f(HiddenForward{});
+}
+
 // ---- buffer plan ------------------------------------------------------------------------------
 
 // The row width of a buffer, in terms of the layer's C and h.

@@ -110,23 +110,10 @@ void run_rows(const FusionBuffers& b, int64_t begin, int64_t end) {
   run_rows_of_width<StageT, T, 0>(b, begin, end);
 }
 
-// Calls f(StageT{}) for the stage struct that `stage` names (fusion_math.h).
-template <class F>
-void with_stage(Stage stage, const F& f) {
-  switch (stage) {
-    case Stage::HiddenForward: return f(HiddenForward{});
-    case Stage::RelationForward: return f(RelationForward{});
-    case Stage::MixForward: return f(MixForward{});
-    case Stage::MixBackward: return f(MixBackward{});
-    case Stage::RelationBackward: return f(RelationBackward{});
-    case Stage::HiddenBackward: return f(HiddenBackward{});
-  }
-}
-
 // Rows [begin, end) of a stage.
 template <class T>
 void run_stage_rows(Stage stage, const FusionBuffers& b, int64_t begin, int64_t end) {
-  with_stage(stage, [&](auto s) { run_rows<decltype(s), T>(b, begin, end); });
+  for_stage(stage, [&](auto s) { run_rows<decltype(s), T>(b, begin, end); });
 }
 
 // The untiled chain's stages (see tiled()): rows spread over the intra-op threads.
@@ -205,7 +192,7 @@ template <class T, int kPack, int kLanes>
 void lane_threads_rows(Stage stage, const FusionBuffers& b) {
   using Team = LaneThreadsTeam<kLanes, kPack>;
   typename Team::Shared shared;
-  with_stage(stage, [&](auto s) {
+  for_stage(stage, [&](auto s) {
     using StageT = decltype(s);
     std::vector<std::thread> lanes;
     for (int lane = 0; lane < kLanes; ++lane)

@@ -209,11 +209,11 @@ std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, co
                                       const at::Tensor& x0_in, const at::Tensor& x1_in, at::TensorList params,
                                       const at::Tensor& gate, int64_t num_heads) {
   RECORD_FUNCTION("gemini_kernels::simd_backward", std::vector<c10::IValue>());
-  // The weight gradients' register blocks cover whole registers of columns (outer_rows): checked here
-  // too, not only by the callers, as a narrower C would leave the last columns' gradients unsummed.
-  TORCH_CHECK(x0_in.size(-1) % lanes_of(isa, x0_in.scalar_type()) == 0,
-              "gemini_kernels.simd_backward: C must be a multiple of ", lanes_of(isa, x0_in.scalar_type()), " on ",
-              isa_name(isa), "; got ", x0_in.size(-1));
+  // The weight gradients' register blocks cover whole registers of columns (outer_rows): checked here,
+  // where every caller passes, as a narrower C would leave the last columns' gradients unsummed.
+  const int64_t lanes = lanes_of(isa, x0_in.scalar_type());
+  TORCH_CHECK(x0_in.size(-1) % lanes == 0, "gemini_kernels.simd_backward: on ", isa_name(isa), " in ",
+              x0_in.scalar_type(), " the channel count must be a multiple of ", lanes, "; got ", x0_in.size(-1));
   const at::Tensor x0 = x0_in.contiguous(), x1 = x1_in.contiguous();
   const at::Tensor gy0 = grad_y0.contiguous(), gy1 = grad_y1.contiguous(), g = gate.contiguous();
   const ContiguousParams p = contiguous_params(params);
@@ -226,16 +226,12 @@ std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, co
 }
 
 // What the ops on a named instruction set take beyond check_arguments.
-void check_simd_call(const at::Tensor& x0, SimdIsa isa, const char* op, bool backward) {
+// (The backward's further condition, a channel count the register divides, backward_with checks.)
+void check_simd_call(const at::Tensor& x0, const char* op) {
   const int64_t C = x0.size(-1);
   TORCH_CHECK(is_float_or_double(x0) && C <= kSimdMaxWidth, "gemini_kernels.", op,
               ": x0 must be float32 or float64 with at most ", kSimdMaxWidth, " channels; got ", x0.scalar_type(),
               " with ", C);
-  if (backward) {
-    const int64_t lanes = lanes_of(isa, x0.scalar_type());
-    TORCH_CHECK(C % lanes == 0, "gemini_kernels.", op, ": on ", isa_name(isa), " in ", x0.scalar_type(),
-                " the channel count must be a multiple of ", lanes, "; got ", C);
-  }
 }
 
 // torch.ops.gemini_kernels.simd_forward / simd_backward: on the named instruction set.
@@ -244,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simd_forward_op(const at::Tensor&
                                                                const std::string& isa_name) {
   check_arguments(x0, x1, params, num_heads);
   const SimdIsa isa = parse_isa(isa_name, "simd_forward");
-  check_simd_call(x0, isa, "simd_forward", false);
+  check_simd_call(x0, "simd_forward");
   auto [y0, y1, gate, activations] = forward_with(isa, x0, x1, params, num_heads);
   return {y0, y1, gate};
 }
@@ -255,7 +251,7 @@ std::vector<at::Tensor> simd_backward_op(const at::Tensor& grad_y0, const at::Te
   check_arguments(x0, x1, params, num_heads);
   check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
   const SimdIsa isa = parse_isa(isa_name, "simd_backward");
-  check_simd_call(x0, isa, "simd_backward", true);
+  check_simd_call(x0, "simd_backward");
   return backward_with(isa, grad_y0, grad_y1, x0, x1, params, gate, num_heads);
 }
 
