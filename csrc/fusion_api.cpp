@@ -260,7 +260,8 @@ void check_activations(at::TensorList activations, const at::Tensor& x0) {
   const int64_t C = x0.size(-1);
   const int64_t M = x0.numel() / C;
   TORCH_CHECK(activations.size() == kNumActivations, "gemini_kernels: activations must be empty or the ",
-              kNumActivations, " tensors fusion_forward returns with save_activations=True; got ", activations.size());
+              kNumActivations, " tensors fusion_forward returns with save_activations=True for x0 (the SIMD forward's ",
+              kSimdActivations, " only where the SIMD backward takes x0); got ", activations.size());
   static const char* const names[kNumActivations] = {"g0", "g1", "z", "dk"};
   const std::vector<int64_t> shapes[kNumActivations] = {{M, kGBlocks * C}, {M, kGBlocks * C}, {2, M, C}, {2, M, C}};
   for (int i = 0; i < kNumActivations; ++i) {

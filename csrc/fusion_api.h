@@ -159,18 +159,25 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector
 // The widest layer they take: at C = 128 the weights (11 C^2 elements, 704 KiB in float32) stay in a
 // core's L2 cache, which every tile rereads them from.
 constexpr int64_t kSimdMaxWidth = 128;
-// Whether a CPU forward takes the SIMD forward: float32 or float64, C <= kSimdMaxWidth, no activations
-// asked for, and a CPU (and torch CPU capability) with AVX2 and FMA at least.
+// Whether a CPU forward takes the SIMD forward: float32 or float64, C <= kSimdMaxWidth, and a CPU (and
+// torch CPU capability) with AVX2 and FMA at least; to save activations, also the SIMD backward's
+// conditions, as only it reads the SIMD forward's.
 bool takes_simd_forward(const at::Tensor& x0, bool save_activations);
-// Whether a CPU backward takes the SIMD backward: the forward's conditions, no saved activations
-// given, and C a multiple of the register's elements (16 / 8 floats, 8 / 4 doubles on AVX-512 / AVX2).
+// Whether a CPU backward takes the SIMD backward: the forward's conditions, C a multiple of the
+// register's elements (16 / 8 floats, 8 / 4 doubles on AVX-512 / AVX2), and no activations or the
+// SIMD forward's (kSimdActivations of them).
 bool takes_simd_backward(const at::Tensor& x0, at::TensorList activations);
-// y0, y1 and the gates (as fusion_forward's, no activations) on the best instruction set this CPU runs.
-ForwardResult simd_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads);
-// The gradients of x0, x1 and the 14 parameters (as fusion_backward's), from the gates.
+// The activations the SIMD forward saves: its products (simd_fusion.h), per direction and plane.
+constexpr int64_t kSimdActivations = 10;
+// y0, y1, the gates and, with save_activations, the activations, on the best instruction set this CPU
+// runs.
+ForwardResult simd_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                           bool save_activations);
+// The gradients of x0, x1 and the 14 parameters (as fusion_backward's), from the gates and the SIMD
+// forward's activations (recomputed where there are none).
 std::vector<at::Tensor> simd_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                      int64_t num_heads);
+                                      at::TensorList activations, int64_t num_heads);
 
 // ---- the fused forward of narrow layers (fused_forward.h, fused_forward.cpp) --------------------
 

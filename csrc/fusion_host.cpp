@@ -474,7 +474,7 @@ bool tiled(const at::Tensor& x0) {
 ForwardResult forward_cpu(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
                           bool save_activations) {
   check_arguments(x0, x1, params, num_heads);
-  if (takes_simd_forward(x0, save_activations)) return simd_forward(x0, x1, params, num_heads);
+  if (takes_simd_forward(x0, save_activations)) return simd_forward(x0, x1, params, num_heads, save_activations);
   if (!tiled(x0)) return fusion_forward(x0, x1, params, num_heads, save_activations, host_stage);
   RECORD_FUNCTION("gemini_kernels::tiled_forward", std::vector<c10::IValue>());
   return run_forward(x0, x1, params, num_heads, save_activations, run_tiles);
@@ -486,7 +486,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_y0, const at::Tensor
   check_arguments(x0, x1, params, num_heads);
   if (takes_simd_backward(x0, activations)) {
     check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
-    return simd_backward(grad_y0, grad_y1, x0, x1, params, gate, num_heads);
+    return simd_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads);
   }
   if (!tiled(x0))
     return fusion_backward(grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads, host_stage);

@@ -122,11 +122,21 @@ std::unique_ptr<void, AlignedFree> aligned_scratch(int64_t elements, size_t elem
   return scratch;
 }
 
+// The activations' pointers as the kernels take them (null where there are none).
+template <class P>
+void saved_planes(const std::vector<at::Tensor>& activations, SimdSaved<P>& saved) {
+  for (int d = 0; d < 2; ++d)
+    for (int k = 0; k < kSimdSavedPlanes; ++k)
+      saved[d][k] = activations.empty() ? nullptr : static_cast<P>(activations[d * kSimdSavedPlanes + k].data_ptr());
+}
+
 template <class T>
 void run_forward(SimdIsa isa, const at::Tensor& x0, const at::Tensor& x1, const std::vector<at::Tensor>& params,
-                 int64_t num_heads, const std::array<at::Tensor, 2>& y, const at::Tensor& gate) {
+                 int64_t num_heads, const std::array<at::Tensor, 2>& y, const at::Tensor& gate,
+                 const std::vector<at::Tensor>& activations) {
   const Entry<T> run = entry<T>(isa);
   SimdForwardArgs<T> args{};
+  saved_planes(activations, args.saved);
   args.layer = layer_of<T>(x0, params, num_heads);
   args.x[0] = x0.data_ptr<T>();
   args.x[1] = x1.data_ptr<T>();
@@ -134,6 +144,9 @@ void run_forward(SimdIsa isa, const at::Tensor& x0, const at::Tensor& x1, const 
   args.y[1] = y[1].data_ptr<T>();
   args.gate = gate.data_ptr<T>();
   const int64_t tiles = (args.layer.pixels + run.tile() - 1) / run.tile();
+  // Rows past the last tile (where the rounding to the multiple is longer than a tile) are zeros, so
+  // that the activations are a function of the inputs, as a traced call's are compared.
+  for (const at::Tensor& a : activations) a.narrow(0, tiles * run.tile(), a.size(0) - tiles * run.tile()).zero_();
   const int64_t scratch_elements = run.forward_scratch(args.layer.channels, args.layer.heads);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const auto scratch = aligned_scratch(scratch_elements, sizeof(T));
@@ -141,19 +154,29 @@ void run_forward(SimdIsa isa, const at::Tensor& x0, const at::Tensor& x1, const 
   });
 }
 
+// The shape of each of the SIMD forward's activations for x0 (which the fake kernel of fusion_forward
+// also returns, from simd_saved_pixel_multiple).
+std::vector<int64_t> activation_shape(const at::Tensor& x0) {
+  const int64_t C = x0.size(-1);
+  return {simd_saved_pixels(C == 0 ? 0 : x0.numel() / C), C};
+}
+
 ForwardResult forward_with(SimdIsa isa, const at::Tensor& x0_in, const at::Tensor& x1_in, at::TensorList params,
-                           int64_t num_heads) {
+                           int64_t num_heads, bool save_activations) {
   RECORD_FUNCTION("gemini_kernels::simd_forward", std::vector<c10::IValue>());
   const at::Tensor x0 = x0_in.contiguous(), x1 = x1_in.contiguous();
   const ContiguousParams p = contiguous_params(params);
   const std::array<at::Tensor, 2> y = empty_like_inputs(x0_in, x1_in);
   const at::Tensor gate = at::empty(gate_shape(x0.sizes(), num_heads), x0.options());
+  std::vector<at::Tensor> activations;
+  if (save_activations)
+    for (int i = 0; i < kSimdActivations; ++i) activations.push_back(at::empty(activation_shape(x0), x0.options()));
   if (x0.scalar_type() == at::kFloat) {
-    run_forward<float>(isa, x0, x1, p.list, num_heads, y, gate);
+    run_forward<float>(isa, x0, x1, p.list, num_heads, y, gate, activations);
   } else {
-    run_forward<double>(isa, x0, x1, p.list, num_heads, y, gate);
+    run_forward<double>(isa, x0, x1, p.list, num_heads, y, gate, activations);
   }
-  return {y[0], y[1], gate, {}};
+  return {y[0], y[1], gate, activations};
 }
 
 // Each thread (at most one run of tiles a thread) sums its tiles' parameter gradients in a set of its
@@ -161,9 +184,11 @@ ForwardResult forward_with(SimdIsa isa, const at::Tensor& x0_in, const at::Tenso
 template <class T>
 std::vector<at::Tensor> run_backward(SimdIsa isa, const at::Tensor& grad_y0, const at::Tensor& grad_y1,
                                      const at::Tensor& x0, const at::Tensor& x1, const std::vector<at::Tensor>& params,
-                                     const at::Tensor& gate, int64_t num_heads) {
+                                     const at::Tensor& gate, const std::vector<at::Tensor>& activations,
+                                     int64_t num_heads) {
   const Entry<T> run = entry<T>(isa);
   SimdBackwardArgs<T> args{};
+  saved_planes(activations, args.saved);
   args.layer = layer_of<T>(x0, params, num_heads);
   const std::array<at::Tensor, 2> grad_x = empty_like_inputs(x0, x1);
   args.x[0] = x0.data_ptr<T>();
@@ -205,9 +230,25 @@ std::vector<at::Tensor> run_backward(SimdIsa isa, const at::Tensor& grad_y0, con
   return grads;
 }
 
+// The SIMD forward's activations, as it returns them for x0, or none.
+void check_simd_activations(at::TensorList activations, const at::Tensor& x0) {
+  if (activations.empty()) return;
+  TORCH_CHECK(activations.size() == kSimdActivations, "gemini_kernels.simd_backward: activations must be empty or the ",
+              kSimdActivations, " tensors simd_forward returns with save_activations=True; got ", activations.size());
+  const std::vector<int64_t> shape = activation_shape(x0);
+  for (size_t i = 0; i < activations.size(); ++i) {
+    const at::Tensor& a = activations[i];
+    TORCH_CHECK(a.sizes() == at::IntArrayRef(shape) && a.scalar_type() == x0.scalar_type() && a.device().is_cpu() &&
+                    a.is_contiguous(),
+                "gemini_kernels.simd_backward: activations[", i, "] is ", a.scalar_type(), a.sizes(), " on ",
+                a.device(), (a.is_contiguous() ? "" : ", not contiguous"), "; expected a contiguous ",
+                x0.scalar_type(), at::IntArrayRef(shape), " on cpu as simd_forward returns it for x0");
+  }
+}
+
 std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, const at::Tensor& grad_y1,
                                       const at::Tensor& x0_in, const at::Tensor& x1_in, at::TensorList params,
-                                      const at::Tensor& gate, int64_t num_heads) {
+                                      const at::Tensor& gate, at::TensorList activations_in, int64_t num_heads) {
   RECORD_FUNCTION("gemini_kernels::simd_backward", std::vector<c10::IValue>());
   // The weight gradients' register blocks cover whole registers of columns (outer_rows): checked here,
   // where every caller passes, as a narrower C would leave the last columns' gradients unsummed.
@@ -215,11 +256,13 @@ std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, co
   TORCH_CHECK(x0_in.size(-1) % lanes == 0, "gemini_kernels.simd_backward: on ", isa_name(isa), " in ",
               x0_in.scalar_type(), " the channel count must be a multiple of ", lanes, "; got ", x0_in.size(-1));
   const at::Tensor x0 = x0_in.contiguous(), x1 = x1_in.contiguous();
+  check_simd_activations(activations_in, x0_in);
   const at::Tensor gy0 = grad_y0.contiguous(), gy1 = grad_y1.contiguous(), g = gate.contiguous();
   const ContiguousParams p = contiguous_params(params);
-  std::vector<at::Tensor> grads = x0.scalar_type() == at::kFloat
-                                      ? run_backward<float>(isa, gy0, gy1, x0, x1, p.list, g, num_heads)
-                                      : run_backward<double>(isa, gy0, gy1, x0, x1, p.list, g, num_heads);
+  const std::vector<at::Tensor> activations = activations_in.vec();
+  std::vector<at::Tensor> grads =
+      x0.scalar_type() == at::kFloat ? run_backward<float>(isa, gy0, gy1, x0, x1, p.list, g, activations, num_heads)
+                                     : run_backward<double>(isa, gy0, gy1, x0, x1, p.list, g, activations, num_heads);
   grads[0] = grads[0].view(x0_in.sizes());
   grads[1] = grads[1].view(x1_in.sizes());
   return grads;
@@ -234,25 +277,34 @@ void check_simd_call(const at::Tensor& x0, const char* op) {
               " with ", C);
 }
 
+// The saved products' blocks are as long as the tile of the instruction set that wrote them, which the
+// shapes do not show: only the best set, the one fusion_forward and fusion_backward run, saves and
+// reads them.
+void check_saving_isa(SimdIsa isa, const char* op) {
+  TORCH_CHECK(isa == isas().front(), "gemini_kernels.", op, ": activations are saved and read on ",
+              isa_name(isas().front()), " only (the instruction set fusion_forward runs); got isa=\"", isa_name(isa),
+              "\"");
+}
+
 // torch.ops.gemini_kernels.simd_forward / simd_backward: on the named instruction set.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> simd_forward_op(const at::Tensor& x0, const at::Tensor& x1,
-                                                               at::TensorList params, int64_t num_heads,
-                                                               const std::string& isa_name) {
+ForwardResult simd_forward_op(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                              const std::string& isa_name, bool save_activations) {
   check_arguments(x0, x1, params, num_heads);
   const SimdIsa isa = parse_isa(isa_name, "simd_forward");
   check_simd_call(x0, "simd_forward");
-  auto [y0, y1, gate, activations] = forward_with(isa, x0, x1, params, num_heads);
-  return {y0, y1, gate};
+  if (save_activations) check_saving_isa(isa, "simd_forward");
+  return forward_with(isa, x0, x1, params, num_heads, save_activations);
 }
 
 std::vector<at::Tensor> simd_backward_op(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                          const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                         int64_t num_heads, const std::string& isa_name) {
+                                         int64_t num_heads, const std::string& isa_name, at::TensorList activations) {
   check_arguments(x0, x1, params, num_heads);
   check_backward_arguments(grad_y0, grad_y1, x0, gate, num_heads);
   const SimdIsa isa = parse_isa(isa_name, "simd_backward");
   check_simd_call(x0, "simd_backward");
-  return backward_with(isa, grad_y0, grad_y1, x0, x1, params, gate, num_heads);
+  if (!activations.empty()) check_saving_isa(isa, "simd_backward");
+  return backward_with(isa, grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads);
 }
 
 std::vector<std::string> simd_isas() {
@@ -263,25 +315,32 @@ std::vector<std::string> simd_isas() {
 
 bool takes_simd_backward_op(const at::Tensor& x0) { return takes_simd_backward(x0, {}); }
 
+bool runs_simd_forward(const at::Tensor& x0) {
+  return !isas().empty() && x0.device().is_cpu() && is_float_or_double(x0) && x0.size(-1) <= kSimdMaxWidth;
+}
+bool runs_simd_backward(const at::Tensor& x0) {
+  return runs_simd_forward(x0) && x0.size(-1) % lanes_of(isas().front(), x0.scalar_type()) == 0;
+}
+
 }  // namespace
 
 bool takes_simd_forward(const at::Tensor& x0, bool save_activations) {
-  return !save_activations && !isas().empty() && x0.device().is_cpu() && is_float_or_double(x0) &&
-         x0.size(-1) <= kSimdMaxWidth;
+  return save_activations ? runs_simd_backward(x0) : runs_simd_forward(x0);
 }
 
 bool takes_simd_backward(const at::Tensor& x0, at::TensorList activations) {
-  return takes_simd_forward(x0, !activations.empty()) && x0.size(-1) % lanes_of(isas().front(), x0.scalar_type()) == 0;
+  return runs_simd_backward(x0) && (activations.empty() || activations.size() == kSimdActivations);
 }
 
-ForwardResult simd_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads) {
-  return forward_with(isas().front(), x0, x1, params, num_heads);
+ForwardResult simd_forward(const at::Tensor& x0, const at::Tensor& x1, at::TensorList params, int64_t num_heads,
+                           bool save_activations) {
+  return forward_with(isas().front(), x0, x1, params, num_heads, save_activations);
 }
 
 std::vector<at::Tensor> simd_backward(const at::Tensor& grad_y0, const at::Tensor& grad_y1, const at::Tensor& x0,
                                       const at::Tensor& x1, at::TensorList params, const at::Tensor& gate,
-                                      int64_t num_heads) {
-  return backward_with(isas().front(), grad_y0, grad_y1, x0, x1, params, gate, num_heads);
+                                      at::TensorList activations, int64_t num_heads) {
+  return backward_with(isas().front(), grad_y0, grad_y1, x0, x1, params, gate, activations, num_heads);
 }
 
 }  // namespace gk
@@ -290,11 +349,13 @@ TORCH_LIBRARY_FRAGMENT(gemini_kernels, m) {
   // The host path's SIMD forward and backward on a named instruction set (simd_fusion.h), the sets this
   // CPU runs, best first, and whether fusion_forward / fusion_backward take them: what the tests use to
   // compare each set with the oracle.
-  m.def("simd_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads, str isa) -> (Tensor, Tensor, Tensor)");
+  m.def("simd_forward(Tensor x0, Tensor x1, Tensor[] params, int num_heads, str isa, bool save_activations=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor[])");
   m.def("simd_backward(Tensor grad_y0, Tensor grad_y1, Tensor x0, Tensor x1, Tensor[] params, Tensor gate, "
-        "int num_heads, str isa) -> Tensor[]");
+        "int num_heads, str isa, Tensor[] activations) -> Tensor[]");
   m.def("simd_isas() -> str[]", &gk::simd_isas);
   m.def("takes_simd_forward(Tensor x0, bool save_activations=False) -> bool", &gk::takes_simd_forward);
+  m.def("simd_saved_pixel_multiple() -> int", []() { return gk::kSimdSavedPixelMultiple; });
   m.def("takes_simd_backward(Tensor x0) -> bool", &gk::takes_simd_backward_op);
 }
 

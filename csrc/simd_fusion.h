@@ -53,24 +53,43 @@ struct SimdLayer {
   T scale;  // 1 / sqrt(C / heads)
 };
 
-// A forward: x, y (M, C) row-major; gate (2, M, heads) written. T is float or double (the gates' type
-// too).
+// The forward's products a training forward keeps for the backward, which then recomputes none of its
+// 6 C^2 multiply-adds per pixel and direction: per direction fc1's output u, the relation r, q
+// (without its bias), dk and the mixed values. One (pixels rounded up to kSimdSavedPixelMultiple, C)
+// tensor each (so 10, each the size of an input: the allocator reuses blocks of that size, where
+// one large tensor would take fresh pages from the system on every forward), tile t's C x tile block
+// at t * tile * C, channel-major as the kernel holds it (no transposes either way). Every instruction
+// set's tile divides the multiple, so the shapes do not depend on which one runs.
+constexpr int kSimdSavedPlanes = 5;
+constexpr int64_t kSimdSavedPixelMultiple = 48;
+inline int64_t simd_saved_pixels(int64_t pixels) {
+  return (pixels + kSimdSavedPixelMultiple - 1) / kSimdSavedPixelMultiple * kSimdSavedPixelMultiple;
+}
+// [direction][plane]: all null where nothing is saved.
+template <class P>
+using SimdSaved = P[2][kSimdSavedPlanes];
+
+// A forward: x, y (M, C) row-major; gate (2, M, heads) written; saved written unless null. T is float
+// or double (the gates' type too).
 template <class T>
 struct SimdForwardArgs {
   SimdLayer<T> layer;
   const T* x[2];
   T* y[2];
   T* gate;
+  SimdSaved<T*> saved;
 };
 
-// A backward: from grad_y (M, C) and the forward's gates, grad_x (M, C) written and the parameters'
-// gradients added to `grads` (a thread's own sums, one set per thread).
+// A backward: from grad_y (M, C), the forward's gates and, unless null, its saved products, grad_x
+// (M, C) written and the parameters' gradients added to `grads` (a thread's own sums, one set per
+// thread).
 template <class T>
 struct SimdBackwardArgs {
   SimdLayer<T> layer;
   const T* x[2];
   const T* grad_y[2];
   const T* gate;
+  SimdSaved<const T*> saved;
   T* grad_x[2];
 };
 

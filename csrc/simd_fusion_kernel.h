@@ -281,58 +281,70 @@ struct DirectionBuffers {
   T* total;
 };
 
-// Direction d's forward steps up to `mixed`, for the tile's channel-major s and o. With compute_gates
-// the gates are computed into b.gates; otherwise b.gates holds them already.
+// Direction d's forward steps up to `mixed`, for the tile's channel-major s and o. With `products`
+// the products (u, r, q, dk, mixed) are computed into b, otherwise b holds them (the forward's, saved)
+// and only the steps between them run; with compute_gates the gates are computed into b.gates,
+// otherwise b.gates holds them already.
 template <class T>
-void forward_direction(const SimdLayer<T>& layer, int d, const T* self, const T* other, bool compute_gates,
-                       const DirectionBuffers<T>& b) {
+void forward_direction(const SimdLayer<T>& layer, int d, const T* self, const T* other, bool products,
+                       bool compute_gates, const DirectionBuffers<T>& b) {
   constexpr int kT = kTile<T>;
   const int C = layer.channels, heads = layer.heads, width = C / heads;
   const int64_t plane = int64_t{C} * kT;
   const SimdParamSet<const T*>& p = layer.p;
   // hidden = GELU(fc1 [s, o] + b1)
-  product(C, Operand<T>{p.fc1_weight, 2 * C, self, C}, Operand<T>{p.fc1_weight + C, 2 * C, other, C}, p.fc1_bias,
-          false, b.u);
+  if (products)
+    product(C, Operand<T>{p.fc1_weight, 2 * C, self, C}, Operand<T>{p.fc1_weight + C, 2 * C, other, C}, p.fc1_bias,
+            false, b.u);
   GK_SIMD
   for (int64_t i = 0; i < plane; ++i) b.hidden[i] = gelu(b.u[i]);
   // r = softmax over the channels of fc2 hidden + b2; e = k_noise + s - s r
-  product(C, Operand<T>{p.fc2_weight, C, b.hidden, C}, p.fc2_bias, b.r);
-  for (int i = 0; i < kT; ++i) {
-    b.top[i] = -std::numeric_limits<T>::infinity();
-    b.total[i] = T(0);
-  }
-  for (int c = 0; c < C; ++c) {
-    const T* zc = b.r + c * kT;
-    GK_SIMD
-    for (int i = 0; i < kT; ++i) b.top[i] = max_(b.top[i], zc[i]);
-  }
-  for (int c = 0; c < C; ++c) {
-    T* zc = b.r + c * kT;
-    GK_SIMD
-    for (int i = 0; i < kT; ++i) {
-      zc[i] = exp_(zc[i] - b.top[i]);
-      b.total[i] += zc[i];
-    }
-  }
-  GK_SIMD
-  for (int i = 0; i < kT; ++i) b.total[i] = T(1) / b.total[i];
   const T* k_noise = p.k_noise + d * C;
+  if (products) {
+    product(C, Operand<T>{p.fc2_weight, C, b.hidden, C}, p.fc2_bias, b.r);
+    for (int i = 0; i < kT; ++i) {
+      b.top[i] = -std::numeric_limits<T>::infinity();
+      b.total[i] = T(0);
+    }
+    for (int c = 0; c < C; ++c) {
+      const T* zc = b.r + c * kT;
+      GK_SIMD
+      for (int i = 0; i < kT; ++i) b.top[i] = max_(b.top[i], zc[i]);
+    }
+    for (int c = 0; c < C; ++c) {
+      T* zc = b.r + c * kT;
+      GK_SIMD
+      for (int i = 0; i < kT; ++i) {
+        zc[i] = exp_(zc[i] - b.top[i]);
+        b.total[i] += zc[i];
+      }
+    }
+    GK_SIMD
+    for (int i = 0; i < kT; ++i) b.total[i] = T(1) / b.total[i];
+  }
   for (int c = 0; c < C; ++c) {
     T* rc = b.r + c * kT;
     T* ec = b.e + c * kT;
     const T* sc = self + c * kT;
-    GK_SIMD
-    for (int i = 0; i < kT; ++i) {
-      const T r = rc[i] * b.total[i];
-      rc[i] = r;
-      ec[i] = key_delta(k_noise[c], sc[i], r);
+    if (products) {  // r normalized as e is formed (the plain forward lets them share memory)
+      GK_SIMD
+      for (int i = 0; i < kT; ++i) {
+        const T r = rc[i] * b.total[i];
+        rc[i] = r;
+        ec[i] = key_delta(k_noise[c], sc[i], r);
+      }
+    } else {
+      GK_SIMD
+      for (int i = 0; i < kT; ++i) ec[i] = key_delta(k_noise[c], sc[i], rc[i]);
     }
   }
   // q (without its bias), and dk = Wk e (the key bias cancels)
   const T* in_w = p.in_proj_weight[d];
   const T* in_b = p.in_proj_bias[d];
-  product(C, Operand<T>{in_w, C, self, C}, static_cast<const T*>(nullptr), b.q);
-  product(C, Operand<T>{in_w + int64_t{C} * C, C, b.e, C}, static_cast<const T*>(nullptr), b.dk);
+  if (products) {
+    product(C, Operand<T>{in_w, C, self, C}, static_cast<const T*>(nullptr), b.q);
+    product(C, Operand<T>{in_w + int64_t{C} * C, C, b.e, C}, static_cast<const T*>(nullptr), b.dk);
+  }
   // per head a = sigmoid((q + bq) scale . dk)
   if (compute_gates) {
     const T scale = layer.scale;
@@ -361,11 +373,29 @@ void forward_direction(const SimdLayer<T>& layer, int d, const T* self, const T*
     GK_SIMD
     for (int i = 0; i < kT; ++i) wc[i] = noise + sc[i] - oc[i];
   }
+  if (!products) return;
   const T* wv = in_w + 2 * int64_t{C} * C;
   const T* bv = in_b + 2 * C;
   for (int j = 0; j < heads; ++j)
     product(width, Operand<T>{wv + int64_t{j} * width * C, C, b.w, C, other, b.gates + j * kT}, bv + j * width,
             b.mixed + j * width * kT);
+}
+
+// The saved products' planes (simd_fusion.h), in order.
+enum SavedPlane { kSavedU, kSavedR, kSavedQ, kSavedDk, kSavedMixed };
+static_assert(kSavedMixed + 1 == kSimdSavedPlanes, "simd_fusion.h counts the saved planes");
+static_assert(kSimdSavedPixelMultiple % kTile<float> == 0 && kSimdSavedPixelMultiple % kTile<double> == 0,
+              "a tile divides the saved products' pixel multiple");
+// Points b's products at their blocks of tile t in direction d's saved planes (the backward's const:
+// it only reads them).
+template <class P, class T>
+void use_saved(const SimdSaved<P>& saved, int C, int d, int64_t tile, DirectionBuffers<T>& b) {
+  const auto block = [&](SavedPlane k) { return const_cast<T*>(saved[d][k]) + tile * kTile<T> * C; };
+  b.u = block(kSavedU);
+  b.r = block(kSavedR);
+  b.q = block(kSavedQ);
+  b.dk = block(kSavedDk);
+  b.mixed = block(kSavedMixed);
 }
 
 template <class T>
@@ -389,12 +419,14 @@ void run_simd_forward(const SimdForwardArgs<T>& args, int64_t begin, int64_t end
   b.gates = scratch + 8 * plane;
   b.top = b.gates + heads * kT;
   b.total = b.top + kT;
+  const bool save = args.saved[0][0] != nullptr;
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t p0 = tile * kT;
     const int valid = static_cast<int>(std::min<int64_t>(kT, M - p0));
     for (int d = 0; d < 2; ++d) to_channels(args.x[d] + p0 * C, C, valid, C, s[d]);
     for (int d = 0; d < 2; ++d) {
-      forward_direction(layer, d, s[d], s[1 - d], true, b);
+      if (save) use_saved(args.saved, C, d, tile, b);  // u and r then apart from hidden and e
+      forward_direction(layer, d, s[d], s[1 - d], true, true, b);
       for (int j = 0; j < heads; ++j) {
         T* gate = args.gate + (d * M + p0) * heads + j;
         for (int i = 0; i < valid; ++i) gate[i * heads] = b.gates[j * kT + i];
@@ -453,6 +485,7 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
   T* sum_agu = take(plane);
   T* grad_a = take(kT);
   T* dot = take(kT);
+  const bool saved = args.saved[0][0] != nullptr;
 
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t p0 = tile * kT;
@@ -471,7 +504,8 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
       T* gs = gx[d];
       T* go = gx[1 - d];
       b.gates = gates[d];
-      forward_direction(layer, d, self, other, false, b);
+      if (saved) use_saved(args.saved, C, d, tile, b);
+      forward_direction(layer, d, self, other, !saved, false, b);
       const T* in_w = p.in_proj_weight[d];
       const T* in_b = p.in_proj_bias[d];
       const T* wq = in_w;

@@ -157,21 +157,17 @@ def test_module_backend_cuda_matches_torch_backend():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_saved_activations_match_the_recomputed_ones_and_stay_unwritten(dtype):
-    """float64 saves them from the tiled host chain, bfloat16 from the untiled one that the CUDA build
-    shares. Without activations, float64 takes the SIMD forward where the CPU has one (another
-    kernel: the same values to rounding), bfloat16 the same chain (the same bits)."""
-    x0, x1, params = make_case((2, 333), 24, dtype=dtype, seed=13)
+    """float64 saves them from the tiled host chain (at C = 136, wider than the SIMD kernels, which save
+    their own: test_simd_fusion.py), bfloat16 from the untiled one that the CUDA build shares."""
+    x0, x1, params = make_case((2, 333), 136, dtype=dtype, seed=13)
     params = list(params)
     op_forward, op_backward = torch.ops.gemini_kernels.fusion_forward, torch.ops.gemini_kernels.fusion_backward
     y0, y1, gate, none = op_forward(x0, x1, params, 8, False)
     s0, s1, saved_gate, activations = op_forward(x0, x1, params, 8, True)
     assert none == []
-    if torch.ops.gemini_kernels.takes_simd_forward(x0, False):
-        assert all(rel_err(a, b) < 1e-14 for a, b in ((y0, s0), (y1, s1), (gate, saved_gate)))
-    else:
-        assert torch.equal(y0, s0) and torch.equal(y1, s1) and torch.equal(gate, saved_gate)
-    m = x0.numel() // 24
-    assert [tuple(a.shape) for a in activations] == [(m, 120), (m, 120), (2, m, 24), (2, m, 24)]
+    assert torch.equal(y0, s0) and torch.equal(y1, s1) and torch.equal(gate, saved_gate)
+    m = x0.numel() // 136
+    assert [tuple(a.shape) for a in activations] == [(m, 680), (m, 680), (2, m, 136), (2, m, 136)]
     kept = [a.clone() for a in activations]
     grad_y0, grad_y1 = torch.randn_like(y0), torch.randn_like(y1)
     recomputed = op_backward(grad_y0, grad_y1, x0, x1, params, gate, [], 8)
@@ -479,13 +475,14 @@ def test_backward_op_checks_the_gate():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("mutate, fragment", [
     (lambda a: a[:3], "activations must be empty or the 4 tensors"),
-    (lambda a: [a[0][:-1], *a[1:]], r"activations\[0\] \(g0\) is \w+\[2, 80\]"),
+    (lambda a: [a[0][:-1], *a[1:]], r"activations\[0\] \(g0\) is \w+\[2, 680\]"),
     (lambda a: [*a[:2], a[2].float() if a[2].dtype != torch.float32 else a[2].double(), a[3]],
      r"activations\[2\] \(z\) is"),
     (lambda a: [*a[:3], a[3].transpose(1, 2).contiguous().transpose(1, 2)], r"activations\[3\] \(dk\).*not contiguous"),
 ], ids=["count", "shape", "dtype", "layout"])
 def test_backward_op_checks_the_activations(mutate, fragment, dtype):
-    x0, x1, params = make_case((3,), 16, dtype=dtype)
+    """The chain's activations (C = 136: the SIMD kernels' own are tested in test_simd_fusion.py)."""
+    x0, x1, params = make_case((3,), 136, dtype=dtype)
     y0, y1, gate, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 4, True)
     with pytest.raises(RuntimeError, match=fragment):
         torch.ops.gemini_kernels.fusion_backward(y0, y1, x0, x1, list(params), gate, mutate(activations), 4)

@@ -16,6 +16,7 @@ import torch
 
 from gemini_kernels import FusionParams, gemini_fusion
 from gemini_kernels.ops import cuda_fusion
+from gemini_kernels.reference import relation_scores
 from helpers import assert_matches_oracle, gated_call, make_case, oracle_float64, rel_err
 
 
@@ -46,7 +47,7 @@ def isa(request):
 
 def simd_forward(isa):
     def forward(x0, x1, params, heads):
-        y0, y1, _ = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), heads, isa)
+        y0, y1, _, _ = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), heads, isa)
         return y0, y1
     return forward
 
@@ -75,12 +76,25 @@ CASES = [
 def test_matches_the_oracle(isa, dtype, shape, dim, heads):
     x0, x1, params = make_case(shape, dim, dtype=dtype, seed=dim + len(shape))
     assert_matches_oracle(simd_forward(isa), x0, x1, params, heads, BOUNDS[dtype], grads=False)
-    # The gates, which the backward reads, against those the chain saves with its activations.
-    _, _, gate = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), heads, isa)
-    _, _, chain_gate, _ = torch.ops.gemini_kernels.fusion_forward(x0.double(), x1.double(),
-                                                                   [p.double() for p in params], heads, True)
+    # The gates, which the backward reads: each head's first attention weight, in float64.
+    _, _, gate, _ = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), heads, isa)
     assert gate.shape == (2, *shape, heads) and gate.dtype == dtype
-    assert rel_err(gate, chain_gate) < BOUNDS[dtype]
+    assert rel_err(gate, oracle_gates(x0, x1, params, heads)) < BOUNDS[dtype]
+
+
+def oracle_gates(x0, x1, params, heads):
+    """(2, ..., heads): per direction and head, the softmax weight of the self key (SPEC §1: the sigmoid
+    of q . (k_self - k_cross)), from the oracle's relation scores, in float64."""
+    x0, x1 = x0.double(), x1.double()
+    p = FusionParams(*(t.double() for t in params))
+    out = []
+    for d, (s, o) in enumerate(((x0, x1), (x1, x0))):
+        w_q, w_k, _ = (p.in_proj_weight_0 if d == 0 else p.in_proj_weight_1).chunk(3)
+        b_q = (p.in_proj_bias_0 if d == 0 else p.in_proj_bias_1).chunk(3)[0]
+        q = torch.nn.functional.linear(s, w_q, b_q) / (s.shape[-1] // heads) ** 0.5
+        delta = torch.nn.functional.linear(p.k_noise[d] + s - s * relation_scores(s, o, p), w_k)
+        out.append(torch.sigmoid((q * delta).unflatten(-1, (heads, -1)).sum(-1)))
+    return torch.stack(out)
 
 
 def simd_call(isa):
@@ -89,7 +103,7 @@ def simd_call(isa):
         return torch.ops.gemini_kernels.simd_forward(x0, x1, params, heads, isa)
 
     def backward(g0, g1, x0, x1, params, gate, heads):
-        return torch.ops.gemini_kernels.simd_backward(g0, g1, x0, x1, list(params), gate, heads, isa)
+        return torch.ops.gemini_kernels.simd_backward(g0, g1, x0, x1, list(params), gate, heads, isa, [])
     return gated_call(forward, backward)
 
 
@@ -115,17 +129,96 @@ def test_backward_matches_the_oracle(isa, dtype, shape, dim, heads):
     assert_matches_oracle(simd_call(isa), x0, x1, params, heads, BOUNDS[dtype], GRAD_BOUNDS[dtype])
 
 
+def best_isa():
+    isas = supported_isas()
+    if not isas:
+        pytest.skip("this CPU runs no instruction set of the SIMD kernels: the chain saves every forward's activations")
+    return isas[0]
+
+
+@pytest.mark.parametrize("dtype", list(BOUNDS), ids=str)
+@pytest.mark.parametrize("shape, dim, heads", BACKWARD_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_saved_products_give_the_recomputed_bits(dtype, shape, dim, heads):
+    """A training forward keeps its products (u, r, q, dk, mixed) in 10 tensors of the documented
+    shape; the backward reading them gives the bits of the one recomputing them (the same code on the
+    same values), and reads them only (a retained graph's backward runs again)."""
+    isa = best_isa()
+    x0, x1, params = make_case(shape, dim, dtype=dtype, seed=3 * dim + len(shape))
+    params = list(params)
+    op_forward, op_backward = torch.ops.gemini_kernels.simd_forward, torch.ops.gemini_kernels.simd_backward
+    y0, y1, gate, none = op_forward(x0, x1, params, heads, isa)
+    s0, s1, saved_gate, activations = op_forward(x0, x1, params, heads, isa, True)
+    assert none == [] and torch.equal(y0, s0) and torch.equal(y1, s1) and torch.equal(gate, saved_gate)
+    pixels = x0.numel() // dim
+    assert torch.ops.gemini_kernels.simd_saved_pixel_multiple() == 48
+    shape_of = (-(-pixels // 48) * 48, dim)
+    assert len(activations) == 10 and all(a.shape == shape_of and a.dtype == dtype for a in activations)
+    kept = [a.clone() for a in activations]
+    g0, g1 = torch.randn_like(x0), torch.randn_like(x1)
+    recomputed = op_backward(g0, g1, x0, x1, params, gate, heads, isa, [])
+    for _ in range(2):
+        resumed = op_backward(g0, g1, x0, x1, params, gate, heads, isa, activations)
+        assert all(torch.equal(a, b) for a, b in zip(recomputed, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(activations, kept))
+    # A function of the inputs, up to the rounding of the pixels (past the last tile, zeros).
+    again = op_forward(x0, x1, params, heads, isa, True)[3]
+    assert all(torch.equal(a, b) for a, b in zip(activations, again))
+
+
+def test_the_public_training_call_saves_and_reads_the_products():
+    """At C >= SAVE_ACTIVATIONS_FROM_WIDTH a differentiated forward saves the SIMD forward's products
+    (fusion_forward's activations) and the backward reads them: all 16 gradients against the oracle."""
+    best_isa()
+    dim = cuda_fusion.SAVE_ACTIVATIONS_FROM_WIDTH
+    x0, x1, params = make_case((2, 61), dim, dtype=torch.float64, seed=21)
+    _, _, _, activations = torch.ops.gemini_kernels.fusion_forward(x0, x1, list(params), 8, True)
+    assert len(activations) == 10
+    assert cuda_fusion.saves_activations(x0) and not cuda_fusion.saves_activations(x0[..., :dim - 8])
+
+    def public(a, b, p, heads):
+        return gemini_fusion(a, b, p, heads, backend="cuda")
+
+    assert_matches_oracle(public, x0, x1, params, 8, BOUNDS[torch.float64], GRAD_BOUNDS[torch.float64])
+
+
+def test_saved_products_refusals():
+    """Activations of the wrong count, shape, dtype or layout, or on an instruction set that is not the
+    one that saves them (whose tile may differ), raise naming what was expected."""
+    isa = best_isa()
+    x0, x1, params = make_case((2, 30), 32, dtype=torch.float32, seed=22)
+    params = list(params)
+    op_forward, op_backward = torch.ops.gemini_kernels.simd_forward, torch.ops.gemini_kernels.simd_backward
+    _, _, gate, activations = op_forward(x0, x1, params, 8, isa, True)
+    g0, g1 = torch.randn_like(x0), torch.randn_like(x1)
+    with pytest.raises(RuntimeError, match="activations must be empty or the 10 tensors.*got 9"):
+        op_backward(g0, g1, x0, x1, params, gate, 8, isa, activations[:9])
+    bad = {"shape": activations[3][:-1], "dtype": activations[3].double(), "layout": activations[3].t().contiguous().t()}
+    for what, tensor in bad.items():
+        given = [*activations[:3], tensor, *activations[4:]]
+        with pytest.raises(RuntimeError, match=r"activations\[3\] .*expected a contiguous Float\[96, 32\]"):
+            op_backward(g0, g1, x0, x1, params, gate, 8, isa, given)
+    # fusion_backward hands a SIMD-shaped list to the SIMD backward, which checks it the same way.
+    with pytest.raises(RuntimeError, match=r"activations\[3\]"):
+        torch.ops.gemini_kernels.fusion_backward(g0, g1, x0, x1, params, gate,
+                                                 [*activations[:3], bad["shape"], *activations[4:]], 8)
+    for other in supported_isas()[1:]:
+        with pytest.raises(RuntimeError, match=f'saved and read on {isa} only.*isa="{other}"'):
+            op_forward(x0, x1, params, 8, other, True)
+        with pytest.raises(RuntimeError, match=f'saved and read on {isa} only.*isa="{other}"'):
+            op_backward(g0, g1, x0, x1, params, gate, 8, other, activations)
+
+
 def test_backward_refuses_a_width_the_registers_do_not_divide(isa):
     x0, x1, params = make_case((2, 3), 24, dtype=torch.float32, seed=12)
-    _, _, gate = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isa)
+    _, _, gate, _ = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isa)
     op = torch.ops.gemini_kernels.simd_backward
     if 24 % LANES[isa, torch.float32]:
         with pytest.raises(RuntimeError, match=f"multiple of {LANES[isa, torch.float32]}; got 24"):
-            op(x0, x1, x0, x1, list(params), gate, 8, isa)
+            op(x0, x1, x0, x1, list(params), gate, 8, isa, [])
     else:
-        assert len(op(x0, x1, x0, x1, list(params), gate, 8, isa)) == 16
+        assert len(op(x0, x1, x0, x1, list(params), gate, 8, isa, [])) == 16
     with pytest.raises(RuntimeError, match="gate"):
-        op(x0, x1, x0, x1, list(params), gate[:, :1], 8, isa)
+        op(x0, x1, x0, x1, list(params), gate[:, :1], 8, isa, [])
 
 
 def test_the_public_backward_takes_it_and_reruns_bitwise():
@@ -164,12 +257,12 @@ def test_backward_threads_strides_and_what_lies_past_the_last_pixel(isa):
     g0, g1 = torch.randn_like(x0), torch.randn_like(x1)
     op_forward, op_backward = torch.ops.gemini_kernels.simd_forward, torch.ops.gemini_kernels.simd_backward
     gate = op_forward(x0, x1, params, heads, isa)[2]
-    ref = op_backward(g0, g1, x0, x1, params, gate, heads, isa)
+    ref = op_backward(g0, g1, x0, x1, params, gate, heads, isa, [])
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            got = op_backward(g0, g1, x0, x1, params, gate, heads, isa)
+            got = op_backward(g0, g1, x0, x1, params, gate, heads, isa, [])
             assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), n
             assert all(rel_err(a, b) < GRAD_BOUNDS[dtype] for a, b in zip(got[2:], ref[2:])), n
     finally:
@@ -179,7 +272,7 @@ def test_backward_threads_strides_and_what_lies_past_the_last_pixel(isa):
         return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
 
     got = op_backward(strided(g0), strided(g1), strided(x0), strided(x1), [strided(p) for p in params], gate,
-                      heads, isa)  # the gates must be the forward's own, contiguous (checked)
+                      heads, isa, [])  # the gates must be the forward's own, contiguous (checked)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
     def tailed(t):
@@ -187,9 +280,9 @@ def test_backward_threads_strides_and_what_lies_past_the_last_pixel(isa):
         big[:t.shape[0]] = t
         return big[:t.shape[0]]
 
-    assert all(torch.equal(a, b) for a, b in zip(op_forward(tailed(x0), tailed(x1), params, heads, isa),
-                                                 op_forward(x0, x1, params, heads, isa)))
-    got = op_backward(tailed(g0), tailed(g1), tailed(x0), tailed(x1), params, gate, heads, isa)
+    assert all(torch.equal(a, b) for a, b in zip(op_forward(tailed(x0), tailed(x1), params, heads, isa)[:3],
+                                                 op_forward(x0, x1, params, heads, isa)[:3]))
+    got = op_backward(tailed(g0), tailed(g1), tailed(x0), tailed(x1), params, gate, heads, isa, [])
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
@@ -200,10 +293,15 @@ def test_the_public_forward_takes_it_without_activations():
         assert not torch.ops.gemini_kernels.takes_simd_forward(x0, False)
         pytest.skip("this CPU runs no instruction set of the SIMD forward: the chain runs every forward")
     assert torch.ops.gemini_kernels.takes_simd_forward(x0, False)
-    assert not torch.ops.gemini_kernels.takes_simd_forward(x0, True)  # activations come from the chain
+    # Saving, only where the SIMD backward takes what it saves.
+    assert torch.ops.gemini_kernels.takes_simd_forward(x0, True)
+    narrow = x0[..., :24]
+    assert torch.ops.gemini_kernels.takes_simd_forward(narrow, False)
+    assert torch.ops.gemini_kernels.takes_simd_forward(narrow, True) == (24 % LANES[isas[0], torch.float32] == 0)
     for dtype, dim in ((torch.float16, 64), (torch.bfloat16, 64), (torch.float32, 160)):
         assert not torch.ops.gemini_kernels.takes_simd_forward(torch.zeros(1, dim, dtype=dtype), False)
-    y0, y1, gate = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isas[0])
+    y0, y1, gate, none = torch.ops.gemini_kernels.simd_forward(x0, x1, list(params), 8, isas[0])
+    assert none == []
     with torch.no_grad():
         got = gemini_fusion(x0, x1, params, 8, backend="cuda")
     assert torch.equal(got[0], y0) and torch.equal(got[1], y1)
@@ -224,6 +322,34 @@ def test_capability_narrows_the_instruction_sets():
         outputs[capability] = proc.stdout.strip().splitlines()[-1]
     assert outputs["default"] == "[] False"
     assert outputs["avx2"] in ("['avx2'] True", "[] False")  # the latter on a CPU without AVX2 and FMA
+
+
+def test_saved_products_under_the_avx2_capability():
+    """Under ATEN_CPU_CAPABILITY=avx2 the best (and saving) instruction set is AVX2, whose tiles are 24
+    pixels: its saved products give the recomputed bits too, with the shapes of AVX-512's."""
+    code = """
+import torch, gemini_kernels.ops.cuda_fusion as f
+from gemini_kernels.params import random_params
+f.unavailable_reason(torch.device('cpu'))
+ops = torch.ops.gemini_kernels
+if list(ops.simd_isas()) != ['avx2']:
+    print('no avx2')
+else:
+    g = torch.Generator().manual_seed(0)
+    x0, x1, g0, g1 = (torch.randn(2, 37, 32, generator=g) for _ in range(4))
+    params = list(random_params(32, dtype=torch.float32, generator=g))
+    y0, y1, gate, acts = ops.simd_forward(x0, x1, params, 8, 'avx2', True)
+    a = ops.simd_backward(g0, g1, x0, x1, params, gate, 8, 'avx2', [])
+    b = ops.simd_backward(g0, g1, x0, x1, params, gate, 8, 'avx2', acts)
+    print(len(acts), tuple(acts[0].shape), all(torch.equal(u, v) for u, v in zip(a, b)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip().splitlines()[-1]
+    if out == "no avx2":
+        pytest.skip("this CPU has no AVX2 and FMA")
+    assert out == "10 (96, 32) True"
 
 
 def test_refusals_name_the_argument(isa):
@@ -258,13 +384,13 @@ def test_non_contiguous_inputs_and_threads(isa):
     x0, x1 = x0.transpose(0, 1), x1.transpose(0, 1)
     assert not x0.is_contiguous()
     op = torch.ops.gemini_kernels.simd_forward
-    ref = op(x0.contiguous(), x1.contiguous(), list(params), 8, isa)
-    got = op(x0, x1, [p.t().contiguous().t() for p in params], 8, isa)
+    ref = op(x0.contiguous(), x1.contiguous(), list(params), 8, isa)[:3]
+    got = op(x0, x1, [p.t().contiguous().t() for p in params], 8, isa)[:3]
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = op(x0, x1, list(params), 8, isa)
+        one = op(x0, x1, list(params), 8, isa)[:3]
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, ref))

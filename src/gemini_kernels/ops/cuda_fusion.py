@@ -10,15 +10,17 @@ per-pixel math as host C++ (csrc/fusion_host.cpp) between MKL GEMMs.
 The extension registers two ops, ``torch.ops.gemini_kernels.fusion_forward`` and ``fusion_backward``;
 this module gives them fake implementations (so ``torch.compile`` traces them) and autograd formulas
 (registered on the ops, so the raw ops are differentiable too): the forward's saves the inputs and
-the per-pixel, per-head gates, and recomputes the rest; on CPU at wide layers it saves the forward's
-GEMM outputs too (see ``saves_activations``). The backward op's formula refuses second derivatives.
+the per-pixel, per-head gates, and recomputes the rest; on CPU from a width on it saves the forward's
+products too (see ``saves_activations``). The backward op's formula refuses second derivatives.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..params import FusionParams
 from ..validation import refuse_unsupported_transforms
@@ -62,14 +64,34 @@ def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _simd_saves(channels: int, dtype: torch.dtype) -> bool:
+    """Whether a CPU forward saving activations for this width and dtype runs the SIMD forward, which
+    saves its own (csrc/fusion_api.h): asked of the extension on a real, empty tensor."""
+    with unset_fake_temporarily():
+        return bool(torch.ops.gemini_kernels.takes_simd_forward(torch.empty(0, channels, dtype=dtype), True))
+
+
+@functools.lru_cache(maxsize=None)
+def _simd_saved_pixel_multiple() -> int:
+    with unset_fake_temporarily():
+        return int(torch.ops.gemini_kernels.simd_saved_pixel_multiple())
+
+
 def _fusion_forward_fake(x0, x1, params, num_heads, save_activations=False):
     gate = x0.new_empty((2, *x0.shape[:-1], num_heads), dtype=_gate_dtype(x0.dtype))
     activations = []
-    if save_activations:  # g0, g1, z, dk (csrc/fusion_api.h)
+    if save_activations:
         c = x0.shape[-1]
-        m = x0.numel() // c
-        activations = [x0.new_empty((m, 5 * c)), x0.new_empty((m, 5 * c)),
-                       x0.new_empty((2, m, c)), x0.new_empty((2, m, c))]
+        m = x0.numel() // c if c else 0
+        # The kernel depends on the width itself (int() specializes a symbolic one), not on the pixels.
+        if x0.device.type == "cpu" and _simd_saves(int(c), x0.dtype):
+            # The SIMD forward's products: 10 of (pixels rounded up to the multiple, C) (csrc/simd_fusion.h).
+            k = _simd_saved_pixel_multiple()
+            activations = [x0.new_empty(((m + k - 1) // k * k, c)) for _ in range(10)]
+        else:  # the chain's g0, g1, z, dk
+            activations = [x0.new_empty((m, 5 * c)), x0.new_empty((m, 5 * c)),
+                           x0.new_empty((2, m, c)), x0.new_empty((2, m, c))]
     return x0.new_empty(x0.shape), x1.new_empty(x1.shape), gate, activations
 
 
@@ -133,14 +155,15 @@ def weight_cache_disabled():
         torch.ops.gemini_kernels.set_weight_cache_enabled(previous)
 
 
-# The channel count from which a CPU forward that autograd will differentiate keeps its GEMM outputs
-# g, z and dk for the backward (14 C values per pixel) instead of letting the backward recompute them
-# (7 of its 23 C^2 multiply-adds per pixel and direction): keeping costs fresh pages and makes the
-# forward the chain's (the SIMD forward of C <= 128, csrc/simd_fusion.h, keeps nothing but the gates),
-# recomputing costs C^2. A training-like layer stack ran fastest keeping them from C = 129 on, where
-# the chain runs every forward anyway (bench/experiments/cpu_layer_stack.py; the figures are in
-# bench/RESULTS.md).
-SAVE_ACTIVATIONS_FROM_WIDTH = 129
+# The channel count from which a CPU forward that autograd will differentiate keeps its products for
+# the backward instead of letting the backward recompute them: the SIMD forward (C <= 128,
+# csrc/simd_fusion.h) its u, r, q, dk and mixed (10 C values per pixel; the backward then does 14 of
+# its 20 C^2 multiply-adds per pixel and direction), the chain its GEMM outputs g, z and dk (14 C
+# values; 7 of its 23 C^2). Keeping costs writing and reading them, recomputing costs C^2: with the
+# SIMD kernels, forward + backward took 8-11 % less time keeping them at C = 96 and 128, and about the
+# same at C = 64 (bench/RESULTS.md); the chain's layer stack ran fastest keeping them from C = 129 on
+# (bench/experiments/cpu_layer_stack.py).
+SAVE_ACTIVATIONS_FROM_WIDTH = 96
 
 
 def saves_activations(x0: torch.Tensor) -> bool:
