@@ -124,7 +124,7 @@ std::unique_ptr<void, AlignedFree> aligned_scratch(int64_t elements, size_t elem
 
 // The activations' pointers as the kernels take them (null where there are none).
 template <class P>
-void saved_planes(const std::vector<at::Tensor>& activations, SimdSaved<P>& saved) {
+void saved_planes(at::TensorList activations, SimdSaved<P>& saved) {
   for (int d = 0; d < 2; ++d)
     for (int k = 0; k < kSimdSavedPlanes; ++k)
       saved[d][k] = activations.empty() ? nullptr : static_cast<P>(activations[d * kSimdSavedPlanes + k].data_ptr());
@@ -133,7 +133,7 @@ void saved_planes(const std::vector<at::Tensor>& activations, SimdSaved<P>& save
 template <class T>
 void run_forward(SimdIsa isa, const at::Tensor& x0, const at::Tensor& x1, const std::vector<at::Tensor>& params,
                  int64_t num_heads, const std::array<at::Tensor, 2>& y, const at::Tensor& gate,
-                 const std::vector<at::Tensor>& activations) {
+                 at::TensorList activations) {
   const Entry<T> run = entry<T>(isa);
   SimdForwardArgs<T> args{};
   saved_planes(activations, args.saved);
@@ -184,8 +184,7 @@ ForwardResult forward_with(SimdIsa isa, const at::Tensor& x0_in, const at::Tenso
 template <class T>
 std::vector<at::Tensor> run_backward(SimdIsa isa, const at::Tensor& grad_y0, const at::Tensor& grad_y1,
                                      const at::Tensor& x0, const at::Tensor& x1, const std::vector<at::Tensor>& params,
-                                     const at::Tensor& gate, const std::vector<at::Tensor>& activations,
-                                     int64_t num_heads) {
+                                     const at::Tensor& gate, at::TensorList activations, int64_t num_heads) {
   const Entry<T> run = entry<T>(isa);
   SimdBackwardArgs<T> args{};
   saved_planes(activations, args.saved);
@@ -248,7 +247,7 @@ void check_simd_activations(at::TensorList activations, const at::Tensor& x0) {
 
 std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, const at::Tensor& grad_y1,
                                       const at::Tensor& x0_in, const at::Tensor& x1_in, at::TensorList params,
-                                      const at::Tensor& gate, at::TensorList activations_in, int64_t num_heads) {
+                                      const at::Tensor& gate, at::TensorList activations, int64_t num_heads) {
   RECORD_FUNCTION("gemini_kernels::simd_backward", std::vector<c10::IValue>());
   // The weight gradients' register blocks cover whole registers of columns (outer_rows): checked here,
   // where every caller passes, as a narrower C would leave the last columns' gradients unsummed.
@@ -256,10 +255,9 @@ std::vector<at::Tensor> backward_with(SimdIsa isa, const at::Tensor& grad_y0, co
   TORCH_CHECK(x0_in.size(-1) % lanes == 0, "gemini_kernels.simd_backward: on ", isa_name(isa), " in ",
               x0_in.scalar_type(), " the channel count must be a multiple of ", lanes, "; got ", x0_in.size(-1));
   const at::Tensor x0 = x0_in.contiguous(), x1 = x1_in.contiguous();
-  check_simd_activations(activations_in, x0_in);
+  check_simd_activations(activations, x0_in);
   const at::Tensor gy0 = grad_y0.contiguous(), gy1 = grad_y1.contiguous(), g = gate.contiguous();
   const ContiguousParams p = contiguous_params(params);
-  const std::vector<at::Tensor> activations = activations_in.vec();
   std::vector<at::Tensor> grads =
       x0.scalar_type() == at::kFloat ? run_backward<float>(isa, gy0, gy1, x0, x1, p.list, g, activations, num_heads)
                                      : run_backward<double>(isa, gy0, gy1, x0, x1, p.list, g, activations, num_heads);

@@ -16,7 +16,7 @@ import torch
 
 from gemini_kernels import FusionParams, gemini_fusion
 from gemini_kernels.ops import cuda_fusion
-from gemini_kernels.reference import relation_scores
+from gemini_kernels.reference import attention_weights
 from helpers import assert_matches_oracle, gated_call, make_case, oracle_float64, rel_err
 
 
@@ -83,18 +83,10 @@ def test_matches_the_oracle(isa, dtype, shape, dim, heads):
 
 
 def oracle_gates(x0, x1, params, heads):
-    """(2, ..., heads): per direction and head, the softmax weight of the self key (SPEC §1: the sigmoid
-    of q . (k_self - k_cross)), from the oracle's relation scores, in float64."""
+    """(2, ..., heads): per direction and head, the oracle's weight of the self key, in float64."""
     x0, x1 = x0.double(), x1.double()
     p = FusionParams(*(t.double() for t in params))
-    out = []
-    for d, (s, o) in enumerate(((x0, x1), (x1, x0))):
-        w_q, w_k, _ = (p.in_proj_weight_0 if d == 0 else p.in_proj_weight_1).chunk(3)
-        b_q = (p.in_proj_bias_0 if d == 0 else p.in_proj_bias_1).chunk(3)[0]
-        q = torch.nn.functional.linear(s, w_q, b_q) / (s.shape[-1] // heads) ** 0.5
-        delta = torch.nn.functional.linear(p.k_noise[d] + s - s * relation_scores(s, o, p), w_k)
-        out.append(torch.sigmoid((q * delta).unflatten(-1, (heads, -1)).sum(-1)))
-    return torch.stack(out)
+    return torch.stack([attention_weights(s, o, p, d, heads)[..., 0] for d, (s, o) in enumerate(((x0, x1), (x1, x0)))])
 
 
 def simd_call(isa):

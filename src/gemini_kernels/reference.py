@@ -32,6 +32,34 @@ def relation_scores(s: Tensor, o: Tensor, p: FusionParams) -> Tensor:
     return _softmax(F.linear(hidden, p.fc2_weight, p.fc2_bias), dim=-1)
 
 
+def _direction_params(p: FusionParams, direction: int):
+    in_w, in_b, out_w, out_b = (
+        (p.in_proj_weight_0, p.in_proj_bias_0, p.out_proj_weight_0, p.out_proj_bias_0)
+        if direction == 0
+        else (p.in_proj_weight_1, p.in_proj_bias_1, p.out_proj_weight_1, p.out_proj_bias_1)
+    )
+    return in_w.chunk(3), in_b.chunk(3), out_w, out_b
+
+
+def _heads(t: Tensor, num_heads: int) -> Tensor:  # (..., C) -> (..., h, dh)
+    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads))
+
+
+def attention_weights(s: Tensor, o: Tensor, p: FusionParams, direction: int, num_heads: int) -> Tensor:
+    """``(..., h, 2)``: per head, the softmax weights of the length-1 query of ``s`` (self) over its two
+    keys, the self key and the cross key (``s * r``, r the relation of self to other)."""
+    (w_q, w_k, _), (b_q, b_k, _), _, _ = _direction_params(p, direction)
+    head_dim = s.shape[-1] // num_heads
+
+    r = relation_scores(s, o, p)
+    q = F.linear(s, w_q, b_q) / math.sqrt(head_dim)
+    k_self = F.linear(p.k_noise[direction] + s, w_k, b_k)
+    k_cross = F.linear(s * r, w_k, b_k)
+    q, k_self, k_cross = (_heads(t, num_heads) for t in (q, k_self, k_cross))
+    logits = torch.stack([(q * k_self).sum(-1), (q * k_cross).sum(-1)], dim=-1)  # (..., h, 2)
+    return _softmax(logits, dim=-1)
+
+
 def fuse_direction(
     s: Tensor,
     o: Tensor,
@@ -41,29 +69,10 @@ def fuse_direction(
 ) -> Tensor:
     """One direction of the fusion: ``s`` (self) queries a length-2 key/value sequence built from
     ``s`` and ``o`` (other); returns ``s + attention output``."""
-    in_w, in_b, out_w, out_b = (
-        (p.in_proj_weight_0, p.in_proj_bias_0, p.out_proj_weight_0, p.out_proj_bias_0)
-        if direction == 0
-        else (p.in_proj_weight_1, p.in_proj_bias_1, p.out_proj_weight_1, p.out_proj_bias_1)
-    )
-    w_q, w_k, w_v = in_w.chunk(3)
-    b_q, b_k, b_v = in_b.chunk(3)
-    dim = s.shape[-1]
-    head_dim = dim // num_heads
-
-    r = relation_scores(s, o, p)
-    q = F.linear(s, w_q, b_q) / math.sqrt(head_dim)
-    k_self = F.linear(p.k_noise[direction] + s, w_k, b_k)
-    k_cross = F.linear(s * r, w_k, b_k)
-    v_self = F.linear(p.v_noise[direction] + s, w_v, b_v)
-    v_cross = F.linear(o, w_v, b_v)
-
-    def heads(t: Tensor) -> Tensor:  # (..., C) -> (..., h, dh)
-        return t.unflatten(-1, (num_heads, head_dim))
-
-    q, k_self, k_cross, v_self, v_cross = map(heads, (q, k_self, k_cross, v_self, v_cross))
-    logits = torch.stack([(q * k_self).sum(-1), (q * k_cross).sum(-1)], dim=-1)  # (..., h, 2)
-    a = _softmax(logits, dim=-1).unsqueeze(-1)  # (..., h, 2, 1)
+    (_, _, w_v), (_, _, b_v), out_w, out_b = _direction_params(p, direction)
+    a = attention_weights(s, o, p, direction, num_heads).unsqueeze(-1)  # (..., h, 2, 1)
+    v_self = _heads(F.linear(p.v_noise[direction] + s, w_v, b_v), num_heads)
+    v_cross = _heads(F.linear(o, w_v, b_v), num_heads)
     attended = a[..., 0, :] * v_self + a[..., 1, :] * v_cross  # (..., h, dh)
     return s + F.linear(attended.flatten(-2), out_w, out_b)
 
