@@ -132,12 +132,33 @@ def host_us_per_call(call: Callable[[], None], device: torch.device, calls: int,
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square GEMM in ``dtype`` (8192 on a GPU, 1024 on a CPU), as ``F.linear``: the
     ``x @ W^T`` layout of every product of the fusion (on a CPU, ``torch.mm`` of the other layout runs
-    bfloat16 and float16 ten times slower, which would understate the floor's rate)."""
+    bfloat16 and float16 ten times slower, which would understate the floor's rate). On a CPU also
+    oneDNN's GEMM where it takes ``dtype``, and the faster of the two: torch's CPU ``F.linear`` of
+    float32 calls MKL, which on AMD CPUs runs at about half the rate oneDNN reaches there, and the
+    floor is what the machine can do, not what one library does."""
     n = 8192 if device.type == "cuda" else 1024
     x = torch.randn(n, n, device=device).to(dtype)
     weight = torch.randn(n, n, device=device).to(dtype)
-    ms = min(times_ms(lambda i: F.linear(x, weight), device, warmup=3, runs=20 if device.type == "cuda" else 10))
+    runs = 20 if device.type == "cuda" else 10
+    ms = min(times_ms(lambda i: F.linear(x, weight), device, warmup=3, runs=runs))
+    onednn = _onednn_linear(x, weight) if device.type == "cpu" else None
+    if onednn is not None:
+        ms = min(ms, min(times_ms(lambda i: onednn(), device, warmup=3, runs=runs)))
     return 2.0 * n ** 3 / (ms * 1e-3)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> Optional[Callable[[], torch.Tensor]]:
+    """``x @ weight^T`` through oneDNN's GEMM (torch's mkldnn linear), or None where this build or CPU
+    has no oneDNN GEMM of x's dtype (float64 never; float16 only with AVX512-FP16 or AVX-NE-CONVERT)."""
+    linear = getattr(torch._C._nn, "mkldnn_linear", None)
+    if linear is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        xm, wm = x.to_mkldnn(), weight.to_mkldnn()
+        linear(xm, wm, None)
+    except RuntimeError:
+        return None
+    return lambda: linear(xm, wm, None)
 
 
 def copy_bandwidth(device: torch.device) -> float:

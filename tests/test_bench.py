@@ -172,6 +172,29 @@ def test_interleaved_timing_gives_each_variant_its_own_runs(bench_run):
         assert min(slow) >= 20 > max(fast), (slow, fast)
 
 
+def test_the_cpu_matmul_rate_is_the_faster_of_mkl_and_onednn(bench_run, monkeypatch):
+    """torch's CPU F.linear of float32 is MKL's, at half oneDNN's rate on AMD CPUs, which halved the
+    floor there: the rate takes oneDNN's GEMM too, where it computes the same product."""
+    import bench_timing
+
+    x, weight = torch.randn(64, 48, dtype=torch.float64), torch.randn(32, 48, dtype=torch.float64)
+    assert bench_timing._onednn_linear(x, weight) is None  # no float64 GEMM in oneDNN
+    onednn = bench_timing._onednn_linear(x.float(), weight.float())
+    if torch.backends.mkldnn.is_available():
+        out = onednn().to_dense()
+        assert ((out.double() - x @ weight.T).norm() / (x @ weight.T).norm()).item() < 1e-5
+    # The rate is the faster library's: oneDNN timed ten times slower than F.linear leaves F.linear's.
+    calls = []
+    monkeypatch.setattr(bench_timing, "_onednn_linear", lambda x, w: lambda: calls.append(1))
+    monkeypatch.setattr(bench_timing, "times_ms", lambda call, device, warmup, runs: (
+        call(0), [10.0 if calls else 1.0] * runs)[1])
+    assert bench_timing.matmul_rate(torch.device("cpu"), torch.float32) == 2.0 * 1024 ** 3 / 1e-3
+    monkeypatch.setattr(bench_timing, "times_ms", lambda call, device, warmup, runs: (
+        call(0), [0.5 if calls else 1.0] * runs)[1])
+    calls.clear()
+    assert bench_timing.matmul_rate(torch.device("cpu"), torch.float32) == 2.0 * 1024 ** 3 / 0.5e-3
+
+
 def test_a_case_whose_inputs_do_not_fit_gets_oom_rows(bench_run, tmp_path, monkeypatch):
     def no_room(case, passes):
         raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
