@@ -211,17 +211,45 @@ void add_outer(int n, int k, const T* d, const T* x, int64_t ldx, int count, T* 
   add_outer_rows<false>(n, k, d, Rows<T>{x, ldx}, count, dw, ldw);
 }
 
-// sums[c] += sum over p < count of d[c][p], for c < n (in register-wide partial sums: a sum in pixel
-// order is a chain of dependent adds, as slow as the tile's products).
+// A bias gradient: sums[c] += sum over the pixels of d[c][p], for c < n. Summed lane-wise, one register
+// a channel (lane l holding pixels l, l + kLanes, ...), across the thread's tiles; finish() adds the
+// registers' lanes to sums once, in lane order. A sum per channel and tile (in pixel order a chain of
+// dependent adds, in registers a horizontal sum) cost as much as a tile's products at C = 64.
 template <class T>
-void add_row_sums(int n, const T* d, int count, T* sums) {
-  for (int c = 0; c < n; ++c) {
-    T total = 0;
-    GK_SIMD_SUM(total)
-    for (int p = 0; p < count; ++p) total += d[c * kTile<T> + p];
-    sums[c] += total;
+class RowSums {
+ public:
+  RowSums() = default;
+  // lanes: n registers of scratch, zeroed here.
+  RowSums(T* lanes, T* sums, int n) : lanes_(lanes), sums_(sums), n_(n) {
+    std::fill(lanes, lanes + int64_t{n} * kLanes<T>, T(0));
   }
-}
+  // The first count pixels of the channel-major tile d (rows kTile apart).
+  void add(const T* d, int count) {
+    constexpr int L = kLanes<T>;
+    if (count == kTile<T>) {
+      for (int c = 0; c < n_; ++c) {
+        Vec<T> total = load(d + c * kTile<T>);
+        for (int v = 1; v < kVectors; ++v) total = total + load(d + c * kTile<T> + v * L);
+        store(lanes_ + c * L, load(lanes_ + c * L) + total);
+      }
+      return;
+    }
+    for (int c = 0; c < n_; ++c)
+      for (int p = 0; p < count; ++p) lanes_[c * L + p % L] += d[c * kTile<T> + p];
+  }
+  void finish() const {
+    for (int c = 0; c < n_; ++c) {
+      T total = 0;
+      for (int l = 0; l < kLanes<T>; ++l) total += lanes_[c * kLanes<T> + l];
+      sums_[c] += total;
+    }
+  }
+
+ private:
+  T* lanes_ = nullptr;
+  T* sums_ = nullptr;
+  int n_ = 0;
+};
 
 // Pixel-major rows (count of them, ld apart) into a channel-major tile (C x kTile), zero past count:
 // in register transposes of kLanes x kLanes where the tile is full and C a multiple of the register,
@@ -262,6 +290,53 @@ void to_pixels(const T* tile, int count, int C, T* rows, int64_t ld, const T* ad
   }
   for (int p = 0; p < count; ++p)
     for (int c = 0; c < C; ++c) rows[p * ld + c] = tile[c * kT + p] + (add != nullptr ? add[p * ld + c] : T(0));
+}
+
+// The value mix's input gradients, all heads at once: per head j, d/dU_j = Wv_j^T d/dmixed_j (U_j =
+// o + a_j w, Wv_j the head's rows of Wv, ld C), summed over the heads as is (sum_gu) and weighted by
+// a_j (sum_agu), and d/da_j = sum over the channels of d/dU_j w (grad_a, heads x kTile). Blocks of R
+// channels keep each head's product and both sums in registers: a product per head (k = the head width,
+// short) with its sums read and written in memory ran at half the other products' rate. R = 2 fits
+// AVX-512's 32 registers (22 taken), 1 AVX2's 16.
+template <class T>
+void value_input_gradients(int C, int heads, const T* wv, const T* grad_mixed, const T* gates, const T* w,
+                           T* sum_gu, T* sum_agu, T* grad_a) {
+  constexpr int L = kLanes<T>, kT = kTile<T>, R = kRows >= 8 ? 2 : 1;
+  const int width = C / heads;
+  for (int c0 = 0; c0 < C; c0 += R) {  // C is a multiple of the register (run_simd_backward's caller checks)
+    Vec<T> sg[R][kVectors], sag[R][kVectors];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kVectors; ++v) sg[r][v] = sag[r][v] = set1(T(0));
+    for (int j = 0; j < heads; ++j) {
+      Vec<T> t[R][kVectors];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kVectors; ++v) t[r][v] = set1(T(0));
+      for (int k = j * width; k < (j + 1) * width; ++k) {
+        Vec<T> x[kVectors];
+        for (int v = 0; v < kVectors; ++v) x[v] = load(grad_mixed + k * kT + v * L);
+        for (int r = 0; r < R; ++r) {
+          const Vec<T> weight = set1(wv[int64_t{k} * C + c0 + r]);
+          for (int v = 0; v < kVectors; ++v) t[r][v] = fma(weight, x[v], t[r][v]);
+        }
+      }
+      T* ga = grad_a + j * kT;
+      for (int v = 0; v < kVectors; ++v) {
+        const Vec<T> a = load(gates + j * kT + v * L);
+        Vec<T> g = c0 == 0 ? set1(T(0)) : load(ga + v * L);
+        for (int r = 0; r < R; ++r) {
+          sg[r][v] = sg[r][v] + t[r][v];
+          sag[r][v] = sag[r][v] + a * t[r][v];
+          g = g + t[r][v] * load(w + (c0 + r) * kT + v * L);
+        }
+        store(ga + v * L, g);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kVectors; ++v) {
+        store(sum_gu + (c0 + r) * kT + v * L, sg[r][v]);
+        store(sum_agu + (c0 + r) * kT + v * L, sag[r][v]);
+      }
+  }
 }
 
 // The buffers of one direction's forward steps, channels x pixels (gates heads x pixels). The forward
@@ -483,8 +558,16 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
   T* rows = take(plane);  // pixel-major: an operand of the weight gradients
   T* sum_gu = take(plane);
   T* sum_agu = take(plane);
-  T* grad_a = take(kT);
+  T* grad_a = take(heads * kT);
   T* dot = take(kT);
+  const auto bias_sums = [&](T* sums) { return RowSums<T>(take(int64_t{C} * kLanes<T>), sums, C); };
+  RowSums<T> fc1_bias = bias_sums(grads.fc1_bias), fc2_bias = bias_sums(grads.fc2_bias);
+  struct DirectionSums {
+    RowSums<T> out_bias, value_bias, query_bias, value_noise, key_noise;
+  } sums[2];
+  for (int d = 0; d < 2; ++d)
+    sums[d] = {bias_sums(grads.out_proj_bias[d]), bias_sums(grads.in_proj_bias[d] + 2 * C),
+               bias_sums(grads.in_proj_bias[d]), bias_sums(grads.v_noise + d * C), bias_sums(grads.k_noise + d * C)};
   const bool saved = args.saved[0][0] != nullptr;
 
   for (int64_t tile = begin; tile < end; ++tile) {
@@ -515,11 +598,11 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
       T* g_in_b = grads.in_proj_bias[d];
 
       // y = s + Wo mixed + bo
-      add_row_sums(C, gy[d], valid, grads.out_proj_bias[d]);
+      sums[d].out_bias.add(gy[d], valid);
       to_pixels(b.mixed, valid, C, rows, C);
       add_outer(C, C, gy[d], rows, C, valid, grads.out_proj_weight[d], C);
       transposed_product(C, p.out_proj_weight[d], C, gy[d], C, false, grad_mixed);
-      add_row_sums(C, grad_mixed, valid, g_in_b + 2 * C);  // bv
+      sums[d].value_bias.add(grad_mixed, valid);
 
       // mixed_j = Wv_j U_j + bv_j, U_j = o + a_j w = (1 - a_j) o + a_j (v_noise + s): per head
       // d/dU_j = Wv_j^T d/dmixed_j, summed over the heads as is (sum_gu) and weighted by a_j (sum_agu)
@@ -527,25 +610,10 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
       const T* v_noise = p.v_noise + d * C;
       for (int i = 0; i < valid; ++i)
         for (int c = 0; c < C; ++c) w_rows[i * C + c] = v_noise[c] + self_rows[i * C + c] - other_rows[i * C + c];
-      std::fill(sum_gu, sum_gu + plane, T(0));
-      std::fill(sum_agu, sum_agu + plane, T(0));
+      value_input_gradients(C, heads, wv, grad_mixed, b.gates, b.w, sum_gu, sum_agu, grad_a);
       for (int j = 0; j < heads; ++j) {
         const T* a = b.gates + j * kT;
         const T* gm = grad_mixed + j * width * kT;
-        transposed_product(C, wv + int64_t{j} * width * C, C, gm, width, false, t1);
-        for (int i = 0; i < kT; ++i) grad_a[i] = T(0);
-        for (int c = 0; c < C; ++c) {
-          const T* gu = t1 + c * kT;
-          const T* wc = b.w + c * kT;
-          T* sg = sum_gu + c * kT;
-          T* sag = sum_agu + c * kT;
-          GK_SIMD
-          for (int i = 0; i < kT; ++i) {
-            grad_a[i] += gu[i] * wc[i];
-            sg[i] += gu[i];
-            sag[i] += a[i] * gu[i];
-          }
-        }
         add_outer_rows<true>(width, C, gm, Rows<T>{w_rows, C, other_rows, a}, valid,
                              g_in_w + (2 * int64_t{C} + j * width) * C, C);
         // a_j = sigmoid(logit_j), logit_j = sum over the head of (q + bq) scale dk
@@ -558,20 +626,20 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
           const T bias = in_b[c];
           GK_SIMD
           for (int i = 0; i < kT; ++i) {
-            const T grad_logit = grad_a[i] * two_way_softmax_grad(a[i]);
+            const T grad_logit = grad_a[j * kT + i] * two_way_softmax_grad(a[i]);
             gk[i] = grad_logit * ((qc[i] + bias) * scale);
             gq[i] = grad_logit * kc[i] * scale;
           }
         }
       }
-      add_row_sums(C, sum_agu, valid, grads.v_noise + d * C);
+      sums[d].value_noise.add(sum_agu, valid);
       GK_SIMD
       for (int64_t i = 0; i < plane; ++i) {
         gs[i] += sum_agu[i];
         go[i] += sum_gu[i] - sum_agu[i];
       }
       // q = Wq s + bq
-      add_row_sums(C, t2, valid, g_in_b);
+      sums[d].query_bias.add(t2, valid);
       add_outer(C, C, t2, self_rows, C, valid, g_in_w, C);
       transposed_product(C, wq, C, t2, C, true, gs);
       // dk = Wk e
@@ -579,7 +647,7 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
       add_outer(C, C, grad_dk, rows, C, valid, g_in_w + int64_t{C} * C, C);
       transposed_product(C, wk, C, grad_dk, C, false, t1);
       // e = k_noise + s - s r, r = softmax(z): d/dz = r (d/dr - sum_c r d/dr), d/dr = -d/de s
-      add_row_sums(C, t1, valid, grads.k_noise + d * C);
+      sums[d].key_noise.add(t1, valid);
       for (int i = 0; i < kT; ++i) dot[i] = T(0);
       for (int c = 0; c < C; ++c) {
         const T* ge = t1 + c * kT;
@@ -601,14 +669,14 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
         }
       }
       // z = W2 hidden + b2
-      add_row_sums(C, t2, valid, grads.fc2_bias);
+      fc2_bias.add(t2, valid);
       to_pixels(b.hidden, valid, C, rows, C);
       add_outer(C, C, t2, rows, C, valid, grads.fc2_weight, C);
       transposed_product(C, p.fc2_weight, C, t2, C, false, t1);
       // hidden = GELU(u), u = W1a s + W1b o + b1
       GK_SIMD
       for (int64_t i = 0; i < plane; ++i) t2[i] = t1[i] * gelu_grad(b.u[i]);
-      add_row_sums(C, t2, valid, grads.fc1_bias);
+      fc1_bias.add(t2, valid);
       add_outer(C, C, t2, self_rows, C, valid, grads.fc1_weight, 2 * C);
       add_outer(C, C, t2, other_rows, C, valid, grads.fc1_weight + C, 2 * C);
       transposed_product(C, p.fc1_weight, 2 * C, t2, C, true, gs);
@@ -616,12 +684,19 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
     }
     for (int d = 0; d < 2; ++d) to_pixels(gx[d], valid, C, args.grad_x[d] + p0 * C, C);
   }
+  fc1_bias.finish();
+  fc2_bias.finish();
+  for (const DirectionSums& direction : sums)
+    for (const RowSums<T>& bias : {direction.out_bias, direction.value_bias, direction.query_bias,
+                                   direction.value_noise, direction.key_noise})
+      bias.finish();
 }
 
-// The scratch run_simd_backward takes (its `take`s): 21 planes, both directions' gates, four rows.
+// The scratch run_simd_backward takes (its `take`s): 21 planes, three sets of gates (both directions'
+// and d/da), three rows, and the 12 bias gradients' registers (RowSums).
 template <class T>
 int64_t backward_scratch(int C, int heads) {
-  return (21 * int64_t{C} + 2 * heads + 4) * kTile<T>;
+  return (21 * int64_t{C} + 3 * heads + 3) * kTile<T> + 12 * int64_t{C} * kLanes<T>;
 }
 
 }  // namespace

@@ -160,10 +160,12 @@ def weight_cache_disabled():
 # csrc/simd_fusion.h) its u, r, q, dk and mixed (10 C values per pixel; the backward then does 14 of
 # its 20 C^2 multiply-adds per pixel and direction), the chain its GEMM outputs g, z and dk (14 C
 # values; 7 of its 23 C^2). Keeping costs writing and reading them, recomputing costs C^2: with the
-# SIMD kernels, forward + backward took 8-11 % less time keeping them at C = 96 and 128, and about the
-# same at C = 64 (bench/RESULTS.md); the chain's layer stack ran fastest keeping them from C = 129 on
-# (bench/experiments/cpu_layer_stack.py).
-SAVE_ACTIVATIONS_FROM_WIDTH = 96
+# SIMD kernels, forward + backward took 8-11 % less time keeping them at C = 96 and 128 (a Xeon), and
+# at C = 64 the same on the Xeon and 5-10 % less on an AMD EPYC (Zen 5), measured over two layers'
+# training step (bench/RESULTS.md, bench/experiments/cpu_layer_stack.py --stages 1); narrower layers
+# (MiT-B0's C = 32) recompute, unmeasured. The chain's layer stack ran fastest keeping them from
+# C = 129 on.
+SAVE_ACTIVATIONS_FROM_WIDTH = 64
 
 
 def saves_activations(x0: torch.Tensor) -> bool:
