@@ -461,6 +461,12 @@ enum SavedPlane { kSavedU, kSavedR, kSavedQ, kSavedDk, kSavedMixed };
 static_assert(kSavedMixed + 1 == kSimdSavedPlanes, "simd_fusion.h counts the saved planes");
 static_assert(kSimdSavedPixelMultiple % kTile<float> == 0 && kSimdSavedPixelMultiple % kTile<double> == 0,
               "a tile divides the saved products' pixel multiple");
+// Asks for the bytes at p to be brought into L2 ahead of their use (prefetcht1, a line at a time).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+}
+
 // Points b's products at their blocks of tile t in direction d's saved planes (the backward's const:
 // it only reads them).
 template <class P, class T>
@@ -573,6 +579,16 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t p0 = tile * kT;
     const int valid = static_cast<int>(std::min<int64_t>(kT, M - p0));
+    if (tile + 1 < end) {  // the next tile's inputs and saved products, which come from DRAM
+      const int64_t next = p0 + kT, rows = std::min<int64_t>(kT, M - next);
+      for (int d = 0; d < 2; ++d) {
+        prefetch(args.x[d] + next * C, rows * C * sizeof(T));
+        prefetch(args.grad_y[d] + next * C, rows * C * sizeof(T));
+        prefetch(args.gate + (d * M + next) * heads, rows * heads * sizeof(T));
+        if (saved)
+          for (int k = 0; k < kSimdSavedPlanes; ++k) prefetch(args.saved[d][k] + (tile + 1) * plane, plane * sizeof(T));
+      }
+    }
     for (int d = 0; d < 2; ++d) {
       to_channels(args.x[d] + p0 * C, C, valid, C, s[d]);
       to_channels(args.grad_y[d] + p0 * C, C, valid, C, gy[d]);
