@@ -558,7 +558,7 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
   b.top = take(kT);
   b.total = take(kT);
   T* grad_mixed = take(plane);
-  T* t1 = take(plane);  // a head's d/dU, then d/de, then d/dhidden
+  T* t1 = take(plane);  // d/de, then d/dhidden
   T* t2 = take(plane);  // d/dq, then d/dz, then d/du
   T* grad_dk = take(plane);
   T* rows = take(plane);  // pixel-major: an operand of the weight gradients
@@ -580,11 +580,11 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
     const int64_t p0 = tile * kT;
     const int valid = static_cast<int>(std::min<int64_t>(kT, M - p0));
     if (tile + 1 < end) {  // the next tile's inputs and saved products, which come from DRAM
-      const int64_t next = p0 + kT, rows = std::min<int64_t>(kT, M - next);
+      const int64_t p1 = p0 + kT, count = std::min<int64_t>(kT, M - p1);
       for (int d = 0; d < 2; ++d) {
-        prefetch(args.x[d] + next * C, rows * C * sizeof(T));
-        prefetch(args.grad_y[d] + next * C, rows * C * sizeof(T));
-        prefetch(args.gate + (d * M + next) * heads, rows * heads * sizeof(T));
+        prefetch(args.x[d] + p1 * C, count * C * sizeof(T));
+        prefetch(args.grad_y[d] + p1 * C, count * C * sizeof(T));
+        prefetch(args.gate + (d * M + p1) * heads, count * heads * sizeof(T));
         if (saved)
           for (int k = 0; k < kSimdSavedPlanes; ++k) prefetch(args.saved[d][k] + (tile + 1) * plane, plane * sizeof(T));
       }
@@ -611,7 +611,6 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
       const T* wk = in_w + int64_t{C} * C;
       const T* wv = in_w + 2 * int64_t{C} * C;
       T* g_in_w = grads.in_proj_weight[d];
-      T* g_in_b = grads.in_proj_bias[d];
 
       // y = s + Wo mixed + bo
       sums[d].out_bias.add(gy[d], valid);
@@ -709,7 +708,7 @@ void run_simd_backward(const SimdBackwardArgs<T>& args, int64_t begin, int64_t e
 }
 
 // The scratch run_simd_backward takes (its `take`s): 21 planes, three sets of gates (both directions'
-// and d/da), three rows, and the 12 bias gradients' registers (RowSums).
+// and d/da), three rows of a tile, and the 12 bias gradients' registers (RowSums).
 template <class T>
 int64_t backward_scratch(int C, int heads) {
   return (21 * int64_t{C} + 3 * heads + 3) * kTile<T> + 12 * int64_t{C} * kLanes<T>;
