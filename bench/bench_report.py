@@ -21,6 +21,7 @@ COLUMNS = (  # (key, header, width, format)
     ("floor_ms", "floor ms", 9, "{:.3g}"),
     ("pct_floor", "% floor", 7, "{:.3g}"),
     ("peak_mib", "peak MiB", 9, "{:.4g}"),
+    ("faults", "faults", 7, "{:.0f}"),
     ("check", "check", 0, "{}"),
 )
 
@@ -28,7 +29,8 @@ COLUMNS = (  # (key, header, width, format)
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
-        return "n/a" if key == "peak_mib" and row.get("status") == "ok" else "-"
+        # peak MiB on a CPU, faults on a GPU: not measured there
+        return "n/a" if key in ("peak_mib", "faults") and row.get("status") == "ok" else "-"
     return fmt.format(value)
 
 

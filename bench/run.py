@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ from gemini_kernels.reference import gemini_fusion_reference
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 from bench_shapes import DATASETS, FAMILIES, PASSES, Shape, stage_shapes, work  # noqa: E402
-from bench_timing import copy_bandwidth, matmul_rate, median_ms, peak_memory_mib, rotation_count  # noqa: E402
+from bench_timing import copy_bandwidth, matmul_rate, peak_memory_mib, rotation_count, times_ms  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -257,7 +258,9 @@ def measure(variant: Variant, fn, trainables, case: Case, inputs: Inputs, pass_n
         row["check"] += f"; not timed: one call took {call_s:.1f} s > --max-call-s {args.max_call_s:g}"
         return row
     del outputs, grads
-    row["ms"] = median_ms(lambda i: call(i), device, args.warmup, args.runs, before)
+    faults = [] if device.type == "cpu" else None
+    row["ms"] = statistics.median(times_ms(lambda i: call(i), device, args.warmup, args.runs, before, faults=faults))
+    row["faults"] = statistics.median(faults) if faults is not None else None
     before(0)
     row["peak_mib"] = peak_memory_mib(lambda: call(0), device)
     row["status"] = "ok"

@@ -43,6 +43,7 @@ def test_tiny_run_writes_table_json_markdown_and_plot(bench_run, tmp_path, capsy
         assert row["status"] == "ok", row
         assert row["ms"] > 0 and row["tflops"] > 0 and row["gbs"] > 0 and row["floor_ms"] > 0
         assert row["peak_mib"] is None  # no allocator statistics on a CPU: reported n/a, not guessed
+        assert isinstance(row["faults"], (int, float)) and row["faults"] >= 0  # counted on a CPU
     guarded = {r["variant"]: r["check"] for r in rows if r["pass"] == "fwd+bwd"}
     assert guarded["torch"].startswith("ok") and guarded["exchange"] == "finite"
 
