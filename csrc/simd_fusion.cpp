@@ -122,7 +122,9 @@ std::unique_ptr<void, AlignedFree> aligned_scratch(int64_t elements, size_t elem
   return scratch;
 }
 
-// The activations' pointers as the kernels take them (null where there are none).
+static_assert(kSimdActivations == 2 * kSimdSavedPlanes, "an activation per direction and saved plane");
+// The activations' pointers as the kernels take them (null where there are none): direction d's plane k
+// is activations[d * kSimdSavedPlanes + k].
 template <class P>
 void saved_planes(at::TensorList activations, SimdSaved<P>& saved) {
   for (int d = 0; d < 2; ++d)

@@ -456,17 +456,17 @@ void forward_direction(const SimdLayer<T>& layer, int d, const T* self, const T*
             b.mixed + j * width * kT);
 }
 
-// The saved products' planes (simd_fusion.h), in order.
-enum SavedPlane { kSavedU, kSavedR, kSavedQ, kSavedDk, kSavedMixed };
-static_assert(kSavedMixed + 1 == kSimdSavedPlanes, "simd_fusion.h counts the saved planes");
-static_assert(kSimdSavedPixelMultiple % kTile<float> == 0 && kSimdSavedPixelMultiple % kTile<double> == 0,
-              "a tile divides the saved products' pixel multiple");
 // Asks for the bytes at p to be brought into L2 ahead of their use (prefetcht1, a line at a time).
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
 }
 
+// The saved products' planes (simd_fusion.h), in order.
+enum SavedPlane { kSavedU, kSavedR, kSavedQ, kSavedDk, kSavedMixed };
+static_assert(kSavedMixed + 1 == kSimdSavedPlanes, "simd_fusion.h counts the saved planes");
+static_assert(kSimdSavedPixelMultiple % kTile<float> == 0 && kSimdSavedPixelMultiple % kTile<double> == 0,
+              "a tile divides the saved products' pixel multiple");
 // Points b's products at their blocks of tile t in direction d's saved planes (the backward's const:
 // it only reads them).
 template <class P, class T>
